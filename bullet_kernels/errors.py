@@ -1,0 +1,29 @@
+"""Errors raised by bullet_kernels. Each message says what was wrong and what is allowed."""
+
+
+class BulletError(RuntimeError):
+    """Base class of every error this library raises on purpose."""
+
+
+class NoGPUError(BulletError):
+    """No CUDA GPU or no CUDA driver is usable in this process."""
+
+
+class UnsupportedError(BulletError):
+    """The GPU, driver or installation cannot do what was asked (e.g. no green contexts)."""
+
+
+class InvalidSplitError(BulletError, ValueError):
+    """An SM split that cannot be granted: bad counts, over-subscription, misalignment."""
+
+
+class PartitionVerificationError(BulletError):
+    """The start-up probe saw kernels escape their partition, or disjoint partitions overlap."""
+
+
+class ClosedError(BulletError):
+    """A partition set or graph bank was used after close(), or closed twice."""
+
+
+class CaptureError(BulletError):
+    """A CUDA graph could not be captured."""

@@ -1,0 +1,118 @@
+"""Green-context backend (default): official driver SM partitions through cuda-python.
+
+Each lane gets a green context holding its SM group and one non-blocking stream in it; torch
+sees the stream as an ExternalStream. The driver picks which SMs; the probe tells us.
+torch's own ``GreenContext.create`` failed on our driver ("operation not supported"), so we
+call ``cuda.bindings.driver`` directly.
+"""
+
+from __future__ import annotations
+
+from ..device import DeviceInfo, check, driver_module
+from ..errors import UnsupportedError
+from . import probe, verify
+from .base import Backend, Lane, PartitionSet
+from .config import SMSplit, grant_green
+
+
+class GreenBackend(Backend):
+    name = "green"
+
+    @classmethod
+    def unavailable_reason(cls, device: DeviceInfo | None) -> str:
+        if device is None:
+            return "no GPU"
+        if not device.green_contexts:
+            return f"green contexts unsupported: {device.green_unavailable_reason}"
+        return ""
+
+    def grant(self, split: SMSplit) -> dict[str, int]:
+        d = self._require_device()
+        return grant_green(split, d.sm_count, d.min_partition_sms, d.partition_alignment_sms)
+
+    def _require_device(self) -> DeviceInfo:
+        reason = self.unavailable_reason(self.device)
+        if reason:
+            raise UnsupportedError(f"green backend unavailable: {reason}; try backend='none'")
+        return self.device
+
+    def open(self, split: SMSplit, verify: bool = True) -> PartitionSet:
+        import torch
+
+        d = self._require_device()
+        granted = self.grant(split)
+        drv = driver_module()
+        dev = check(drv.cuDeviceGet(d.index), "cuDeviceGet")
+        torch.cuda.init()  # the primary context must exist before green contexts (driver advice)
+        created: list[tuple[object, object]] = []  # (green ctx or None, CUstream)
+
+        def release() -> None:
+            for gctx, stream in reversed(created):
+                if gctx is not None:
+                    check(drv.cuStreamDestroy(stream), "cuStreamDestroy")
+                    check(drv.cuGreenCtxDestroy(gctx), "cuGreenCtxDestroy")
+            created.clear()
+
+        lanes: dict[str, Lane] = {}
+        try:
+            whole = len(granted) == 1 and next(iter(granted.values())) == d.sm_count
+            if whole:
+                (name,) = granted
+                lanes[name] = Lane(name, split[name], d.sm_count, torch.cuda.Stream(d.index), whole_gpu=True)
+            else:
+                lanes = self._carve(drv, dev, split, granted, created)
+            pset = PartitionSet(self.name, split, d, lanes, release, disjoint=True)
+            if verify:
+                self._verify(pset)
+            return pset
+        except BaseException:
+            release()
+            raise
+
+    def _carve(self, drv, dev, split: SMSplit, granted: dict[str, int], created: list) -> dict[str, Lane]:
+        import torch
+
+        d = self.device
+        align = d.partition_alignment_sms
+        sm_type = drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
+        rest = check(drv.cuDeviceGetDevResource(dev, sm_type), "cuDeviceGetDevResource")
+        # Aligned lanes are split off one by one; a lane granted the unaligned remainder goes last.
+        order = sorted(granted, key=lambda n: granted[n] % align != 0)
+        lanes: dict[str, Lane] = {}
+        for i, name in enumerate(order):
+            want = granted[name]
+            takes_rest = i == len(order) - 1 and want == rest.sm.smCount
+            if takes_rest:
+                group = rest
+            else:
+                result, n_groups, rest = check(
+                    drv.cuDevSmResourceSplitByCount(1, rest, 0, want),
+                    f"cuDevSmResourceSplitByCount(lane {name!r}, {want} SMs)",
+                )
+                if n_groups < 1:
+                    raise UnsupportedError(f"driver could not split {want} SMs for lane {name!r}")
+                group = result[0]
+            got = int(group.sm.smCount)
+            if got < split[name]:
+                raise UnsupportedError(
+                    f"driver granted {got} SMs to lane {name!r}, which asked for {split[name]}"
+                )
+            desc = check(drv.cuDevResourceGenerateDesc([group], 1), "cuDevResourceGenerateDesc")
+            gctx = check(
+                drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
+                "cuGreenCtxCreate",
+            )
+            stream = check(
+                drv.cuGreenCtxStreamCreate(gctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
+                "cuGreenCtxStreamCreate",
+            )
+            created.append((gctx, stream))
+            torch_stream = torch.cuda.ExternalStream(int(stream), device=d.index)
+            lanes[name] = Lane(name, split[name], got, torch_stream)
+        return {n: lanes[n] for n in split.names}  # keep the caller's lane order
+
+    def _verify(self, pset: PartitionSet) -> None:
+        d = self.device
+        for lane in pset.lanes.values():
+            lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
+        verify.check_lanes(pset.lanes, d.sm_count, pset.disjoint, self.name, d.driver_api_version_str)

@@ -1,0 +1,45 @@
+"""Start-up verification of a PartitionSet against what the probe observed (pure logic).
+
+A backend must never hand out a partition that does not hold: if kernels escape their lane,
+or lanes promised to be disjoint share an SM, we refuse with an error naming the driver
+version and what the probe saw.
+"""
+
+from __future__ import annotations
+
+from ..errors import PartitionVerificationError
+from .base import Lane, _ranges
+
+
+def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: str, driver: str) -> None:
+    """Raise PartitionVerificationError if ``observed_sms`` break the lanes' promises."""
+    problems: list[str] = []
+    for lane in lanes.values():
+        seen = lane.observed_sms
+        if any(not 0 <= sm < sm_count for sm in seen):
+            problems.append(f"lane {lane.name!r} ran on SM ids outside 0..{sm_count - 1}: {_ranges(sorted(seen))}")
+        if lane.expected_sms is not None and not seen <= lane.expected_sms:
+            escaped = sorted(seen - lane.expected_sms)
+            problems.append(
+                f"lane {lane.name!r} escaped its mask: ran on SMs {_ranges(escaped)} outside "
+                f"the {len(lane.expected_sms)} it was given"
+            )
+        if len(seen) != lane.granted:
+            problems.append(
+                f"lane {lane.name!r} was granted {lane.granted} SMs but the probe ran on {len(seen)} "
+                f"({_ranges(sorted(seen))})"
+            )
+    if disjoint:
+        names = list(lanes)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                shared = lanes[a].observed_sms & lanes[b].observed_sms
+                if shared and not (lanes[a].whole_gpu or lanes[b].whole_gpu):
+                    problems.append(
+                        f"lanes {a!r} and {b!r} were promised disjoint but share SMs {_ranges(sorted(shared))}"
+                    )
+    if problems:
+        raise PartitionVerificationError(
+            f"{backend} partition failed verification on driver {driver}: " + "; ".join(problems)
+            + ". Refusing to run unpartitioned; try another backend (bullet info lists them)."
+        )
