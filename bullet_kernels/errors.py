@@ -27,3 +27,7 @@ class ClosedError(BulletError):
 
 class CaptureError(BulletError):
     """A CUDA graph could not be captured."""
+
+
+class NoBucketError(BulletError, ValueError):
+    """A shape larger than every captured graph bucket."""

@@ -84,27 +84,42 @@ def _kernel(device_index: int):
     return kernel, smem, lib
 
 
+def launch_probe(stream, out, spin_us: int = 20, device_index: int = 0) -> None:
+    """Launch one probe block per element of ``out`` (int32, on the GPU) on ``stream``, no sync.
+
+    Capture-safe: usable inside a CUDA graph capture on that stream.
+    """
+    drv = driver_module()
+    kernel, smem, _ = _kernel(device_index)
+    handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
+    params = ((out.data_ptr(), spin_us * 1000), (ctypes.c_void_p, ctypes.c_uint64))
+    check(
+        drv.cuLaunchKernel(
+            drv.CUfunction(int(kernel)), out.numel(), 1, 1, THREADS, 1, 1, smem, drv.CUstream(handle), params, 0
+        ),
+        "cuLaunchKernel(probe)",
+    )
+
+
 def observed_sms(stream, sm_count: int, device_index: int = 0, waves: int = 4, spin_us: int = 20) -> frozenset[int]:
     """SM ids that a probe launched on ``stream`` (torch stream or raw handle) ran on."""
     import torch
 
     drv = driver_module()
-    kernel, smem, _ = _kernel(device_index)
     handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
     blocks = max(1, waves * sm_count)
     out = torch.full((blocks,), -1, dtype=torch.int32, device=f"cuda:{device_index}")
     # The output is written on `stream`, which the torch allocator does not know about:
     # finish torch's fill first, then sync the probe stream before reading.
     torch.cuda.synchronize(device_index)
-    params = ((out.data_ptr(), spin_us * 1000), (ctypes.c_void_p, ctypes.c_uint64))
-    check(
-        drv.cuLaunchKernel(
-            drv.CUfunction(int(kernel)), blocks, 1, 1, THREADS, 1, 1, smem, drv.CUstream(handle), params, 0
-        ),
-        "cuLaunchKernel(probe)",
-    )
+    launch_probe(handle, out, spin_us, device_index)
     check(drv.cuStreamSynchronize(drv.CUstream(handle)), "cuStreamSynchronize(probe stream)")
+    return sms_written(out)
+
+
+def sms_written(out) -> frozenset[int]:
+    """SM ids recorded in a probe output; refuses an output the probe did not fully write."""
     ids = out.cpu().tolist()
     if min(ids) < 0:
-        raise RuntimeError(f"probe kernel did not write all {blocks} blocks; the launch did not complete")
+        raise RuntimeError(f"probe kernel did not write all {len(ids)} blocks; the launch did not complete")
     return frozenset(ids)

@@ -1,0 +1,198 @@
+"""The graph bank: one CUDA graph per (phase, shape bucket, SM split, layer group).
+
+A CUDA graph keeps the SM restriction of the stream it was captured on, and re-masking the
+stream it is replayed on changes nothing (tpc-masks.md). So every SM configuration needs its
+own capture: we capture ``fn`` on the lane's stream of that split, inside ``sm_budget`` of the
+lane's granted SMs so kernels size their grids for the partition they will really run on.
+Replay works from any stream; the graph carries its split.
+
+Memory: one private pool per phase (``pool_key``). Graphs of one phase run one after the
+other, so they share intermediates; graphs of different phases run concurrently (that is the
+point), so they must not. Inputs and outputs live in static buffers the caller owns
+(allocated outside the pool), which keeps pool memory reusable across captures.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+from typing import Any, Callable, Iterable
+
+from .errors import CaptureError, ClosedError, NoBucketError
+from .partition import Partitioner, SMSplit
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphKey:
+    phase: str  # e.g. "prefill" or "decode"
+    bucket: int  # token count (prefill) or batch size (decode) the static buffers are sized for
+    split: SMSplit | None  # None: the whole GPU on an ordinary stream
+    lane: str  # which lane of the split the graph runs on
+    group: int = 0  # layer group (prefill is captured per group so the split can change between groups)
+
+    def __str__(self) -> str:
+        where = f"{self.split.key}:{self.lane}" if self.split else "whole-gpu"
+        return f"{self.phase}[{self.bucket}]@{where}/g{self.group}"
+
+
+@dataclasses.dataclass
+class CapturedGraph:
+    key: GraphKey
+    graph: Any  # torch.cuda.CUDAGraph
+    output: Any  # whatever fn returned during capture (static tensors)
+    capture_seconds: float
+    pool_bytes_after: int
+
+    def replay(self):
+        self.graph.replay()
+        return self.output
+
+
+def pick_bucket(buckets: Iterable[int], n: int, what: str) -> int:
+    """Smallest bucket >= n; a clear error when n is outside every bucket."""
+    ordered = sorted(set(buckets))
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {n}")
+    i = bisect.bisect_left(ordered, n)
+    if not ordered:
+        raise NoBucketError(f"no {what} buckets were captured")
+    if i == len(ordered):
+        raise NoBucketError(
+            f"{what} {n} is larger than every captured bucket (largest {ordered[-1]}); "
+            f"captured: {ordered}. Capture a larger bucket or split the work"
+        )
+    return ordered[i]
+
+
+def default_buckets(largest: int, smallest: int = 1) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, then powers of two (nano-vllm-like)."""
+    out = [b for b in (1, 2, 4) if smallest <= b <= largest]
+    b = 8
+    while b <= largest:
+        out.append(b)
+        b += 8 if b < 64 else 16 if b < 256 else b
+    if out and out[-1] != largest:
+        out.append(largest)
+    return sorted(set(x for x in out if x >= smallest))
+
+
+class GraphBank:
+    """Captures and replays graphs keyed by :class:`GraphKey`."""
+
+    def __init__(self, partitioner: Partitioner | None = None, device_index: int = 0):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CaptureError("CUDA graphs need a GPU; run eagerly (ModelRunner) on this machine")
+        self.partitioner = partitioner
+        self.device_index = device_index
+        self._graphs: dict[GraphKey, CapturedGraph] = {}
+        self._pools: dict[str, Any] = {}
+        self._closed = False
+
+    def _pool(self, pool_key: str):
+        import torch
+
+        if pool_key not in self._pools:
+            self._pools[pool_key] = torch.cuda.graph_pool_handle()
+        return self._pools[pool_key]
+
+    def stream_for(self, key: GraphKey):
+        """The stream a key's graph is captured on: its lane's partition stream."""
+        import torch
+
+        if key.split is None:
+            return torch.cuda.Stream(self.device_index)
+        if self.partitioner is None:
+            raise CaptureError(f"{key} names a split but this bank has no Partitioner")
+        pset = self.partitioner.get(key.split)
+        return pset.stream(key.lane)
+
+    def granted_sms(self, key: GraphKey) -> int:
+        import torch
+
+        if key.split is None:
+            return torch.cuda.get_device_properties(self.device_index).multi_processor_count
+        return self.partitioner.get(key.split).lane(key.lane).granted
+
+    def capture(self, key: GraphKey, fn: Callable[[], Any], pool_key: str | None = None, warmup: int = 2) -> CapturedGraph:
+        """Run ``fn`` ``warmup`` times then capture it on the key's lane stream."""
+        import torch
+
+        from .kernels.sizing import sm_budget
+
+        if self._closed:
+            raise ClosedError("this GraphBank was closed; create a new one")
+        if key in self._graphs:
+            return self._graphs[key]
+        stream = self.stream_for(key)
+        budget = self.granted_sms(key)
+        pool = self._pool(pool_key or key.phase)
+        start = time.perf_counter()
+        try:
+            with sm_budget(budget):
+                # Warm up on the lane stream: compiles/autotunes kernels outside the capture.
+                stream.wait_stream(torch.cuda.current_stream(self.device_index))
+                with torch.cuda.stream(stream):
+                    for _ in range(warmup):
+                        fn()
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    output = fn()
+            stream.synchronize()
+        except Exception as exc:
+            raise CaptureError(
+                f"capturing {key} failed: {exc}. Graphs need static shapes, no host syncs "
+                "(.item(), .cpu(), printing tensors) and no CPU tensors inside the captured function"
+            ) from exc
+        captured = CapturedGraph(
+            key, graph, output, time.perf_counter() - start, torch.cuda.memory_reserved(self.device_index)
+        )
+        self._graphs[key] = captured
+        return captured
+
+    def __contains__(self, key: GraphKey) -> bool:
+        return key in self._graphs
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def get(self, key: GraphKey) -> CapturedGraph:
+        if self._closed:
+            raise ClosedError("this GraphBank was closed; create a new one")
+        try:
+            return self._graphs[key]
+        except KeyError:
+            near = [str(k) for k in self._graphs if k.phase == key.phase][:8]
+            raise KeyError(f"no graph captured for {key}; captured for this phase: {near or 'none'}") from None
+
+    def replay(self, key: GraphKey, stream=None):
+        """Replay on ``stream`` (default: the current stream). Returns the static output."""
+        import torch
+
+        g = self.get(key)
+        if stream is None:
+            return g.replay()
+        with torch.cuda.stream(stream):
+            return g.replay()
+
+    def keys(self) -> list[GraphKey]:
+        return list(self._graphs)
+
+    def stats(self) -> dict:
+        import torch
+
+        return {
+            "graphs": len(self._graphs),
+            "capture_seconds": sum(g.capture_seconds for g in self._graphs.values()),
+            "memory_reserved_bytes": torch.cuda.memory_reserved(self.device_index),
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            raise ClosedError("this GraphBank was already closed; close it once")
+        self._closed = True
+        self._graphs.clear()
+        self._pools.clear()

@@ -1,0 +1,80 @@
+"""Partition objects, verification and `bullet info` without a GPU (CPU)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from bullet_kernels.errors import ClosedError, PartitionVerificationError, UnsupportedError
+from bullet_kernels.partition import Partitioner, SMSplit, available_backends, get_backend
+from bullet_kernels.partition.base import Lane
+from bullet_kernels.partition.verify import check_lanes
+
+requires_no_gpu = pytest.mark.skipif(
+    __import__("bullet_kernels.device", fromlist=["x"]).describe_state()[0] is not None,
+    reason="checks the no-GPU behaviour",
+)
+
+
+def _lane(name, granted, observed, expected=None, whole=False):
+    return Lane(name, granted, granted, None, frozenset(expected) if expected else None, frozenset(observed), whole)
+
+
+def test_verification_accepts_exact_disjoint_lanes():
+    lanes = {"prefill": _lane("prefill", 4, range(4), range(4)), "decode": _lane("decode", 2, {4, 5})}
+    check_lanes(lanes, 8, disjoint=True, backend="tpc", driver="13.0")
+
+
+@pytest.mark.parametrize("lanes, msg", [
+    ({"d": _lane("d", 2, {0, 1, 2}, {0, 1})}, "escaped its mask"),
+    ({"d": _lane("d", 4, {0, 1})}, "granted 4 SMs but the probe ran on 2"),
+    ({"a": _lane("a", 2, {0, 1}), "b": _lane("b", 2, {1, 2})}, "promised disjoint but share SMs 1"),
+    ({"d": _lane("d", 1, {99})}, "outside 0..7"),
+])
+def test_verification_refuses_and_names_the_driver(lanes, msg):
+    with pytest.raises(PartitionVerificationError, match=msg) as err:
+        check_lanes(lanes, 8, disjoint=True, backend="green", driver="13.0")
+    assert "driver 13.0" in str(err.value) and "Refusing to run unpartitioned" in str(err.value)
+
+
+@requires_no_gpu
+def test_without_gpu_only_none_is_available_and_green_explains():
+    reasons = available_backends(None)
+    assert reasons["none"] == "" and "no GPU" in reasons["green"]
+    with pytest.raises(UnsupportedError, match="usable here: none"):
+        get_backend("green")
+    with pytest.raises(UnsupportedError, match="choose one of green, tpc, none"):
+        get_backend("mps")
+
+
+@requires_no_gpu
+def test_none_backend_runs_on_cpu_and_refuses_use_after_close():
+    parts = Partitioner("none")
+    pset = parts.get(SMSplit(prefill=96, decode=36))
+    assert parts.get(SMSplit(prefill=96, decode=36)) is pset  # cached per configuration
+    with pset.use("decode") as stream:
+        assert stream is None
+    parts.close()
+    with pytest.raises(ClosedError, match="closed"):
+        pset.stream("decode")
+    with pytest.raises(ClosedError, match="already closed"):
+        pset.close()
+    with pytest.raises(ClosedError, match="already closed"):
+        parts.close()
+    with pytest.raises(ClosedError):
+        parts.get(SMSplit(decode=8))
+
+
+def test_package_imports_without_native_library_or_gpu():
+    code = "import bullet_kernels, bullet_kernels.partition, bullet_kernels.device; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"BULLET_TPC_LIB": "/nonexistent/libbullet_tpc.so", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@requires_no_gpu
+def test_bullet_info_without_gpu_exits_zero_and_says_why():
+    out = subprocess.run([sys.executable, "-m", "bullet_kernels.cli", "info"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "GPU: none" in out.stdout and "none   available" in out.stdout
