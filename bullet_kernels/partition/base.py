@@ -97,16 +97,26 @@ class PartitionSet:
         return self.lane(name).stream
 
     @contextlib.contextmanager
-    def use(self, name: str):
-        """Make lane ``name``'s stream current (a no-op where there is no GPU)."""
+    def use(self, name: str, join: bool = True):
+        """Make lane ``name``'s stream current (a no-op where there is no GPU).
+
+        On entry the lane waits for the caller's stream, so inputs made before are ready. With
+        ``join`` (default) the caller's stream waits for the lane on exit, so results can be used
+        right away; pass ``join=False`` to run several lanes concurrently and join them yourself
+        (events or ``synchronize``). Neither waits on the host.
+        """
         stream = self.stream(name)
         if stream is None:
             yield None
             return
         import torch
 
+        caller = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(caller)
         with torch.cuda.stream(stream):
             yield stream
+        if join:
+            caller.wait_stream(stream)
 
     def table(self) -> list[dict]:
         return [lane.row() for lane in self.lanes.values()]
