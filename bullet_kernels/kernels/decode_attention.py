@@ -1,0 +1,163 @@
+"""Paged decode attention, split-KV (flash-decoding), sized for the SM budget.
+
+Grid ``(batch, kv_heads, splits)``. One program owns one KV-head group: all ``Hq/Hkv`` query
+heads ride in the rows of one ``tl.dot``, so each K/V tile is read from HBM once per group.
+Each sequence is cut into ``splits`` equal chunks of *its own* length (read on device), so
+short and long rows cost the same number of programs and the grid depends only on shapes and
+the budget: graph-safe. With more than one split a second tiny kernel merges the partial
+outputs by their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot_flags, mma
+from .sizing import decode_kv_splits
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr,
+    qk_scale,  # softmax scale * log2(e): we work in base 2
+    stride_qb, stride_qh,
+    stride_kp, stride_kt, stride_kh,
+    stride_vp, stride_vt, stride_vh,
+    stride_pt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_q_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, seq_len)
+
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, HEAD_DIM)
+    head = kvh * GROUP + h
+    h_ok = h < GROUP
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=h_ok[:, None], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    pt_row = pt_ptr + b.to(tl.int64) * stride_pt
+    for start in range(lo, hi, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        t_ok = t < hi
+        page = tl.load(pt_row + t // PAGE_SIZE, mask=t_ok, other=0).to(tl.int64)
+        off = t % PAGE_SIZE
+        k = tl.load(k_ptr + (page * stride_kp + off * stride_kt + kvh * stride_kh)[:, None] + d[None, :],
+                    mask=t_ok[:, None], other=0.0)
+        s = mma(q, tl.trans(k), DOT_PREC, DOT_UPCAST) * qk_scale
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + (page * stride_vp + off * stride_vt + kvh * stride_vh)[:, None] + d[None, :],
+                    mask=t_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, DOT_UPCAST)
+        m = m_new
+
+    has = l > 0  # false for an empty split and for padding rows (seq_len 0)
+    o = acc / tl.where(has, l, 1.0)[:, None]
+    if SPLITS == 1:
+        dst = out_ptr + b * stride_ob + head[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+    else:
+        row = (b * num_q_heads + head) * SPLITS + split  # partials are [B, Hq, SPLITS, (D)]
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=h_ok[:, None])
+        tl.store(lse_ptr + row, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=h_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    row = b * tl.num_programs(1) + h
+    s = tl.arange(0, SPLITS_P2)
+    d = tl.arange(0, HEAD_DIM)
+    lse = tl.load(lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    mx = tl.max(lse, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # all splits empty: every weight is 0
+    w = tl.exp2(lse - mx)
+    o = tl.load(part_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+    den = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty))
+
+
+def _check(q, k_cache, v_cache, page_table, seq_lens):
+    B, Hq, D = q.shape
+    _, page_size, Hkv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {tuple(q.shape)} and caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} disagree")
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    if D & (D - 1) or D < 16 or page_size & (page_size - 1):
+        raise ValueError(f"head_dim ({D}) must be a power of two >= 16 and page_size ({page_size}) a power of two")
+    if page_table.shape[0] < B or seq_lens.shape[0] < B:
+        raise ValueError("page_table and seq_lens need one row per query")
+    if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or page_table.stride(1) != 1:
+        raise ValueError("caches and page_table must be contiguous in their last dim")
+    return B, Hq, D, page_size, Hkv
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing."""
+    B, Hq, D, page_size, Hkv = _check(q, k_cache, v_cache, page_table, seq_lens)
+    q = q if q.stride(2) == 1 else q.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    if B == 0:
+        return out
+    group = Hq // Hkv
+    max_ctx = page_table.shape[1] * page_size
+    splits = num_splits or decode_kv_splits(B, Hkv, max_ctx)
+    if splits > 1:
+        part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
+        lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    else:
+        part = lse = out  # unused
+    _decode_split_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, page_table, seq_lens, out, part, lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        page_table.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLITS=splits,
+        **dot_flags(k_cache.dtype),
+        num_warps=4, num_stages=3,
+    )
+    if splits > 1:
+        _decode_merge_kernel[(B, Hq)](
+            part, lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=D, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,251 @@
+"""Triton kernels against the fp32 reference, on CPU through Triton's interpreter.
+
+Outputs are poisoned with NaN before each run, so an element a kernel forgets to write fails.
+Tolerances (relative Frobenius error vs the fp32 reference fed the same rounded inputs):
+bf16/fp16 < 1e-2 (output rounding alone is ~3e-3), fp32 < 1e-4 (the interpreter's fp32 dots
+are exact fp32; the GPU path asks for IEEE fp32, not TF32). The interpreter rounds fp32 -> bf16
+by truncation where the GPU rounds to nearest, so bit-exact checks of bf16 outputs live in
+test_kernels_gpu.py. Shapes are tiny: this runs on a 2-core CI machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton decorates our kernels
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# Triton picks interpreter-or-GPU when a kernel is decorated: redo it if something imported
+# our kernel modules before this file set the variable.
+for _m in ("common", "activation", "norm", "rotary", "decode_attention", "prefill_attention", "gemm"):
+    _name = f"bullet_kernels.kernels.{_m}"
+    if _name in sys.modules:
+        importlib.reload(sys.modules[_name])
+
+from bullet_kernels import kernels as K  # noqa: E402
+from bullet_kernels.kernels import reference as R  # noqa: E402
+from bullet_kernels.kernels import (  # noqa: E402
+    activation,
+    decode_attention,
+    gemm,
+    norm,
+    prefill_attention,
+    rotary,
+    sizing,
+)
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not out.isnan().any(), "kernel left NaN (unwritten) elements"
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def nan_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+def paged_cache(num_pages, page_size, hkv, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
+    v = torch.randn(num_pages, page_size, hkv, d, generator=g).to(dtype)
+    return k, v
+
+
+def page_table_for(lens, page_size, num_pages, width, seed=0):
+    """Scattered pages (a random permutation), width columns; unused entries hold junk ids."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(num_pages, generator=g)
+    assert sum(-(-n // page_size) for n in lens) <= num_pages
+    table = torch.randint(0, num_pages, (len(lens), width), generator=g, dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(lens):
+        need = -(-n // page_size)
+        table[b, :need] = perm[used : used + need].int()
+        used += need
+    return table
+
+
+# ---------------------------------------------------------------- sizing
+
+
+def test_sm_budget_nests_and_restores():
+    full = sizing.current_sm_budget()
+    assert full == sizing.device_sm_count()
+    with sizing.sm_budget(32):
+        assert sizing.current_sm_budget() == 32
+        with sizing.sm_budget(16):
+            assert sizing.current_sm_budget() == 16
+        assert sizing.current_sm_budget() == 32
+    assert sizing.current_sm_budget() == full
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError):
+            with sizing.sm_budget(bad):
+                pass
+
+
+def test_decode_splits_follow_budget_not_lengths():
+    small = sizing.decode_kv_splits(16, 8, 4096, sms=16)
+    large = sizing.decode_kv_splits(16, 8, 4096, sms=132)
+    assert 1 <= small < large
+    assert sizing.decode_kv_splits(256, 8, 32768, sms=132) == 1  # grid already fills 132 SMs
+    assert sizing.decode_kv_splits(1, 8, 300, sms=132) == 1  # too short to split
+    with sizing.sm_budget(16):
+        assert sizing.decode_kv_splits(16, 8, 4096) == small
+
+
+# ---------------------------------------------------------------- dispatcher
+
+
+def test_dispatcher_runs_reference_on_cpu(monkeypatch):
+    x = torch.randn(3, 40)
+    w = torch.randn(40)
+    assert torch.equal(K.rms_norm(x, w, 1e-6), R.rms_norm(x, w, 1e-6))
+    W = torch.randn(24, 40)
+    assert torch.equal(K.linear(x, W), F.linear(x, W))
+    monkeypatch.setenv("BULLET_KERNELS", "reference")
+    assert not K._triton(x)
+    assert K.paged_decode_attention.__doc__ == R.paged_decode_attention.__doc__
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (5, 100)])
+def test_rms_norms(dtype, rows, hidden):
+    x = torch.randn(rows, hidden).to(dtype)
+    r = torch.randn(rows, hidden).to(dtype)
+    w = torch.rand(hidden).to(dtype) + 0.5
+    out = norm.rms_norm(x, w, 1e-6, out=nan_like(x))
+    assert rel_err(out, R.rms_norm(x, w, 1e-6)) < TOL[dtype]
+    y, s = norm.fused_add_rms_norm(x, r, w, 1e-5, out=nan_like(x), residual_out=nan_like(x))
+    y_ref, s_ref = R.fused_add_rms_norm(x, r, w, 1e-5)
+    if dtype == torch.float32:
+        assert torch.equal(s, s_ref)
+    else:  # the interpreter truncates fp32 -> bf16; the GPU rounds to nearest (exact there)
+        assert rel_err(s, s_ref) < TOL[dtype]
+    assert rel_err(y, y_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype):
+    x = (3 * torch.randn(3, 2 * 700)).to(dtype)  # 700: not a multiple of the block
+    out = activation.silu_and_mul(x, out=nan_like(x[:, :700]), block=256)
+    assert rel_err(out, R.silu_and_mul(x.float())) < TOL[dtype]
+
+
+def _cos_sin(max_pos, d):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    f = torch.arange(max_pos).float()[:, None] * inv[None]
+    return torch.cat([f.cos(), f.sin()], -1)
+
+
+@pytest.mark.parametrize("dtype,d,hq,hkv,page_size", [
+    (torch.float32, 64, 4, 4, 8),
+    (torch.bfloat16, 128, 8, 2, 16),
+    (torch.bfloat16, 64, 6, 3, 32),  # non power-of-two head counts
+])
+def test_rotary_and_store_kv(dtype, d, hq, hkv, page_size):
+    T, pages = 7, 4
+    q = torch.randn(T, hq, d).to(dtype)
+    k = torch.randn(T, hkv, d).to(dtype)
+    v = torch.randn(T, hkv, d).to(dtype)
+    pos = torch.tensor([0, 5, 17, 3, 9, 30, 1])
+    slots = torch.tensor([3, -1, 2 * page_size + 1, 0, -1, pages * page_size - 1, page_size])
+    cs = _cos_sin(64, d)
+    kc, vc = paged_cache(pages, page_size, hkv, d, dtype)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    q_rot, k_rot = rotary.rotary_and_store_kv(q, k, v, pos, cs, kc, vc, slots,
+                                              q_out=nan_like(q), k_out=nan_like(k))
+    q_ref, k_ref = R.rotary_and_store_kv(q, k, v, pos, cs, kc_ref, vc_ref, slots)
+    assert rel_err(q_rot, q_ref) < TOL[dtype] and rel_err(k_rot, k_ref) < TOL[dtype]
+    assert rel_err(kc, kc_ref) < TOL[dtype]
+    assert torch.equal(vc, vc_ref)  # v is copied bit for bit; slot -1 writes nothing
+    x = rotary.apply_rotary(q, pos, cs, out=nan_like(q))
+    assert rel_err(x, R.apply_rotary(q, pos, cs)) < TOL[dtype]
+
+
+# ---------------------------------------------------------------- decode attention
+
+
+DECODE_CASES = [
+    # dtype, Hq, Hkv, D, page_size, lens (0 = padding row), splits
+    (torch.float32, 4, 4, 64, 16, [37], 1),  # batch 1, MHA
+    (torch.float32, 8, 2, 64, 8, [37, 0, 129], 3),  # GQA 4, padding row, ragged splits
+    (torch.bfloat16, 8, 1, 128, 16, [1, 200, 0, 64], None),  # GQA 8, head_dim 128, auto splits
+    (torch.bfloat16, 8, 2, 64, 32, [250, 3], 5),  # more splits than some rows can use
+    (torch.float16, 4, 1, 64, 16, [77, 18], 2),
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,page_size,lens,splits", DECODE_CASES)
+def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits):
+    width = max(-(-max(lens) // page_size), 1) + 1
+    pages = sum(-(-n // page_size) for n in lens) + 3
+    kc, vc = paged_cache(pages, page_size, hkv, d, dtype)
+    table = page_table_for(lens, page_size, pages, width)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), hq, d).to(dtype)
+    with sizing.sm_budget(8):
+        out = decode_attention.paged_decode_attention(
+            q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q), num_splits=splits, block_n=16)
+    ref = R.paged_decode_attention(q.float(), kc.float(), vc.float(), table, seq_lens, d**-0.5)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.all(out[seq_lens == 0] == 0)
+
+
+# ---------------------------------------------------------------- prefill attention
+
+
+PREFILL_CASES = [
+    # dtype, Hq, Hkv, D, page_size, q_lens, cached prefix lens, padding tokens, block_m
+    (torch.float32, 2, 2, 64, 16, [19], [0], 0, 16),  # one plain causal request
+    (torch.float32, 8, 2, 64, 8, [5, 0, 33, 1], [10, 0, 0, 40], 3, 32),  # prefix cache, empty req, padding
+    (torch.bfloat16, 8, 1, 128, 16, [17, 2], [3, 29], 5, 64),  # GQA 8, head_dim 128
+    (torch.bfloat16, 4, 1, 64, 32, [40, 7, 1], [0, 60, 12], 0, 16),  # GQA 4
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hkv,d,page_size,q_lens,prefix,pad,block_m", PREFILL_CASES)
+def test_paged_prefill_attention(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, block_m):
+    lens = [a + b for a, b in zip(q_lens, prefix)]
+    width = max(-(-max(lens) // page_size), 1) + 1
+    pages = sum(-(-n // page_size) for n in lens) + 2
+    kc, vc = paged_cache(pages, page_size, hkv, d, dtype, seed=1)
+    table = page_table_for(lens, page_size, pages, width, seed=1)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]) + pad, hq, d).to(dtype)
+    out = prefill_attention.paged_prefill_attention(
+        q, kc, vc, table, cu, seq_lens, d**-0.5, out=nan_like(q), block_m=block_m, block_n=16)
+    ref = R.paged_prefill_attention(q.float(), kc.float(), vc.float(), table, cu, seq_lens, d**-0.5)
+    assert rel_err(out, ref) < TOL[dtype]
+    if pad:
+        assert torch.all(out[-pad:] == 0)
+
+
+# ---------------------------------------------------------------- GEMM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,split", [(1, 1), (5, 3), (33, 2)])
+def test_splitk_linear(dtype, m, split):
+    n, k = 80, 200  # neither a multiple of the tiles
+    x = torch.randn(m, k).to(dtype)
+    w = torch.randn(n, k).to(dtype)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split}
+    y = gemm.linear(x, w, cfg=cfg)
+    assert y.shape == (m, n)
+    assert rel_err(y, x.float() @ w.float().T) < TOL[dtype]
+
+
+def test_gemm_config_splits_more_on_bigger_budgets():
+    assert gemm.config(16, 4096, 14336, sms=132)["SPLIT_K"] > gemm.config(16, 4096, 14336, sms=16)["SPLIT_K"]
+    assert gemm.config(256, 14336, 4096, sms=132)["SPLIT_K"] == 1
