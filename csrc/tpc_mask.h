@@ -1,0 +1,97 @@
+/* libbullet_tpc: restrict CUDA kernels to a subset of TPCs (2 SMs each on Volta and later).
+ *
+ * Two mechanisms, both undocumented driver internals (facts in docs/tpc-masks.md):
+ *   1. a per-stream mask record inside the driver's CUstream object, at a byte offset that
+ *      depends on the driver API version (bullet_tpc_stream_mask_offset);
+ *   2. a launch hook, registered through cuGetExportTable's callback table, that edits the
+ *      TPC-disable words of each kernel's launch descriptor (QMD) just before upload.
+ *
+ * Masks are 128 bits as four uint32 words, word 0 = TPCs 0..31; a SET bit DISABLES that TPC.
+ * Every function returns 0 (BULLET_TPC_OK) on success or a negative BULLET_TPC_E* code, and
+ * then bullet_tpc_last_error() (per thread) says what went wrong. Nothing here aborts.
+ * Plain C11; no CUDA headers: libcuda.so.1 is found at run time with dlopen.
+ *
+ * ABI: functions and the stats struct only ever grow at the end; a change that is not
+ * backwards compatible bumps BULLET_TPC_ABI_VERSION (check it with bullet_tpc_abi_version).
+ */
+#ifndef BULLET_TPC_MASK_H
+#define BULLET_TPC_MASK_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define BULLET_TPC_ABI_VERSION 1
+
+#define BULLET_TPC_OK 0
+#define BULLET_TPC_E_ARG (-1)     /* bad argument (NULL, misaligned or out-of-range offset) */
+#define BULLET_TPC_E_DRIVER (-2)  /* libcuda.so.1 or one of its symbols could not be found */
+#define BULLET_TPC_E_CUDA (-3)    /* a driver call failed (its CUresult is in the message) */
+
+int bullet_tpc_abi_version(void);
+
+/* The last error of the calling thread ("" if none yet). Valid until its next failing call. */
+const char* bullet_tpc_last_error(void);
+
+/* ---- per-stream mask record: { uint32 enabled; uint32 disabled[4]; } ------------------ */
+
+/* Byte offset of the mask record in a CUstream for a cuDriverGetVersion() value, or -1 when
+ * the version is unknown (never guess: a write at a wrong offset corrupts driver memory). */
+int bullet_tpc_stream_mask_offset(int driver_api_version);
+
+/* Copy up to `capacity` known (version, offset) pairs; returns how many pairs exist. */
+int bullet_tpc_stream_mask_table(int* versions, int* offsets, int capacity);
+
+/* out[0] = enabled word, out[1..4] = disabled words, as found at `offset` in `stream`. */
+int bullet_tpc_read_stream_mask(void* stream, int offset, uint32_t out[5]);
+
+/* Write the 4 disabled words, then enabled = 1. The stream must be idle on the CPU side
+ * (no launch in progress from another thread); launches after the call use the mask. */
+int bullet_tpc_set_stream_mask(void* stream, int offset, const uint32_t disabled[4]);
+
+/* Write back a whole record (e.g. the one read before the first set): disabled words, then
+ * the enabled word, so a launch never sees enabled=1 with a half-written mask. */
+int bullet_tpc_write_stream_record(void* stream, int offset, const uint32_t record[5]);
+
+/* enabled = 0 and a zero mask. */
+int bullet_tpc_clear_stream_mask(void* stream, int offset);
+
+/* ---- launch hook ------------------------------------------------------------------------ */
+
+/* Subscribe our callback to kernel launches (idempotent, thread safe). Until a global or
+ * next-launch mask is set, the callback only counts calls. */
+int bullet_tpc_hook_install(void);
+
+/* Mask applied to every launch whose descriptor carries no mask yet (i.e. launches on
+ * streams without a stream mask); `enable` = 0 turns it off (`disabled` may then be NULL). */
+int bullet_tpc_set_global_mask(const uint32_t disabled[4], int enable);
+
+/* Mask for the next kernel launched from the calling thread (overrides stream and global
+ * masks), consumed by that launch. NULL cancels a pending one. Graph replays do not run
+ * the hook, so a pending mask survives them: cancel it when done. */
+int bullet_tpc_set_next_mask(const uint32_t disabled[4]);
+
+typedef struct bullet_tpc_hook_stats {
+  uint64_t calls;            /* callbacks seen (any domain / id) */
+  uint64_t writes;           /* descriptors we wrote a mask into */
+  uint64_t skips;            /* a mask was wanted but not written: unknown QMD version or
+                                params too small / NULL */
+  uint64_t last_params_size; /* word 0 of the last params seen (0 if none yet) */
+  uint32_t last_qmd_version; /* version byte of the last descriptor examined */
+  uint32_t installed;        /* 1 once bullet_tpc_hook_install succeeded */
+} bullet_tpc_hook_stats_t;
+
+int bullet_tpc_hook_stats(bullet_tpc_hook_stats_t* out);
+void bullet_tpc_hook_reset_stats(void);
+
+/* The callback itself, exported so tests can feed it fake params and descriptors on a
+ * machine without a GPU. `params` is what the driver passes: uint64 words, word 0 = size in
+ * bytes, word 4 = descriptor pointer. */
+void bullet_tpc_hook_callback(void* userdata, int domain, int cbid, const void* params);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* BULLET_TPC_MASK_H */

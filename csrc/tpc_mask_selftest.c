@@ -1,0 +1,63 @@
+/* GPU-free checks of libbullet_tpc: offset table, argument checks, descriptor writes. */
+#include <stdio.h>
+#include <string.h>
+
+#include "tpc_mask.h"
+
+static int failures;
+#define CHECK(cond)                                               \
+  do {                                                            \
+    if (!(cond)) {                                                \
+      fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
+      failures++;                                                 \
+    }                                                             \
+  } while (0)
+
+static void offsets(void) {
+  CHECK(bullet_tpc_stream_mask_offset(12000) == 0x4cc);
+  CHECK(bullet_tpc_stream_mask_offset(12080) == 0x4fc);
+  CHECK(bullet_tpc_stream_mask_offset(13000) == 0x51c);
+  CHECK(bullet_tpc_stream_mask_offset(13010) == -1);
+  CHECK(bullet_tpc_stream_mask_offset(11080) == -1);
+  CHECK(bullet_tpc_stream_mask_table(NULL, NULL, 0) == 10);
+}
+
+static void stream_record(void) {
+  _Alignas(16) unsigned char fake_stream[0x600] = {0};
+  const uint32_t disabled[4] = {1, 2, 3, 4};
+  uint32_t rec[5];
+  CHECK(bullet_tpc_set_stream_mask(fake_stream, 0x51c, disabled) == 0);
+  CHECK(bullet_tpc_read_stream_mask(fake_stream, 0x51c, rec) == 0);
+  CHECK(rec[0] == 1 && rec[1] == 1 && rec[4] == 4);
+  CHECK(bullet_tpc_clear_stream_mask(fake_stream, 0x51c) == 0);
+  CHECK(bullet_tpc_read_stream_mask(fake_stream, 0x51c, rec) == 0 && rec[0] == 0 && rec[4] == 0);
+  CHECK(bullet_tpc_read_stream_mask(NULL, 0x51c, rec) == BULLET_TPC_E_ARG);
+  CHECK(strstr(bullet_tpc_last_error(), "special stream") != NULL);
+  CHECK(bullet_tpc_read_stream_mask(fake_stream, 0x51d, rec) == BULLET_TPC_E_ARG);
+}
+
+static void hook_writes_hopper_descriptor(void) {
+  unsigned char qmd[512] = {0};
+  qmd[72] = 0x40;
+  uint64_t params[5] = {40, 0, 0, 0, (uint64_t)(uintptr_t)qmd};
+  const uint32_t disabled[4] = {0xffffff00u, ~0u, ~0u, ~0u};
+  bullet_tpc_hook_reset_stats();
+  bullet_tpc_set_next_mask(disabled);
+  bullet_tpc_hook_callback(NULL, 0xb, 0x1, params);
+  uint32_t w;
+  memcpy(&w, qmd + 304, 4);
+  CHECK(w == 0xffffff00u);
+  memcpy(&w, qmd, 4);
+  CHECK(w >> 31 == 1);
+  bullet_tpc_hook_stats_t s;
+  CHECK(bullet_tpc_hook_stats(&s) == 0 && s.writes == 1 && s.last_qmd_version == 0x40);
+}
+
+int main(void) {
+  offsets();
+  stream_record();
+  hook_writes_hopper_descriptor();
+  if (failures) return 1;
+  puts("tpc_mask_selftest: ok");
+  return 0;
+}
