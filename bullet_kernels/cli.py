@@ -85,7 +85,7 @@ def info(args: argparse.Namespace) -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    from .bench_sweep import main as sweep_main
+    from .sweep import main as sweep_main
 
     return sweep_main(args)
 
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument("--quick", action="store_true", help="fewer SM counts and shapes")
     p_sweep.add_argument("--out", default="bench/results", help="folder for the JSON and PNG")
     p_sweep.add_argument("--backend", default="green")
+    from .sweep import add_arguments
+
+    add_arguments(p_sweep)
     p_sweep.set_defaults(func=sweep)
 
     args = parser.parse_args(argv)
