@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from bullet_kernels.errors import ClosedError, PartitionVerificationError, UnsupportedError
+from bullet_kernels.errors import ClosedError, InvalidSplitError, PartitionVerificationError, UnsupportedError
 from bullet_kernels.partition import Partitioner, SMSplit, available_backends, get_backend
 from bullet_kernels.partition.base import Lane
 from bullet_kernels.partition.verify import check_lanes
@@ -78,3 +78,33 @@ def test_bullet_info_without_gpu_exits_zero_and_says_why():
     out = subprocess.run([sys.executable, "-m", "bullet_kernels.cli", "info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "GPU: none" in out.stdout and "none   available" in out.stdout
+
+
+def _fake_device(**overrides):
+    from bullet_kernels.device import DeviceInfo
+
+    facts = dict(index=0, name="Old GPU", uuid="GPU-0", sm_count=80, tpc_count=40, compute_capability=(7, 0),
+                 driver_api_version=12020, kernel_driver="", total_memory_bytes=0, l2_bytes=0,
+                 green_contexts=False, green_unavailable_reason="CUDA_ERROR_NOT_SUPPORTED",
+                 min_partition_sms=0, partition_alignment_sms=0)
+    return DeviceInfo(**{**facts, **overrides})
+
+
+def test_green_on_an_unsupported_gpu_names_the_reason_and_the_fallback():
+    from bullet_kernels.partition.green import GreenBackend
+
+    backend = GreenBackend(_fake_device())
+    assert "CUDA_ERROR_NOT_SUPPORTED" in GreenBackend.unavailable_reason(backend.device)
+    with pytest.raises(UnsupportedError, match="green backend unavailable: green contexts unsupported.*backend='none'"):
+        backend.grant(SMSplit(decode=8))
+    with pytest.raises(UnsupportedError):
+        backend.open(SMSplit(decode=8))
+
+
+def test_green_grants_follow_the_device_granularity():
+    from bullet_kernels.partition.green import GreenBackend
+
+    backend = GreenBackend(_fake_device(green_contexts=True, min_partition_sms=4, partition_alignment_sms=2))
+    assert backend.grant(SMSplit(prefill=61, decode=17)) == {"prefill": 62, "decode": 18}
+    with pytest.raises(InvalidSplitError, match="multiples of 2 SMs \\(at least 4\\)"):
+        backend.grant(SMSplit(prefill=61, decode=19))  # 62 + 20 > 80, and no remainder fits
