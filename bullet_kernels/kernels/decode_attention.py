@@ -5,7 +5,8 @@ heads ride in the rows of one ``tl.dot``, so each K/V tile is read from HBM once
 Each sequence is cut into ``splits`` equal chunks of *its own* length (read on device), so
 short and long rows cost the same number of programs and the grid depends only on shapes and
 the budget: graph-safe. With more than one split a second tiny kernel merges the partial
-outputs by their log-sum-exp.
+outputs by their log-sum-exp. The split count is a runtime argument, so every batch bucket and
+SM budget shares one compiled kernel (only "split or not" is compiled in).
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr,
-    qk_scale,  # softmax scale * log2(e): we work in base 2
+    qk_scale, num_splits,  # qk_scale = softmax scale * log2(e): we work in base 2
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
     stride_pt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -38,7 +39,7 @@ def _decode_split_kernel(
     num_q_heads = tl.num_programs(1) * GROUP
 
     seq_len = tl.load(lens_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -73,30 +74,31 @@ def _decode_split_kernel(
 
     has = l > 0  # false for an empty split and for padding rows (seq_len 0)
     o = acc / tl.where(has, l, 1.0)[:, None]
-    if SPLITS == 1:
+    if not SPLIT:
         dst = out_ptr + b * stride_ob + head[:, None] * stride_oh + d[None, :]
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
     else:
-        row = (b * num_q_heads + head) * SPLITS + split  # partials are [B, Hq, SPLITS, (D)]
+        row = (b * num_q_heads + head) * num_splits + split  # partials are [B, Hq, splits, (D)]
         tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=h_ok[:, None])
         tl.store(lse_ptr + row, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=h_ok)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    part_ptr, lse_ptr, out_ptr, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    part_ptr, lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = b * tl.num_programs(1) + h
     s = tl.arange(0, SPLITS_P2)
     d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(lse_ptr + row * SPLITS + s, mask=s < SPLITS, other=float("-inf"))
+    lse = tl.load(lse_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
     mx = tl.max(lse, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)  # all splits empty: every weight is 0
     w = tl.exp2(lse - mx)
-    o = tl.load(part_ptr + (row * SPLITS + s)[:, None] * HEAD_DIM + d[None, :], mask=(s < SPLITS)[:, None], other=0.0)
+    o = tl.load(part_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :],
+                mask=(s < num_splits)[:, None], other=0.0)
     den = tl.sum(w, 0)
     res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty))
@@ -146,18 +148,18 @@ def paged_decode_attention(
         part = lse = out  # unused
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, page_table, seq_lens, out, part, lse,
-        scale * LOG2E,
+        scale * LOG2E, splits,
         q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLITS=splits,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
         **dot_flags(k_cache.dtype),
         num_warps=4, num_stages=3,
     )
     if splits > 1:
         _decode_merge_kernel[(B, Hq)](
-            part, lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=D, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
+            part, lse, out, splits, out.stride(0), out.stride(1),
+            HEAD_DIM=D, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
         )
     return out

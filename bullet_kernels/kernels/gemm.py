@@ -21,7 +21,7 @@ from .sizing import current_sm_budget, gemm_split_k
 def _splitk_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -41,7 +41,7 @@ def _splitk_kernel(
         b = tl.load(w_row + kk[None, :], mask=(rn < N)[:, None] & (kk < k_hi)[None, :], other=0.0)
         acc += mma(a, tl.trans(b), DOT_PREC, DOT_UPCAST)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
-    if SPLIT_K == 1:
+    if not SPLIT:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
     else:
         ws = ws_ptr + (pid_k * M + rm)[:, None].to(tl.int64) * N + rn[None, :]
@@ -49,11 +49,11 @@ def _splitk_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(ws_ptr, y_ptr, MN, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(ws_ptr, y_ptr, MN, N, stride_ym, split_k, BLOCK: tl.constexpr):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < MN
     acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(SPLIT_K):
+    for s in range(split_k):
         acc += tl.load(ws_ptr + s * MN + idx, mask=ok, other=0.0)
     tl.store(y_ptr + (idx // N) * stride_ym + idx % N, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
@@ -88,10 +88,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, cfg: dict | None = None) ->
     grid = (triton.cdiv(N, c["BLOCK_N"]), triton.cdiv(M, c["BLOCK_M"]), split)
     _splitk_kernel[grid](
         x2, weight, y, ws, M, N, K, k_per_split, x2.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT_K=split,
+        BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT=split > 1,
         **dot_flags(x.dtype), num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 4),
     )
     if split > 1:
         block = 1024
-        _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, y, M * N, N, y.stride(0), SPLIT_K=split, BLOCK=block)
+        _sum_splits_kernel[(triton.cdiv(M * N, block),)](ws, y, M * N, N, y.stride(0), split, BLOCK=block)
     return y.view(*x.shape[:-1], N)
