@@ -177,11 +177,14 @@ static const struct qmd_layout* qmd_layout(const uint8_t* qmd, uint32_t* version
   return NULL;
 }
 
+/* Whether the descriptor already restricts TPCs (a stream mask): some disable bit set and,
+ * where the layout has one, the enable bit. A zero mask restricts nothing, so it counts as
+ * none even if a driver sets the enable bit on every launch. */
 static int qmd_has_mask(const uint8_t* qmd, const struct qmd_layout* l) {
   uint32_t w;
   if (l->enable_at >= 0) {
     memcpy(&w, qmd + l->enable_at, 4);
-    return (w >> 31) & 1;
+    if (!(w >> 31)) return 0;
   }
   for (int i = 0; i < l->n_words; i++) {
     memcpy(&w, qmd + l->mask_at + 4 * i, 4);
@@ -298,13 +301,19 @@ static int install_locked(void) {
   if (rc != 0 || !table)
     return fail(BULLET_TPC_E_CUDA, "cuGetExportTable(callback table) failed: CUresult %d (was cuInit called?)", rc);
   void* const* entries = table;
+  /* Driver export tables usually start with their own size in bytes; where entry 0 is such
+   * a size (not a pointer), it must reach entry 6, or this is not the table we expect. */
+  uintptr_t head = (uintptr_t)entries[0];
+  if (head < 4096 && head < (TABLE_ENABLE + 1) * sizeof(void*))
+    return fail(BULLET_TPC_E_CUDA, "callback table is %lu bytes, too small for entry %d", (unsigned long)head, TABLE_ENABLE);
   subscribe_fn subscribe = (subscribe_fn)(uintptr_t)entries[TABLE_SUBSCRIBE];
   enable_fn enable = (enable_fn)(uintptr_t)entries[TABLE_ENABLE];
   if (!subscribe || !enable) return fail(BULLET_TPC_E_CUDA, "callback table has NULL subscribe/enable entries");
-  uint32_t handle = 0;
-  rc = subscribe(&handle, bullet_tpc_hook_callback, NULL);
+  /* The doc types the handle uint32_t; 8 bytes of room cost nothing if a driver writes more. */
+  uint32_t handle[2] = {0, 0};
+  rc = subscribe(handle, bullet_tpc_hook_callback, NULL);
   if (rc != 0) return fail(BULLET_TPC_E_CUDA, "callback subscribe failed: CUresult %d", rc);
-  rc = enable(1, handle, HOOK_DOMAIN, HOOK_CBID);
+  rc = enable(1, handle[0], HOOK_DOMAIN, HOOK_CBID);
   if (rc != 0) return fail(BULLET_TPC_E_CUDA, "enabling the launch callback (domain 0x%x, id 0x%x) failed: CUresult %d", HOOK_DOMAIN, HOOK_CBID, rc);
   atomic_store(&st_installed, 1);
   return BULLET_TPC_OK;

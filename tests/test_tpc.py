@@ -357,20 +357,22 @@ def test_other_callbacks_and_no_mask_write_nothing(hook):
 
 def test_global_mask_fills_only_unmasked_descriptors(hook):
     hook.set_global_mask(MASK.disabled_words())
-    plain, masked = FakeLaunch({72: 0x40}), FakeLaunch({72: 0x40})
-    masked.qmd[3] = 0x80  # enable bit 31 at byte 0: the stream already set a mask
-    plain.fire(hook)
-    masked.fire(hook)
-    assert plain.u32(304) == MASK.disabled_words()[0] and masked.u32(304) == 0
+    plain, masked, enable_only = (FakeLaunch({72: 0x40}) for _ in range(3))
+    masked.qmd[3] = enable_only.qmd[3] = 0x80  # enable bit 31 of the u32 at byte 0
+    masked.qmd[316] = 0xFF  # ... and a stream mask disabling TPCs 96..103
+    for launch in (plain, masked, enable_only):
+        launch.fire(hook)
+    assert plain.u32(304) == enable_only.u32(304) == MASK.disabled_words()[0]  # a zero mask is no mask
+    assert masked.u32(304) == 0 and masked.u32(316) == 0xFF  # the stream's mask wins
     hook.set_global_mask(None)
     again = FakeLaunch({72: 0x40})
     again.fire(hook)
-    assert again.u32(304) == 0 and hook.hook_stats()["writes"] == 1
+    assert again.u32(304) == 0 and hook.hook_stats()["writes"] == 2
 
 
 def test_next_mask_overrides_a_stream_mask(hook):
     launch = FakeLaunch({72: 0x40})
-    launch.qmd[3] = 0x80
+    launch.qmd[3], launch.qmd[316] = 0x80, 0xFF
     hook.set_next_mask(MASK.disabled_words())
     launch.fire(hook)
     assert launch.u32(304) == MASK.disabled_words()[0]
@@ -392,3 +394,166 @@ def test_c_selftest_passes(native):
     if not exe.exists():
         pytest.skip("self test is built only by a plain CMake build")
     assert subprocess.run([str(exe)], capture_output=True).returncode == 0
+
+
+# ---- TpcBackend on a simulated GPU: real C record writes into fake stream objects -----------------
+
+
+class FakeStream(int):
+    """Stands in for torch's ExternalStream: the handle, plus a no-op synchronize."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+class SimulatedGpu:
+    """Streams are zeroed buffers the C library writes masks into; the probe reads them back
+    and runs on the SMs that the H100 layout (bit b -> SMs 2b, 2b+1) allows."""
+
+    def __init__(self, native, offset=0x51C, sm_count=132, honour_masks=True):
+        self.native, self.offset, self.sm_count, self.honour = native, offset, sm_count, honour_masks
+        self.layout = TpcMap.linear(sm_count)
+        self.streams: dict[int, ctypes.Array] = {}
+        self.probes = 0
+        self.dirty_new_streams = False
+        self.records_at_destroy: list[list[int]] = []
+
+    def create(self, device_index):
+        buf = ctypes.create_string_buffer(0x800)
+        if self.dirty_new_streams:
+            ctypes.memmove(ctypes.addressof(buf) + self.offset, b"\x07" * 20, 20)
+        handle = ctypes.addressof(buf)
+        self.streams[handle] = buf
+        return handle, FakeStream(handle)
+
+    def destroy(self, device_index, handle):
+        self.records_at_destroy.append(self.native.read_record(handle, self.offset))
+        del self.streams[handle]
+
+    def observed_sms(self, stream, sm_count, device_index=0, waves=4, spin_us=20):
+        self.probes += 1
+        enabled, *words = self.native.read_record(stream, self.offset)
+        mask = TpcMask.from_disabled_words(words) if enabled and self.honour else TpcMask.all()
+        return self.layout.sms(mask)
+
+
+@pytest.fixture
+def sim(native, monkeypatch, tmp_path):
+    from bullet_kernels.partition import tpc
+
+    gpu = SimulatedGpu(native)
+    monkeypatch.setattr(tpc_native, "_load", lambda: (native, ""))
+    monkeypatch.setattr(tpc, "_create_stream", gpu.create)
+    monkeypatch.setattr(tpc, "_destroy_stream", gpu.destroy)
+    monkeypatch.setattr(tpc.probe, "observed_sms", gpu.observed_sms)
+    monkeypatch.setenv("BULLET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BULLET_TPC_STREAM_OFFSET", raising=False)
+    return gpu
+
+
+def _h100(**changes):
+    from bullet_kernels.device import DeviceInfo
+
+    facts = dict(index=0, name="NVIDIA H100 80GB HBM3", uuid="GPU-sim", sm_count=132, tpc_count=66,
+                 compute_capability=(9, 0), driver_api_version=13000, kernel_driver="580.159.04",
+                 total_memory_bytes=80 << 30, l2_bytes=50 << 20, green_contexts=True, green_unavailable_reason="",
+                 min_partition_sms=8, partition_alignment_sms=8)
+    return DeviceInfo(**{**facts, **changes})
+
+
+def test_sim_disjoint_lanes_get_masked_streams_and_close_restores_them(sim):
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    backend = TpcBackend(_h100())
+    pset = backend.open(SMSplit(prefill=96, decode=35))
+    prefill, decode = pset.lane("prefill"), pset.lane("decode")
+    assert prefill.expected_sms == prefill.observed_sms == frozenset(range(96))
+    assert decode.expected_sms == decode.observed_sms == frozenset(range(96, 132))
+    assert (decode.asked, decode.granted) == (35, 36)
+    assert sim.native.read_record(decode.stream, 0x51C) == [1, *TpcMask.range(48, 66).disabled_words()]
+    pset.close()
+    assert not sim.streams and sim.records_at_destroy[-2:] == [[0] * 5] * 2  # restored, then destroyed
+
+
+def test_sim_overlap_lanes_share_the_middle(sim):
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    pset = TpcBackend(_h100()).open(SMSplit(prefill=100, decode=64, overlap=True))
+    shared = pset.lane("prefill").observed_sms & pset.lane("decode").observed_sms
+    assert shared == frozenset(range(68, 100)) and not pset.disjoint
+    pset.close()
+
+
+def test_sim_map_is_probed_once_then_read_from_the_cache(sim):
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    assert TpcBackend(_h100()).tpc_map() == TpcMap.linear(132, uuid="GPU-sim", driver="13000/580.159.04")
+    assert sim.probes == 67 and not sim.streams  # probe stream destroyed
+    TpcBackend(_h100()).tpc_map()
+    assert sim.probes == 67
+
+
+def test_sim_refuses_a_record_that_is_not_empty(sim):
+    from bullet_kernels.errors import UnsupportedError
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    sim.dirty_new_streams = True
+    with pytest.raises(UnsupportedError, match="not an empty record: the offset is wrong for driver 13000"):
+        TpcBackend(_h100()).new_stream()
+    assert not sim.streams
+
+
+def test_sim_refuses_a_record_changed_behind_our_back(sim):
+    from bullet_kernels.errors import UnsupportedError
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    ms = TpcBackend(_h100()).new_stream()
+    ms.set(TpcMask.range(0, 8))
+    sim.native.write_record(ms.handle, 0x51C, [1, 0, 0, 0, 5])
+    with pytest.raises(UnsupportedError, match="changed behind our back"):
+        ms.set(TpcMask.range(0, 4))
+    ms.close()
+
+
+def test_sim_masks_that_do_nothing_fail_verification(sim):
+    from bullet_kernels.errors import PartitionVerificationError
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    sim.honour = False  # what a wrong offset looks like from outside
+    with pytest.raises(PartitionVerificationError, match="could not map mask bits to SMs on driver 13.0"):
+        TpcBackend(_h100()).open(SMSplit(decode=16))
+    assert not sim.streams
+
+
+def test_sim_escaping_lane_fails_verification(sim):
+    from bullet_kernels.errors import PartitionVerificationError
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    backend = TpcBackend(_h100())
+    backend.tpc_map()
+    sim.honour = False
+    with pytest.raises(PartitionVerificationError, match="escaped its mask"):
+        backend.open(SMSplit(decode=16))
+    assert not sim.streams  # released on failure
+
+
+def test_sim_unavailable_reasons(sim, monkeypatch):
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    assert TpcBackend.unavailable_reason(_h100()) == ""
+    why = TpcBackend.unavailable_reason(_h100(driver_api_version=13010))
+    assert why.startswith("driver API version 13010 has no known stream-mask offset")
+    monkeypatch.setenv("BULLET_TPC_STREAM_OFFSET", "0x51c")
+    assert TpcBackend.unavailable_reason(_h100(driver_api_version=13010)) == ""
+    assert "compute capability 6.1 < 7.0" in TpcBackend.unavailable_reason(_h100(compute_capability=(6, 1)))
+    monkeypatch.setattr(tpc_native, "_load", lambda: (None, "native library not built: ..."))
+    assert TpcBackend.unavailable_reason(_h100()).startswith("native library not built")
+
+
+def test_sim_hook_helpers_refuse_masks_with_no_live_tpc(sim):
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    backend = TpcBackend(_h100())
+    with pytest.raises(InvalidSplitError, match="would never finish"):
+        with backend.next_launch_mask(TpcMask.range(66, 128)):
+            pass

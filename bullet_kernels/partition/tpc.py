@@ -66,6 +66,21 @@ def _primary_context(device_index: int):
         check(drv.cuDevicePrimaryCtxRelease(dev), "cuDevicePrimaryCtxRelease")
 
 
+def _create_stream(device_index: int) -> tuple[int, object]:
+    """(driver handle, torch ExternalStream) of a new non-blocking stream of our own."""
+    import torch
+
+    torch.cuda.init()  # torch's primary context must exist: lanes run torch kernels
+    with _primary_context(device_index) as drv:
+        handle = check(drv.cuStreamCreate(int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
+    return int(handle), torch.cuda.ExternalStream(int(handle), device=device_index)
+
+
+def _destroy_stream(device_index: int, handle: int) -> None:
+    with _primary_context(device_index) as drv:
+        check(drv.cuStreamDestroy(drv.CUstream(handle)), "cuStreamDestroy")
+
+
 def _fmt(record: list[int]) -> str:
     return "enabled={} mask={}".format(record[0], " ".join(f"{w:08x}" for w in record[1:]))
 
@@ -74,13 +89,9 @@ class MaskedStream:
     """A stream of our own whose mask record we own; ``close()`` restores and destroys it."""
 
     def __init__(self, lib: tpc_native.NativeLib, offset: int, device: DeviceInfo):
-        import torch
-
         self.lib, self.offset, self.device = lib, offset, device
-        with _primary_context(device.index) as drv:
-            self.handle = check(drv.cuStreamCreate(int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
-        self.stream = torch.cuda.ExternalStream(int(self.handle), device=device.index)
-        self._original = lib.read_record(self.ptr, offset)
+        self.handle, self.stream = _create_stream(device.index)
+        self._original = lib.read_record(self.handle, offset)
         self._written: list[int] | None = None
         if self._original != [0, 0, 0, 0, 0]:
             self._destroy()
@@ -91,13 +102,9 @@ class MaskedStream:
                 f"Refusing to write there; unset {OFFSET_ENV} or use backend='green'"
             )
 
-    @property
-    def ptr(self) -> int:
-        return int(self.handle)
-
     def set(self, mask: TpcMask) -> None:
         expected = self._original if self._written is None else [1, *self._written]
-        found = self.lib.read_record(self.ptr, self.offset)
+        found = self.lib.read_record(self.handle, self.offset)
         if found != expected:
             raise UnsupportedError(
                 f"the stream-mask record at offset {self.offset:#x} changed behind our back "
@@ -105,19 +112,18 @@ class MaskedStream:
                 f"{self.device.driver_api_version}; refusing to write"
             )
         words = mask.disabled_words()
-        self.lib.set_stream_mask(self.ptr, self.offset, words)
+        self.lib.set_stream_mask(self.handle, self.offset, words)
         self._written = words
 
     def close(self) -> None:
         if self._written is not None:
-            self.lib.write_record(self.ptr, self.offset, self._original)
+            self.lib.write_record(self.handle, self.offset, self._original)
             self._written = None
         self._destroy()
 
     def _destroy(self) -> None:
         if self.handle is not None:
-            with _primary_context(self.device.index) as drv:
-                check(drv.cuStreamDestroy(self.handle), "cuStreamDestroy")
+            _destroy_stream(self.device.index, self.handle)
             self.handle = None
 
 
@@ -156,9 +162,6 @@ class TpcBackend(Backend):
 
     def new_stream(self) -> MaskedStream:
         """An unmasked stream of our own that can be masked (tests and experiments)."""
-        import torch
-
-        torch.cuda.init()
         return MaskedStream(tpc_native.load(), self._offset(), self._require_device())
 
     # -- the bit -> SM map -------------------------------------------------------------------
