@@ -103,6 +103,8 @@ class MaskedStream:
             )
 
     def set(self, mask: TpcMask) -> None:
+        if not mask:
+            raise InvalidSplitError("an empty TPC mask leaves kernels no SM, so they would never finish")
         expected = self._original if self._written is None else [1, *self._written]
         found = self.lib.read_record(self.handle, self.offset)
         if found != expected:
