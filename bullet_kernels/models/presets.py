@@ -1,0 +1,96 @@
+"""Named model shapes with random weights: benchmarks and tests run without downloading anything.
+
+The configs are the published ``config.json`` numbers (only the fields we read). Random weights
+are deterministic for a seed on a given device type and scaled so bf16 activations stay tame
+through deep stacks: std 0.02, output projections (``o_proj``, ``down_proj``) shrunk by
+``1/sqrt(2 * num_layers)`` so the residual stream grows slowly, norm weights 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import ModelConfig, UnsupportedModelError
+from .llama import LlamaModel
+
+PRESETS: dict[str, dict] = {
+    "llama-3.1-8b": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_hidden_layers": 32, "head_dim": 128, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+    },
+    "qwen3-8b": {
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+        "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "num_hidden_layers": 36, "head_dim": 128, "vocab_size": 151936,
+        "max_position_embeddings": 40960, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151645,
+    },
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "num_hidden_layers": 30, "head_dim": 64, "vocab_size": 49152,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 100000.0,
+        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+    },
+    # Tiny shapes for CPU tests, each exercising one architecture feature.
+    "tiny-llama3": {  # GQA + llama3 rope scaling with all three frequency bands in use
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+        "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 512, "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32, "rope_type": "llama3"},
+    },
+    "tiny-qwen3": {  # q/k norm, head_dim * heads != hidden_size
+        "model_type": "qwen3", "hidden_size": 64, "intermediate_size": 96,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+        "head_dim": 32, "vocab_size": 256, "max_position_embeddings": 512, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "tie_word_embeddings": False,
+    },
+    "tiny-tied": {  # SmolLM2-like: tied embeddings, a single KV head
+        "model_type": "llama", "hidden_size": 48, "intermediate_size": 96,
+        "num_attention_heads": 3, "num_key_value_heads": 1, "num_hidden_layers": 3,
+        "head_dim": 16, "vocab_size": 256, "max_position_embeddings": 512, "rms_norm_eps": 1e-05,
+        "rope_theta": 100000.0, "tie_word_embeddings": True,
+    },
+}
+
+
+def preset_config(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise UnsupportedModelError(f"no preset {name!r}; presets: {', '.join(PRESETS)}")
+    return ModelConfig.from_hf(PRESETS[name])
+
+
+@torch.no_grad()
+def init_random_(model: LlamaModel, seed: int = 0, std: float = 0.02) -> LlamaModel:
+    """Overwrite every weight with seeded random values (drawn in fp32, then cast)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    residual_std = std / math.sqrt(2 * model.config.num_layers)
+    for name, p in model.named_parameters():  # a tied lm_head is listed once
+        if p.ndim == 1:
+            p.fill_(1.0)
+            continue
+        scale = residual_std if name.endswith(("o_proj", "down_proj")) else std
+        p.copy_(torch.randn(p.shape, generator=gen, device=p.device) * scale)
+    return model
+
+
+def random_model(
+    preset: str | ModelConfig,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str | None = None,
+    max_context: int | None = None,
+) -> LlamaModel:
+    """A model of a preset (or any config) with :func:`init_random_` weights."""
+    config = preset_config(preset) if isinstance(preset, str) else preset
+    return init_random_(LlamaModel(config, dtype=dtype, device=device, max_context=max_context), seed)
