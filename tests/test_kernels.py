@@ -108,13 +108,13 @@ def test_sm_budget_nests_and_restores():
 
 
 def test_decode_splits_follow_budget_not_lengths():
-    small = sizing.decode_kv_splits(16, 8, 4096, sms=16)
-    large = sizing.decode_kv_splits(16, 8, 4096, sms=132)
+    small = sizing.decode_kv_splits(16, 8, 4, 4096, sms=16)
+    large = sizing.decode_kv_splits(16, 8, 4, 4096, sms=132)
     assert 1 <= small < large
-    assert sizing.decode_kv_splits(256, 8, 32768, sms=132) == 1  # grid already fills 132 SMs
-    assert sizing.decode_kv_splits(1, 8, 300, sms=132) == 1  # too short to split
+    assert sizing.decode_kv_splits(256, 8, 4, 4096, sms=132) == 1  # 2048 programs already fill 132 SMs
+    assert sizing.decode_kv_splits(1, 8, 4, 300, sms=132) == 1  # too short to split
     with sizing.sm_budget(16):
-        assert sizing.decode_kv_splits(16, 8, 4096) == small
+        assert sizing.decode_kv_splits(16, 8, 4, 4096) == small
 
 
 # ---------------------------------------------------------------- dispatcher

@@ -140,7 +140,7 @@ def paged_decode_attention(
         return out
     group = Hq // Hkv
     max_ctx = page_table.shape[1] * page_size
-    splits = num_splits or decode_kv_splits(B, Hkv, max_ctx)
+    splits = num_splits or decode_kv_splits(B, Hkv, group, max_ctx)
     if splits > 1:
         part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from typing import Iterator
 
 DEFAULT_SMS = 132  # H100 SXM, the answer when there is no GPU to ask
@@ -56,24 +57,42 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Decode attention: how many programs to aim for per SM. A decode program (one KV head group,
-# one KV split) keeps ~2 resident per SM; two waves of those hides the ragged tail of
-# sequences of unequal length without making splits so short that the reduce pass dominates.
-PROGRAMS_PER_SM = 4
+# Decode attention. Each split of a sequence gets an equal share of its tokens, so programs
+# take equal time and the grid runs in whole waves; what matters is the last wave's fill.
+# A program (one KV-head group, BLOCK_N=64, 3 stages: ~96 KB of shared memory) fits
+# CTAS_PER_SM times on an H100 SM. We pick the split count that fills waves best, favouring
+# >= MIN_WAVES waves so one program's start-up overlaps another's streaming, and add splits
+# only for a real gain (each one costs a partial output write and a merge read).
+CTAS_PER_SM = 2
+MIN_WAVES = 2
 MIN_TOKENS_PER_SPLIT = 256  # below this the partial-output traffic (fp32, per q head) shows
 MAX_SPLITS = 64
 
 
-def decode_kv_splits(batch: int, kv_heads: int, max_context: int, sms: int | None = None) -> int:
+def _split_score(base: int, splits: int, slots: int, group: int, max_context: int) -> float:
+    waves = base * splits / slots
+    fill = waves / math.ceil(waves)  # busy fraction of the last-wave-padded grid
+    merge = 1 + 2 * group * splits / max_context  # fp32 partials written + read, vs K+V bytes
+    return fill * min(1.0, waves / MIN_WAVES) / merge
+
+
+def decode_kv_splits(batch: int, kv_heads: int, group: int, max_context: int, sms: int | None = None) -> int:
     """KV splits per sequence for flash-decoding, from shapes and the SM budget only.
 
     ``max_context`` is a static bound (page_table width x page size), never the live seq_lens,
     so the grid is the same on every replay of a captured graph.
     """
     sms = current_sm_budget() if sms is None else sms
-    want = cdiv(PROGRAMS_PER_SM * sms, max(1, batch * kv_heads))
+    base = max(1, batch * kv_heads)
+    slots = CTAS_PER_SM * sms
     cap = max(1, min(MAX_SPLITS, max_context // MIN_TOKENS_PER_SPLIT))
-    return max(1, min(want, cap))
+    score = functools.partial(_split_score, base, slots=slots, group=group, max_context=max(1, max_context))
+    best, best_score = 1, score(1)
+    for splits in range(2, cap + 1):
+        score_s = score(splits)
+        if score_s > best_score + 0.02:
+            best, best_score = splits, score_s
+    return best
 
 
 def gemm_split_k(m_tiles: int, n_tiles: int, k: int, block_k: int, sms: int | None = None) -> int:
