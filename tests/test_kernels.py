@@ -252,9 +252,9 @@ def test_paged_prefill_attention(dtype, hq, hkv, d, page_size, q_lens, prefix, p
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m,split", [(1, 1), (5, 3), (33, 2)])
-def test_splitk_linear(dtype, m, split):
-    n, k = 80, 200  # neither a multiple of the tiles
+@pytest.mark.parametrize("m,split,k", [(1, 1, 200), (5, 3, 200), (33, 2, 200), (16, 4, 256)])
+def test_splitk_linear(dtype, m, split, k):
+    n = 80  # not a multiple of the tiles; k = 200 is not either (masked K loop), 256 is
     x = torch.randn(m, k).to(dtype)
     w = torch.randn(n, k).to(dtype)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": split}

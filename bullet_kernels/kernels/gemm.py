@@ -22,7 +22,7 @@ def _splitk_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, M, N, K, k_per_split,
     stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -37,8 +37,12 @@ def _splitk_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(x_row + kk[None, :], mask=(rm < M)[:, None] & (kk < k_hi)[None, :], other=0.0)
-        b = tl.load(w_row + kk[None, :], mask=(rn < N)[:, None] & (kk < k_hi)[None, :], other=0.0)
+        if EVEN_K:  # no mask along K keeps the loads 16-byte vectors
+            a = tl.load(x_row + kk[None, :], mask=(rm < M)[:, None], other=0.0)
+            b = tl.load(w_row + kk[None, :], mask=(rn < N)[:, None], other=0.0)
+        else:
+            a = tl.load(x_row + kk[None, :], mask=(rm < M)[:, None] & (kk < k_hi)[None, :], other=0.0)
+            b = tl.load(w_row + kk[None, :], mask=(rn < N)[:, None] & (kk < k_hi)[None, :], other=0.0)
         acc += mma(a, tl.trans(b), DOT_PREC, DOT_UPCAST)
     ok = (rm < M)[:, None] & (rn < N)[None, :]
     if not SPLIT:
@@ -63,7 +67,7 @@ def config(M: int, N: int, K: int, sms: int | None = None) -> dict:
     sms = current_sm_budget() if sms is None else sms
     block_m = min(64, max(16, triton.next_power_of_2(M)))
     block_n = 64 if M <= 32 else 128
-    block_k = 128 if M <= 64 else 64
+    block_k = 128 if M <= 32 else 64  # keeps 4 pipeline stages within shared memory
     split = gemm_split_k(triton.cdiv(M, block_m), triton.cdiv(N, block_n), K, block_k, sms)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split}
 
@@ -89,6 +93,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, cfg: dict | None = None) ->
     _splitk_kernel[grid](
         x2, weight, y, ws, M, N, K, k_per_split, x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SPLIT=split > 1,
+        EVEN_K=K % c["BLOCK_K"] == 0,
         **dot_flags(x.dtype), num_warps=c.get("num_warps", 4), num_stages=c.get("num_stages", 4),
     )
     if split > 1:
