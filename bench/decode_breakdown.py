@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="green")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    args.batches = args.batches or ((16, 128) if args.quick else (16, 64, 128, 256))
+    args.batches = args.batches or ((16, 128) if args.quick else (16, 64, 128))
     if not torch.cuda.is_available():
         print("no GPU: decode_breakdown.py needs a CUDA GPU (an H100 for the reference numbers); nothing measured")
         return 0
