@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from conftest import rel_err
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 
 from bullet_kernels.engine import ModelRunner
 from bullet_kernels.kv_cache import PagedKVCache
@@ -29,6 +29,9 @@ from bullet_kernels.models import (
     random_model,
     rope_inv_freq,
 )
+
+transformers = pytest.importorskip("transformers")
+AutoConfig, AutoModelForCausalLM = transformers.AutoConfig, transformers.AutoModelForCausalLM
 
 TINY = ["tiny-llama3", "tiny-qwen3", "tiny-tied"]
 TOL = 1e-4  # fp32 on both sides: only summation order differs
@@ -121,7 +124,7 @@ def smollm2_gguf() -> str:
 
 def test_smollm2_gguf_matches_transformers(smollm2_gguf):
     folder, name = os.path.split(smollm2_gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     ours = load_gguf(smollm2_gguf, dtype=torch.float32, max_context=256)
     assert ours.config == dataclasses.replace(preset_config("smollm2-135m"), rms_norm_eps=ours.config.rms_norm_eps)
