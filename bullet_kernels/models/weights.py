@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -26,11 +26,10 @@ class WeightsError(BulletError, ValueError):
     """A checkpoint that does not match the model config."""
 
 
-class _TensorInfo:
-    __slots__ = ("shape", "dtype", "floating")
-
-    def __init__(self, shape, dtype: str, floating: bool):
-        self.shape, self.dtype, self.floating = tuple(shape), dtype, floating
+class _TensorInfo(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: str  # as the checkpoint names it: "bfloat16", "I8", ...
+    floating: bool
 
 
 class _Checkpoint:
@@ -42,7 +41,7 @@ class _Checkpoint:
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "_Checkpoint":
         infos = {
-            n: _TensorInfo(t.shape, str(t.dtype).removeprefix("torch."), t.is_floating_point())
+            n: _TensorInfo(tuple(t.shape), str(t.dtype).removeprefix("torch."), t.is_floating_point())
             for n, t in state_dict.items()
         }
         return cls(infos, state_dict.__getitem__)
@@ -144,7 +143,7 @@ def _safetensors_checkpoint(files: Iterable[str], stack) -> _Checkpoint:
         for name in f.keys():
             sl = f.get_slice(name)
             dtype = sl.get_dtype()  # e.g. "BF16", "F32", "I8", "F8_E4M3"
-            infos[name] = _TensorInfo(sl.get_shape(), dtype, dtype.startswith(("F", "BF")))
+            infos[name] = _TensorInfo(tuple(sl.get_shape()), dtype, dtype.startswith(("F", "BF")))
             handles[name] = f
     return _Checkpoint(infos, lambda name: handles[name].get_tensor(name))
 
