@@ -1,12 +1,16 @@
 """torch.compile(backend="bullet") on a compact gpt-fast-style model (issue 4).
 
 Two measurements, one run, one GPU:
-1. Replay overhead: the same decode-shaped call through backend="bullet" (whole GPU) and
-   through PyTorch's own backend="cudagraphs"; host-timed per call, median of many.
+1. Replay overhead: the same decode-shaped call through backend="bullet" (whole GPU), through
+   PyTorch's backend="cudagraphs" (what the issue names: note it runs eager aten kernels, not
+   Inductor's, so it also measures kernel quality), and through Inductor's own CUDA graphs
+   (mode="reduce-overhead": the same Inductor kernels, so the difference is graph overhead
+   alone); host-timed per call, median of many.
 2. Co-location: one prefill call and N decode calls. Baseline: backend="inductor" run one
    after the other on one stream. Ours: the same model compiled with backend="bullet", the
    prefill on the prefill lane and the decode steps on the decode lane of an SM split, both
-   enqueued without joining, so they run at the same time.
+   enqueued without joining, so they run at the same time; for each of several splits, and
+   also sequentially on the whole GPU through backend="bullet".
 
 The model attends over a KV context held in buffers (read-only here: a benchmark model, so
 decode steps do not append to it); that keeps decode memory-bound like real decode.
@@ -83,7 +87,7 @@ def host_time_per_call(fn, iters: int) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--split", default="prefill=96,decode=36")
+    parser.add_argument("--splits", nargs="+", default=["prefill=96,decode=36", "prefill=104,decode=28", "prefill=112,decode=20"])
     parser.add_argument("--decode-steps", type=int, default=4)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--out", default="bench/results")
@@ -95,48 +99,63 @@ def main() -> int:
     model = TinyGPT().cuda().to(torch.bfloat16).eval()
     prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
     step = torch.randint(0, 32000, (64, 1), device="cuda")
-    split = SMSplit.parse(args.split)
     rows = []
 
     with torch.no_grad():
         compiled = {name: torch.compile(model, backend=name, dynamic=False) for name in ("bullet", "cudagraphs", "inductor")}
+        compiled["inductor-reduce-overhead"] = torch.compile(model, mode="reduce-overhead", dynamic=False)
         eager_logits = model(step, decode=True).float()
-        for name in ("bullet", "cudagraphs"):
+        for name in ("bullet", "cudagraphs", "inductor-reduce-overhead"):
             fn = compiled[name]
             for _ in range(3):
                 out = fn(step, decode=True)
             err = ((out.float() - eager_logits).norm() / eager_logits.norm()).item()
             t = host_time_per_call(lambda: fn(step, decode=True), args.iters)
             rows.append({"measure": "replay", "backend": name, "median_ms": statistics.median(t), "p90_ms": sorted(t)[int(0.9 * len(t))], "rel_err_vs_eager": err, "times_ms": t})
-        overhead = rows[0]["median_ms"] / rows[1]["median_ms"] - 1
+        replay = {r["backend"]: r["median_ms"] for r in rows}
 
-        def sequential():
-            compiled["inductor"](prompt)
-            for _ in range(args.decode_steps):
-                compiled["inductor"](step, decode=True)
-
-        def colocated():
-            with bullet_kernels.on_lane("prefill", split, join=False):
-                compiled["bullet"](prompt)
-            with bullet_kernels.on_lane("decode", split, join=False):
+        def sequential(backend):
+            def fn():
+                compiled[backend](prompt)
                 for _ in range(args.decode_steps):
-                    compiled["bullet"](step, decode=True)
-            torch.cuda.synchronize()
+                    compiled[backend](step, decode=True)
+            return fn
 
-        for name, fn in (("inductor sequential", sequential), (f"bullet colocated {split.key}", colocated)):
+        def colocated(split):
+            def fn():
+                with bullet_kernels.on_lane("prefill", split, join=False):
+                    compiled["bullet"](prompt)
+                with bullet_kernels.on_lane("decode", split, join=False):
+                    for _ in range(args.decode_steps):
+                        compiled["bullet"](step, decode=True)
+                torch.cuda.synchronize()
+            return fn
+
+        modes = [("inductor sequential", sequential("inductor")), ("bullet sequential whole-gpu", sequential("bullet"))]
+        modes += [(f"bullet colocated {SMSplit.parse(s).key}", colocated(SMSplit.parse(s))) for s in args.splits]
+        for name, fn in modes:
             for _ in range(3):
                 fn()
             t = host_time_per_call(fn, args.iters)
             rows.append({"measure": "mix", "mode": name, "median_ms": statistics.median(t), "p90_ms": sorted(t)[int(0.9 * len(t))], "times_ms": t})
 
-    speedup = rows[2]["median_ms"] / rows[3]["median_ms"]
-    summary = {"bullet_replay_overhead_vs_cudagraphs": overhead, "colocated_speedup_vs_inductor_sequential": speedup}
+    mix = {r["mode"]: r["median_ms"] for r in rows if r["measure"] == "mix"}
+    best = min((k for k in mix if "colocated" in k), key=mix.get)
+    summary = {
+        "bullet_replay_vs_cudagraphs": replay["bullet"] / replay["cudagraphs"] - 1,
+        "bullet_replay_vs_inductor_reduce_overhead": replay["bullet"] / replay["inductor-reduce-overhead"] - 1,
+        "best_colocated": best,
+        "best_colocated_speedup_vs_inductor_sequential": mix["inductor sequential"] / mix[best],
+    }
+    overhead = summary["bullet_replay_vs_inductor_reduce_overhead"]
+    speedup = summary["best_colocated_speedup_vs_inductor_sequential"]
     path = results.write("compile", rows, summary, args.out, model="TinyGPT dim2048 L8 bf16", decode_batch=64, prompt_tokens=2048)
     print(f"results: {path}")
     for r in rows:
         label = r.get("backend") or r.get("mode")
         print(f"  {r['measure']:6s} {label:38s} median {r['median_ms']:8.3f} ms  p90 {r['p90_ms']:8.3f} ms")
-    print(f"bullet replay overhead vs cudagraphs: {overhead * 100:+.1f}%   colocated speedup vs inductor sequential: {speedup:.2f}x")
+    print(f"bullet replay vs cudagraphs backend: {summary['bullet_replay_vs_cudagraphs'] * 100:+.1f}%   "
+          f"vs Inductor's own graphs: {overhead * 100:+.1f}%   best colocated ({best}) vs inductor sequential: {speedup:.2f}x")
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import threading
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -101,12 +102,15 @@ class _LaneGraph:
 class BulletCompiled:
     """The callable torch.compile gets back from the backend."""
 
+    instances: "weakref.WeakSet[BulletCompiled]" = weakref.WeakSet()  # for inspection and tests
+
     def __init__(self, compiled, reason_no_graphs: str):
         self.compiled = compiled
         self.reason_no_graphs = reason_no_graphs
         self.fn_id = next(_fn_ids)
         self.graphs: dict[tuple, _LaneGraph] = {}
         self.pools: dict[str, Any] = {}
+        BulletCompiled.instances.add(self)
 
     def _signature(self, args) -> tuple:
         return tuple(

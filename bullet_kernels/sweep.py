@@ -73,13 +73,13 @@ def model_costs(config, prompt_tokens: int, batch: int, ctx: int) -> dict:
 def run(args) -> dict:
     device, _ = describe_state()
     torch.manual_seed(0)
-    max_context = args.context + 64
+    max_context = max(args.prompt, args.context + 1) + 64
     model = random_model(args.preset, device="cuda", dtype=torch.bfloat16, max_context=max_context)
     cfg = model.config
     page = 16
     batches = sorted(args.decode_batch)
-    tokens_needed = args.prompt + max(batches) * (args.context + 1)
-    kv = PagedKVCache.for_model(cfg, num_pages=tokens_needed // page + 2 * max(batches) + 16, page_size=page, device="cuda")
+    pages_needed = -(-args.prompt // page) + sum(batches) * -(-(args.context + 1) // page)
+    kv = PagedKVCache.for_model(cfg, num_pages=pages_needed, page_size=page, device="cuda")
     kv._storage.normal_(0, 0.5)  # real-looking KV: never time on zeros
     model.attach_kv_cache(kv)
     max_pages = -(-max_context // page)

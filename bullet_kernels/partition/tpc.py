@@ -6,8 +6,11 @@ up front (``Lane.expected_sms``) and the probe checks them. Safety rules:
 
 * the stream-mask offset comes from the driver-version table (or the expert override
   ``BULLET_TPC_STREAM_OFFSET``); unknown versions are refused, never guessed;
-* before the first write the record must look empty, and before every later write it must
-  still hold what we wrote (else the offset is wrong and we would corrupt driver memory);
+* an offset from the expert override must show an empty record before the first write. A
+  table offset was verified on that driver (tpc-masks.md), and there the driver leaves the
+  record of a new stream uninitialised (our H100, driver 580.159.04: stale heap bytes, even
+  text, with enabled=0), so only the probe can judge it; before every later write the record
+  must still hold what we wrote (else something else owns those bytes);
 * every lane is verified with the ``%smid`` probe before anyone gets it.
 
 Lane streams are created with cuStreamCreate, not taken from torch's stream pool: pooled
@@ -88,12 +91,12 @@ def _fmt(record: list[int]) -> str:
 class MaskedStream:
     """A stream of our own whose mask record we own; ``close()`` restores and destroys it."""
 
-    def __init__(self, lib: tpc_native.NativeLib, offset: int, device: DeviceInfo):
+    def __init__(self, lib: tpc_native.NativeLib, offset: int, device: DeviceInfo, table_offset: bool = False):
         self.lib, self.offset, self.device = lib, offset, device
         self.handle, self.stream = _create_stream(device.index)
         self._original = lib.read_record(self.handle, offset)
         self._written: list[int] | None = None
-        if self._original != [0, 0, 0, 0, 0]:
+        if not table_offset and self._original != [0, 0, 0, 0, 0]:
             self._destroy()
             raise UnsupportedError(
                 f"the stream-mask record of a new stream at offset {offset:#x} holds "
@@ -164,7 +167,8 @@ class TpcBackend(Backend):
 
     def new_stream(self) -> MaskedStream:
         """An unmasked stream of our own that can be masked (tests and experiments)."""
-        return MaskedStream(tpc_native.load(), self._offset(), self._require_device())
+        table_offset = not os.environ.get(OFFSET_ENV, "").strip()
+        return MaskedStream(tpc_native.load(), self._offset(), self._require_device(), table_offset)
 
     # -- the bit -> SM map -------------------------------------------------------------------
 
