@@ -25,6 +25,15 @@ PREFILL = re.compile(r"Prefill\.\s+latency:\s+([\d.]+) s")
 DECODE = re.compile(r"Decode\.\s+median latency:\s+([\d.]+) s")
 
 
+def parse_latencies(text: str) -> dict:
+    # bench_one_batch prints a warm-up pass first; the last numbers are the measured run.
+    prefill = [float(x) for x in PREFILL.findall(text)]
+    decode = [float(x) for x in DECODE.findall(text)]
+    if not prefill or not decode:
+        raise RuntimeError("could not find the Prefill/Decode latency lines in SGLang's output")
+    return {"prefill_ms": prefill[-1] * 1e3, "decode_median_ms": decode[-1] * 1e3}
+
+
 def run_sglang(model_dir: str, batch: int, input_len: int, output_len: int, site: str, log) -> dict:
     cmd = [
         sys.executable, "-m", "sglang.bench_one_batch", "--model-path", model_dir, "--load-format", "dummy",
@@ -37,13 +46,7 @@ def run_sglang(model_dir: str, batch: int, input_len: int, output_len: int, site
     log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
     if proc.returncode != 0:
         raise RuntimeError(f"sglang.bench_one_batch failed ({proc.returncode}); see the log. Tail:\n{proc.stderr[-2000:]}")
-    text = proc.stdout + proc.stderr
-    # bench_one_batch prints a warm-up pass first; the last numbers are the measured run.
-    prefill = [float(x) for x in PREFILL.findall(text)]
-    decode = [float(x) for x in DECODE.findall(text)]
-    if not prefill or not decode:
-        raise RuntimeError("could not find the Prefill/Decode latency lines in SGLang's output")
-    return {"prefill_ms": prefill[-1] * 1e3, "decode_median_ms": decode[-1] * 1e3}
+    return parse_latencies(proc.stdout + proc.stderr)
 
 
 def main() -> int:
@@ -63,16 +66,24 @@ def main() -> int:
         for b in (32, 128):
             if f"decode_b{b}_ms" not in full:
                 continue
-            sg = run_sglang(args.model_dir, b, ctx, 8, args.site, log)
-            rows.append({"measure": f"decode step batch {b} ctx ~{ctx}", "ours_ms": full[f"decode_b{b}_ms"], "sglang_ms": sg["decode_median_ms"]})
+            row = {"measure": f"decode step batch {b} ctx ~{ctx}", "ours_ms": full[f"decode_b{b}_ms"]}
+            try:
+                row["sglang_ms"] = run_sglang(args.model_dir, b, ctx, 8, args.site, log)["decode_median_ms"]
+            except RuntimeError as exc:  # e.g. SGLang's one-shot prefill of b x ctx tokens runs out of memory
+                row["sglang_error"] = str(exc).splitlines()[-1][:300]
+            rows.append(row)
     for r in rows:
-        r["ours_over_sglang"] = r["ours_ms"] / r["sglang_ms"]
-    summary = {r["measure"]: r["ours_over_sglang"] for r in rows}
+        if "sglang_ms" in r:
+            r["ours_over_sglang"] = r["ours_ms"] / r["sglang_ms"]
+    summary = {r["measure"]: r.get("ours_over_sglang") for r in rows}
     path = results.write("sglang-compare", rows, summary, args.out, sglang="0.5.15", sglang_attention="flashinfer",
                          ours_from=Path(args.sweep_json).name, model="llama-3.1-8b dummy weights")
     print(f"results: {path}")
     for r in rows:
-        print(f"  {r['measure']:32s} ours {r['ours_ms']:8.2f} ms  sglang {r['sglang_ms']:8.2f} ms  ratio {r['ours_over_sglang']:.2f}")
+        if "sglang_ms" in r:
+            print(f"  {r['measure']:32s} ours {r['ours_ms']:8.2f} ms  sglang {r['sglang_ms']:8.2f} ms  ratio {r['ours_over_sglang']:.2f}")
+        else:
+            print(f"  {r['measure']:32s} ours {r['ours_ms']:8.2f} ms  sglang failed: {r['sglang_error']}")
     return 0
 
 
