@@ -110,6 +110,7 @@ class BulletCompiled:
         self.fn_id = next(_fn_ids)
         self.graphs: dict[tuple, _LaneGraph] = {}
         self.pools: dict[str, Any] = {}
+        self._whole_stream = None
         BulletCompiled.instances.add(self)
 
     def _signature(self, args) -> tuple:
@@ -130,7 +131,9 @@ class BulletCompiled:
         graph = self.graphs.get(key)
         if graph is None:
             try:
-                capture_stream = stream if stream is not None else torch.cuda.Stream()
+                if stream is None:  # one whole-GPU stream: warm-up memory is cached per stream
+                    self._whole_stream = self._whole_stream or torch.cuda.Stream()
+                capture_stream = stream if stream is not None else self._whole_stream
                 pool = self.pools.setdefault(where[1], torch.cuda.graph_pool_handle())
                 graph = self.graphs[key] = _LaneGraph(self.compiled, args, capture_stream, budget, pool)
             except Exception as exc:  # capture failed: keep working, without graphs

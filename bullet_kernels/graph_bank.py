@@ -89,6 +89,7 @@ class GraphBank:
         self.device_index = device_index
         self._graphs: dict[GraphKey, CapturedGraph] = {}
         self._pools: dict[str, Any] = {}
+        self._whole_gpu_stream = None
         self._closed = False
 
     def _pool(self, pool_key: str):
@@ -103,7 +104,11 @@ class GraphBank:
         import torch
 
         if key.split is None:
-            return torch.cuda.Stream(self.device_index)
+            # One stream for every whole-GPU capture: the caching allocator keeps warm-up memory
+            # per stream, so a fresh stream per capture would strand a pool of blocks each time.
+            if self._whole_gpu_stream is None:
+                self._whole_gpu_stream = torch.cuda.Stream(self.device_index)
+            return self._whole_gpu_stream
         if self.partitioner is None:
             raise CaptureError(f"{key} names a split but this bank has no Partitioner")
         pset = self.partitioner.get(key.split)
