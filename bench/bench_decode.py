@@ -68,7 +68,11 @@ class Llama:
 def time_graph(calls, stream, reps: int) -> dict:
     """Capture ``calls`` (a list of thunks) in one graph on ``stream``; per-call ms samples.
 
-    One warm-up pass runs first outside the capture (Triton compiles there)."""
+    One warm-up pass runs first outside the capture (Triton compiles there). The lane stream of
+    a green partition is non-blocking: nothing orders it after the default stream, where the
+    inputs were just made (randn, randperm page table, seq_lens), so it waits for that stream
+    first; otherwise a kernel could read a page table or lengths not yet written."""
+    stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for fn in calls:
             fn()
@@ -234,8 +238,17 @@ def run(args) -> tuple[list[dict], dict]:
 
     def on_lane(sms, kind, calls, **info):
         granted, stream = lane_of[sms]
-        with sm_budget(granted):
-            t = time_graph(calls, stream, reps)
+        what = f"{kind} {info.get('impl', '')} {dict((k, v) for k, v in info.items() if k != 'impl')} on {granted} SMs"
+        try:  # surface errors of earlier asynchronous work here, not in this measurement
+            torch.cuda.synchronize()
+            stream.synchronize()
+        except Exception as exc:
+            raise RuntimeError(f"a CUDA error was pending before {what}: {exc}") from exc
+        try:
+            with sm_budget(granted):
+                t = time_graph(calls, stream, reps)
+        except Exception as exc:  # name the measurement (CUDA errors are otherwise anonymous)
+            raise RuntimeError(f"{what} failed: {type(exc).__name__}: {exc} (to pin the kernel: CUDA_LAUNCH_BLOCKING=1 ... --sms {sms})") from exc
         row = {"kind": kind, "sms_asked": sms, "sms": granted, **info, **t}
         rows.append(row)
         return row
@@ -274,7 +287,10 @@ def run(args) -> tuple[list[dict], dict]:
                 if fi_status == "installed":
                     try:
                         with torch.cuda.stream(lane_of[n][1]):
-                            impls.append(("flashinfer", flashinfer_decode(cfg, q, kc, vc, table, ctx)))
+                            lane_of[n][1].wait_stream(torch.cuda.default_stream())
+                            fi = flashinfer_decode(cfg, q, kc, vc, table, ctx)
+                            lane_of[n][1].synchronize()  # a failing plan is FlashInfer's, not ours
+                            impls.append(("flashinfer", fi))
                     except Exception as exc:  # an optional comparison: record why, keep going
                         rows.append({"kind": "attention", "impl": "flashinfer", "sms_asked": n, "batch": b,
                                      "ctx": ctx, "error": f"{type(exc).__name__}: {exc}"})
