@@ -2,6 +2,8 @@
 # One GPU-machine session: install, then the named stages, results packed for the trip back.
 #   bash scripts/gpu_session.sh install info tests decode compile sweep capture sglang
 # Logs go to $OUT (default /tmp/bullet-out); bench/results/ is packed into $OUT/results.tgz.
+# Each stage runs under LIMIT_<STAGE> seconds (default STAGE_LIMIT, 900); set BULLET_COMMIT to
+# stamp results where the checkout has no .git.
 # A failing stage is reported and the next one still runs; the exit code says if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -9,14 +11,17 @@ OUT=${OUT:-/tmp/bullet-out}
 mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
 failed=()
-stage() {  # stage NAME CMD...: run, tee the log, remember failures
+stage() {  # stage NAME CMD...: run under a time limit, tee the log, remember failures, pack results
   local name=$1; shift
-  echo "=== $name: $*"
+  local limit_var="LIMIT_${name^^}"
+  local limit=${!limit_var:-${STAGE_LIMIT:-900}}
+  echo "=== $name (limit ${limit} s): $*"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$OUT/$name.log"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [ "$rc" = 0 ] || failed+=("$name")
+  tar czf "$OUT/results.tgz" bench/results  # after every stage: a later time-out loses nothing
 }
 for s in "$@"; do
   case $s in
@@ -33,6 +38,5 @@ for s in "$@"; do
     *) echo "unknown stage $s"; failed+=("$s") ;;
   esac
 done
-tar czf "$OUT/results.tgz" bench/results
 echo "failed stages: ${failed[*]:-none}"
 [ ${#failed[@]} = 0 ]
