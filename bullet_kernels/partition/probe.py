@@ -87,18 +87,26 @@ def _kernel(device_index: int):
 def launch_probe(stream, out, spin_us: int = 20, device_index: int = 0) -> None:
     """Launch one probe block per element of ``out`` (int32, on the GPU) on ``stream``, no sync.
 
-    Capture-safe: usable inside a CUDA graph capture on that stream.
+    Capture-safe: usable inside a CUDA graph capture on that stream. The kernel is resolved in
+    the stream's own context (a green context for green lanes) with that context current:
+    a context-independent kernel handle is otherwise resolved in whatever context the thread
+    has current, and the launch could carry another partition's SMs.
     """
     drv = driver_module()
     kernel, smem, _ = _kernel(device_index)
     handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
-    params = ((out.data_ptr(), spin_us * 1000), (ctypes.c_void_p, ctypes.c_uint64))
-    check(
-        drv.cuLaunchKernel(
-            drv.CUfunction(int(kernel)), out.numel(), 1, 1, THREADS, 1, 1, smem, drv.CUstream(handle), params, 0
-        ),
-        "cuLaunchKernel(probe)",
-    )
+    cu_stream = drv.CUstream(handle)
+    ctx = check(drv.cuStreamGetCtx(cu_stream), "cuStreamGetCtx")
+    check(drv.cuCtxPushCurrent(ctx), "cuCtxPushCurrent(probe stream's context)")
+    try:
+        function = check(drv.cuKernelGetFunction(kernel), "cuKernelGetFunction")
+        params = ((out.data_ptr(), spin_us * 1000), (ctypes.c_void_p, ctypes.c_uint64))
+        check(
+            drv.cuLaunchKernel(function, out.numel(), 1, 1, THREADS, 1, 1, smem, cu_stream, params, 0),
+            "cuLaunchKernel(probe)",
+        )
+    finally:
+        check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
 
 
 def observed_sms(stream, sm_count: int, device_index: int = 0, waves: int = 4, spin_us: int = 20) -> frozenset[int]:

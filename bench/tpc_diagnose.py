@@ -1,0 +1,82 @@
+"""Which TPC-mask mechanism holds on this GPU and driver? A diagnostic, not a benchmark.
+
+On the H100 (driver 580.159.04) the stream-mask record at the table offset 0x51c of a stream
+from cuStreamCreate held stale bytes, and masks written there restricted nothing (the tpc GPU
+tests found every SM reached by no mask bit). This script asks, on throwaway streams of its
+own process, restoring every record it touches:
+1. what the record holds on fresh streams from cuStreamCreate and from torch's pool;
+2. whether a mask written there restricts the %smid probe, for each kind of stream;
+3. whether the launch hook's next-launch mask restricts the probe, with the hook's counters.
+
+    python bench/tpc_diagnose.py            # prints a report; writes bench/results/tpc-diagnose-<gpu>-<date>.json
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bullet_kernels import results  # noqa: E402
+from bullet_kernels.device import query  # noqa: E402
+from bullet_kernels.partition import probe, tpc_native  # noqa: E402
+from bullet_kernels.partition.tpc import TpcBackend, stream_offset  # noqa: E402
+from bullet_kernels.partition.tpc_mask import TpcMask  # noqa: E402
+
+EIGHT_TPCS = TpcMask.range(0, 8)  # logical TPCs 0..7: 16 SMs where bits are logical
+
+
+def masked_probe(lib, handle: int, offset: int, sm_count: int) -> dict:
+    before = lib.read_record(handle, offset)
+    lib.set_stream_mask(handle, offset, EIGHT_TPCS.disabled_words())
+    try:
+        seen = probe.observed_sms(handle, sm_count, waves=2, spin_us=5)
+    finally:
+        lib.write_record(handle, offset, before)
+    return {"record_before": [f"{w:#010x}" for w in before], "observed_sms": len(seen)}
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("tpc_diagnose: no GPU here")
+        return 1
+    d = query()
+    lib = tpc_native.load()
+    offset, why = stream_offset(lib, d.driver_api_version)
+    if offset is None:
+        print(f"tpc_diagnose: {why}")
+        return 1
+    backend = TpcBackend(d)
+    rows = []
+    own = backend.new_stream()
+    try:
+        rows.append({"test": "cuStreamCreate stream, stream mask", **masked_probe(lib, own.handle, offset, d.sm_count)})
+    finally:
+        own.close()
+    pooled = torch.cuda.Stream()
+    rows.append({"test": "torch pool stream, stream mask", **masked_probe(lib, pooled.cuda_stream, offset, d.sm_count)})
+    own = backend.new_stream()
+    try:
+        lib.hook_install()
+        lib.hook_reset_stats()
+        lib.set_next_mask(EIGHT_TPCS.disabled_words())
+        out = torch.full((2 * d.sm_count,), -1, dtype=torch.int32, device="cuda")
+        torch.cuda.synchronize()
+        probe.launch_probe(own.handle, out, spin_us=5)
+        torch.cuda.synchronize()
+        lib.set_next_mask(None)
+        rows.append({"test": "launch hook, next-launch mask", "observed_sms": len(probe.sms_written(out)), "hook": lib.hook_stats()})
+    finally:
+        own.close()
+    for r in rows:
+        print(r)
+    path = results.write("tpc-diagnose", rows, {r["test"]: r["observed_sms"] for r in rows}, offset=hex(offset),
+                         expected_sms_if_mask_holds=16)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
