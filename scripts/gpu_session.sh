@@ -31,6 +31,7 @@ for s in "$@"; do
     decode)  stage decode python3 bench/bench_decode.py --quick ;;
     breakdown) stage breakdown python3 bench/decode_breakdown.py --quick ;;
     compile) stage compile python3 bench/bench_compile.py ;;
+    tpcdiag) stage tpcdiag python3 bench/tpc_diagnose.py ;;
     sweep)   stage sweep bullet sweep ${SWEEP_ARGS:-} ;;
     capture) stage capture python3 bench/capture_bank.py ;;
     sglang)  stage sglang python3 bench/sglang_compare.py --model-dir .carry/llama-3.1-8b-dummy \
