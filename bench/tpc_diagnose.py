@@ -50,6 +50,14 @@ def main() -> int:
         return 1
     backend = TpcBackend(d)
     rows = []
+
+    class Rows(list):  # print each result as it comes: a crash in the driver must not hide them
+        def append(self, row):
+            super().append(row)
+            print(row, flush=True)
+
+    rows = Rows()
+    print(f"offset {offset:#x} on driver {d.driver_api_version} ({d.kernel_driver})", flush=True)
     own = backend.new_stream()
     try:
         rows.append({"test": "cuStreamCreate stream, stream mask", **masked_probe(lib, own.handle, offset, d.sm_count)})
@@ -70,8 +78,6 @@ def main() -> int:
         rows.append({"test": "launch hook, next-launch mask", "observed_sms": len(probe.sms_written(out)), "hook": lib.hook_stats()})
     finally:
         own.close()
-    for r in rows:
-        print(r)
     path = results.write("tpc-diagnose", rows, {r["test"]: r["observed_sms"] for r in rows}, offset=hex(offset),
                          expected_sms_if_mask_holds=16)
     print(f"results: {path}")
