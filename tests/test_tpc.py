@@ -493,27 +493,13 @@ def test_sim_map_is_probed_once_then_read_from_the_cache(sim):
     assert sim.probes == 67
 
 
-def test_sim_refuses_a_record_that_is_not_empty_at_an_override_offset(sim, monkeypatch):
+def test_sim_refuses_a_record_that_is_not_empty(sim):
     from bullet_kernels.errors import UnsupportedError
-    from bullet_kernels.partition.tpc import OFFSET_ENV, TpcBackend
-
-    sim.dirty_new_streams = True
-    monkeypatch.setenv(OFFSET_ENV, "0x51c")
-    with pytest.raises(UnsupportedError, match="not an empty record: the offset is wrong for driver 13000"):
-        TpcBackend(_h100()).new_stream()
-    assert not sim.streams
-
-
-def test_sim_table_offset_accepts_an_uninitialised_record_and_restores_it(sim):
-    # Seen on the H100 (driver 580.159.04): new streams carry stale bytes in the record.
     from bullet_kernels.partition.tpc import TpcBackend
 
     sim.dirty_new_streams = True
-    stream = TpcBackend(_h100()).new_stream()
-    original = list(stream._original)
-    assert original != [0, 0, 0, 0, 0]
-    stream.set(TpcMask.range(0, 8))
-    stream.close()
+    with pytest.raises(UnsupportedError, match="not an empty record: the offset is wrong for driver 13000"):
+        TpcBackend(_h100()).new_stream()
     assert not sim.streams
 
 

@@ -6,11 +6,8 @@ up front (``Lane.expected_sms``) and the probe checks them. Safety rules:
 
 * the stream-mask offset comes from the driver-version table (or the expert override
   ``BULLET_TPC_STREAM_OFFSET``); unknown versions are refused, never guessed;
-* an offset from the expert override must show an empty record before the first write. A
-  table offset was verified on that driver (tpc-masks.md), and there the driver leaves the
-  record of a new stream uninitialised (our H100, driver 580.159.04: stale heap bytes, even
-  text, with enabled=0), so only the probe can judge it; before every later write the record
-  must still hold what we wrote (else something else owns those bytes);
+* before the first write the record must look empty, and before every later write it must
+  still hold what we wrote (else the offset is wrong and we would corrupt driver memory);
 * every lane is verified with the ``%smid`` probe before anyone gets it.
 
 Lane streams are created with cuStreamCreate, not taken from torch's stream pool: pooled
@@ -70,11 +67,20 @@ def _primary_context(device_index: int):
 
 
 def _create_stream(device_index: int) -> tuple[int, object]:
-    """(driver handle, torch ExternalStream) of a new non-blocking stream of our own."""
+    """(driver handle, torch ExternalStream) of a new non-blocking stream of our own.
+
+    The stream lives in the primary context, so it keeps a reference to that context until
+    _destroy_stream: if torch has not created its context yet, dropping the last reference
+    would destroy the context and free the stream with it (seen on the H100: the stream's
+    mask record then held freed heap bytes and masks written there restricted nothing).
+    """
     import torch
 
-    torch.cuda.init()  # torch's primary context must exist: lanes run torch kernels
-    with _primary_context(device_index) as drv:
+    torch.cuda.init()
+    drv = driver_module()
+    dev = check(drv.cuDeviceGet(device_index), "cuDeviceGet")
+    check(drv.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")  # released in _destroy_stream
+    with _primary_context(device_index):
         handle = check(drv.cuStreamCreate(int(drv.CUstream_flags.CU_STREAM_NON_BLOCKING)), "cuStreamCreate")
     return int(handle), torch.cuda.ExternalStream(int(handle), device=device_index)
 
@@ -82,6 +88,8 @@ def _create_stream(device_index: int) -> tuple[int, object]:
 def _destroy_stream(device_index: int, handle: int) -> None:
     with _primary_context(device_index) as drv:
         check(drv.cuStreamDestroy(drv.CUstream(handle)), "cuStreamDestroy")
+    dev = check(drv.cuDeviceGet(device_index), "cuDeviceGet")
+    check(drv.cuDevicePrimaryCtxRelease(dev), "cuDevicePrimaryCtxRelease")  # _create_stream's reference
 
 
 def _fmt(record: list[int]) -> str:
@@ -91,12 +99,12 @@ def _fmt(record: list[int]) -> str:
 class MaskedStream:
     """A stream of our own whose mask record we own; ``close()`` restores and destroys it."""
 
-    def __init__(self, lib: tpc_native.NativeLib, offset: int, device: DeviceInfo, table_offset: bool = False):
+    def __init__(self, lib: tpc_native.NativeLib, offset: int, device: DeviceInfo):
         self.lib, self.offset, self.device = lib, offset, device
         self.handle, self.stream = _create_stream(device.index)
         self._original = lib.read_record(self.handle, offset)
         self._written: list[int] | None = None
-        if not table_offset and self._original != [0, 0, 0, 0, 0]:
+        if self._original != [0, 0, 0, 0, 0]:
             self._destroy()
             raise UnsupportedError(
                 f"the stream-mask record of a new stream at offset {offset:#x} holds "
@@ -167,8 +175,7 @@ class TpcBackend(Backend):
 
     def new_stream(self) -> MaskedStream:
         """An unmasked stream of our own that can be masked (tests and experiments)."""
-        table_offset = not os.environ.get(OFFSET_ENV, "").strip()
-        return MaskedStream(tpc_native.load(), self._offset(), self._require_device(), table_offset)
+        return MaskedStream(tpc_native.load(), self._offset(), self._require_device())
 
     # -- the bit -> SM map -------------------------------------------------------------------
 
