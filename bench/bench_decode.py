@@ -418,7 +418,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     ax = axes[0]
-    copy = _get(rows, kind="copy")
+    copy = _get(rows, kind="copy", impl="persistent")
     ax.plot([r["sms"] for r in copy], [r["tbps"] for r in copy], "k--", label="copy")
     shapes = sorted({(r["batch"], r["ctx"]) for r in _get(rows, kind="attention")})
     pick = [sh for sh in shapes if sh[0] * sh[1] == max(b * c for b, c in shapes)][:1] + shapes[:1]
