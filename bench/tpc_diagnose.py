@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bullet_kernels import results  # noqa: E402
 from bullet_kernels.device import query  # noqa: E402
 from bullet_kernels.partition import probe, tpc_native  # noqa: E402
-from bullet_kernels.partition.tpc import TpcBackend, stream_offset  # noqa: E402
+from bullet_kernels.partition.tpc import stream_offset  # noqa: E402
 from bullet_kernels.partition.tpc_mask import TpcMask  # noqa: E402
 
 EIGHT_TPCS = TpcMask.range(0, 8)  # logical TPCs 0..7: 16 SMs where bits are logical
@@ -48,7 +48,6 @@ def main() -> int:
     if offset is None:
         print(f"tpc_diagnose: {why}")
         return 1
-    backend = TpcBackend(d)
     rows = []
 
     class Rows(list):  # print each result as it comes: a crash in the driver must not hide them
@@ -58,27 +57,34 @@ def main() -> int:
 
     rows = Rows()
     print(f"offset {offset:#x} on driver {d.driver_api_version} ({d.kernel_driver})", flush=True)
-    own = backend.new_stream()
-    try:
-        rows.append({"test": "cuStreamCreate stream, stream mask", **masked_probe(lib, own.handle, offset, d.sm_count)})
-    finally:
-        own.close()
-    pooled = torch.cuda.Stream()
-    rows.append({"test": "torch pool stream, stream mask", **masked_probe(lib, pooled.cuda_stream, offset, d.sm_count)})
-    own = backend.new_stream()
-    try:
-        lib.hook_install()
-        lib.hook_reset_stats()
-        lib.set_next_mask(EIGHT_TPCS.disabled_words())
-        out = torch.full((2 * d.sm_count,), -1, dtype=torch.int32, device="cuda")
-        torch.cuda.synchronize()
-        probe.launch_probe(own.handle, out, spin_us=5)
-        torch.cuda.synchronize()
-        lib.set_next_mask(None)
-        rows.append({"test": "launch hook, next-launch mask", "observed_sms": len(probe.sms_written(out)), "hook": lib.hook_stats()})
-    finally:
-        own.close()
-    path = results.write("tpc-diagnose", rows, {r["test"]: r["observed_sms"] for r in rows}, offset=hex(offset),
+    from bullet_kernels.partition.tpc import _create_stream, _destroy_stream
+
+    # 1. read-only: the record on fresh streams of both kinds
+    own = [_create_stream(d.index) for _ in range(3)]
+    pooled = [torch.cuda.Stream() for _ in range(3)]
+    for h, _ in own:
+        rows.append({"test": "cuStreamCreate record", "record": [f"{w:#010x}" for w in lib.read_record(h, offset)], "observed_sms": None})
+    for st in pooled:
+        rows.append({"test": "torch pool stream record", "record": [f"{w:#010x}" for w in lib.read_record(st.cuda_stream, offset)], "observed_sms": None})
+    # 2. a stream mask, only where the record reads empty (as the backend's guard demands)
+    for kind, handle in (("cuStreamCreate", own[0][0]), ("torch pool", pooled[0].cuda_stream)):
+        if lib.read_record(handle, offset) == [0, 0, 0, 0, 0]:
+            rows.append({"test": f"{kind} stream, stream mask", **masked_probe(lib, handle, offset, d.sm_count)})
+        else:
+            rows.append({"test": f"{kind} stream, stream mask", "skipped": "record not empty", "observed_sms": None})
+    # 3. the launch hook's next-launch mask (writes the launch descriptor, not the stream)
+    lib.hook_install()
+    lib.hook_reset_stats()
+    out = torch.full((2 * d.sm_count,), -1, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    lib.set_next_mask(EIGHT_TPCS.disabled_words())
+    probe.launch_probe(pooled[1].cuda_stream, out, spin_us=5)
+    lib.set_next_mask(None)
+    torch.cuda.synchronize()
+    rows.append({"test": "launch hook, next-launch mask", "observed_sms": len(probe.sms_written(out)), "hook": lib.hook_stats()})
+    for h, _ in own:
+        _destroy_stream(d.index, h)
+    path = results.write("tpc-diagnose", rows, {r["test"]: r["observed_sms"] for r in rows if r["observed_sms"] is not None}, offset=hex(offset),
                          expected_sms_if_mask_holds=16)
     print(f"results: {path}")
     return 0
