@@ -33,6 +33,7 @@ for s in "$@"; do
     compile) stage compile python3 bench/bench_compile.py ;;
     tpcdiag) stage tpcdiag python3 -X faulthandler -u bench/tpc_diagnose.py ;;
     greendiag) stage greendiag python3 bench/green_diagnose.py ;;
+    tune) stage tune python3 bench/tune_decode_attention.py ;;
     sweep)   stage sweep bullet sweep ${SWEEP_ARGS:-} ;;
     capture) stage capture python3 bench/capture_bank.py ;;
     sglang)  stage sglang python3 bench/sglang_compare.py --model-dir .carry/llama-3.1-8b-dummy \

@@ -131,6 +131,8 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing."""
     B, Hq, D, page_size, Hkv = _check(q, k_cache, v_cache, page_table, seq_lens)
@@ -155,7 +157,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
         **dot_flags(k_cache.dtype),
-        num_warps=4, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if splits > 1:
         _decode_merge_kernel[(B, Hq)](
