@@ -130,16 +130,18 @@ def paged_decode_attention(
     *,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 128,
+    block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing.
 
-    Launch defaults from bench/tune_decode_attention.py on the H100 (16 and 40 SMs, batch 128
-    ctx 4096 and batch 16 ctx 32768): 128-token tiles, 2 stages, 4 warps were 6-10% faster
-    than 64/3/4; no setting passed ~72% of a partition-sized copy, so the next gain needs a
-    kernel change (e.g. prefetching page ids a tile ahead), not launch settings."""
+    Launch defaults, checked by bench/tune_decode_attention.py on the H100 (16 and 40 SMs):
+    64-token tiles with 3 stages are within 1-2% of the best at the split count sizing.py picks.
+    128-token tiles with 2 stages win 6-10% only with twice the splits and lose ~15% without
+    them; adopting the tiles alone made the whole decode step slower (kept as
+    bench/results/*rejected-tile128*). No launch setting passed ~72% of a partition-sized copy:
+    the next gain needs a kernel change (e.g. prefetching page ids a tile ahead)."""
     B, Hq, D, page_size, Hkv = _check(q, k_cache, v_cache, page_table, seq_lens)
     q = q if q.stride(2) == 1 else q.contiguous()
     out = torch.empty_like(q) if out is None else out
