@@ -8,7 +8,7 @@ import pytest
 from bullet_kernels.errors import ClosedError, InvalidSplitError, PartitionVerificationError, UnsupportedError
 from bullet_kernels.partition import Partitioner, SMSplit, available_backends, get_backend
 from bullet_kernels.partition.base import Lane
-from bullet_kernels.partition.verify import check_lanes
+from bullet_kernels.partition.verification import check_lanes
 
 requires_no_gpu = pytest.mark.skipif(
     __import__("bullet_kernels.device", fromlist=["x"]).describe_state()[0] is not None,

@@ -2,7 +2,7 @@
 
 A backend turns an :class:`SMSplit` into a :class:`PartitionSet`: one :class:`Lane` per named
 phase, each with a torch-usable stream whose kernels run only on that lane's SMs. A
-PartitionSet is verified by the ``%smid`` probe before anyone gets it (see verify.py).
+PartitionSet is verified by the ``%smid`` probe before anyone gets it (see verification.py).
 """
 
 from __future__ import annotations

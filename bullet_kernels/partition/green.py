@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..device import DeviceInfo, check, driver_module
 from ..errors import UnsupportedError
-from . import probe, verify
+from . import verification
 from .base import Backend, Lane, PartitionSet
 from .config import SMSplit, grant_green
 
@@ -63,7 +63,7 @@ class GreenBackend(Backend):
                 lanes = self._carve(drv, dev, split, granted, created)
             pset = PartitionSet(self.name, split, d, lanes, release, disjoint=True)
             if verify:
-                self._verify(pset)
+                verification.probe_and_check(pset)
             return pset
         except BaseException:
             release()
@@ -111,8 +111,3 @@ class GreenBackend(Backend):
             lanes[name] = Lane(name, split[name], got, torch_stream)
         return {n: lanes[n] for n in split.names}  # keep the caller's lane order
 
-    def _verify(self, pset: PartitionSet) -> None:
-        d = self.device
-        for lane in pset.lanes.values():
-            lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
-        verify.check_lanes(pset.lanes, d.sm_count, pset.disjoint, self.name, d.driver_api_version_str)

@@ -7,7 +7,7 @@ the table says so. Without a GPU the lanes have no stream and run on the CPU.
 from __future__ import annotations
 
 from ..device import DeviceInfo
-from . import probe
+from . import verification
 from .base import Backend, Lane, PartitionSet
 from .config import SMSplit
 
@@ -35,6 +35,5 @@ class NoneBackend(Backend):
             lanes[name] = Lane(name, asked, d.sm_count if d else 0, stream, whole_gpu=True)
         pset = PartitionSet(self.name, split, d, lanes, disjoint=False)
         if verify and d is not None:
-            for lane in lanes.values():
-                lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
+            verification.probe_and_check(pset)
         return pset

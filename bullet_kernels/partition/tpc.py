@@ -23,7 +23,7 @@ import warnings
 
 from ..device import DeviceInfo, check, driver_module
 from ..errors import InvalidSplitError, PartitionVerificationError, UnsupportedError
-from . import probe, tpc_native, verify
+from . import probe, tpc_native, verification
 from .base import Backend, Lane, PartitionSet
 from .config import SMSplit, grant_tpc
 from .tpc_mask import TpcMap, TpcMapError, TpcMask, load_cached, place_lanes, probe_map, save_cached
@@ -260,17 +260,12 @@ class TpcBackend(Backend):
                                    whole_gpu=granted[name] == d.sm_count)
             pset = PartitionSet(self.name, split, d, lanes, release, disjoint=not split.overlap)
             if verify:
-                self._verify(pset)
+                verification.probe_and_check(pset)
             return pset
         except BaseException:
             release()
             raise
 
-    def _verify(self, pset: PartitionSet) -> None:
-        d = self.device
-        for lane in pset.lanes.values():
-            lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
-        verify.check_lanes(pset.lanes, d.sm_count, pset.disjoint, self.name, d.driver_api_version_str)
 
     # -- launch hook (experiments; graph replays ignore it, see tpc-masks.md) ---------------------
 

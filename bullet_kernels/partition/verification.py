@@ -8,7 +8,8 @@ version and what the probe saw.
 from __future__ import annotations
 
 from ..errors import PartitionVerificationError
-from .base import Lane, _ranges
+from . import probe
+from .base import Lane, PartitionSet, _ranges
 
 
 def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: str, driver: str) -> None:
@@ -43,3 +44,11 @@ def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: 
             f"{backend} partition failed verification on driver {driver}: " + "; ".join(problems)
             + ". Refusing to run unpartitioned; try another backend (bullet info lists them)."
         )
+
+
+def probe_and_check(pset: PartitionSet) -> None:
+    """Run the %smid probe on every lane of ``pset``, record what it saw, and check the promises."""
+    d = pset.device
+    for lane in pset.lanes.values():
+        lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
+    check_lanes(pset.lanes, d.sm_count, pset.disjoint, pset.backend, d.driver_api_version_str)
