@@ -99,3 +99,47 @@ def test_gpu_graphs_per_split_equal_eager_and_keep_their_sms():
     # one graph per (shapes, split, lane) plus the whole-GPU one
     graphs = [bc for bc in compile_backend.BulletCompiled.instances if bc.graphs]
     assert len(graphs) == 1 and len(graphs[0].graphs) == 3
+
+
+def _smid_op():
+    """A custom op that runs the %smid probe on the current stream: opaque to Inductor, captured
+    into the graph like any kernel, so its output says where the graph's kernels ran."""
+    from bullet_kernels.partition import probe
+
+    @torch.library.custom_op("bullet_test::smid", mutates_args=())
+    def smid(x: torch.Tensor, blocks: int) -> torch.Tensor:
+        out = torch.full((blocks,), -1, dtype=torch.int32, device=x.device)
+        probe.launch_probe(torch.cuda.current_stream(), out, spin_us=5)
+        return out
+
+    @smid.register_fake
+    def _(x, blocks):
+        return x.new_empty((blocks,), dtype=torch.int32)
+
+    return smid
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_graph_for_a_split_runs_only_on_its_sms():
+    from bullet_kernels.partition import SMSplit
+
+    torch._dynamo.reset()
+    smid = _smid_op()
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    model = TinyMLP(256).cuda().eval()
+
+    def fn(x):
+        return model(x), smid(x, 4 * sm_count)
+
+    compiled = torch.compile(fn, backend="bullet", dynamic=False)
+    x = torch.randn(64, 256, device="cuda")
+    split = SMSplit(prefill=96, decode=36)
+    with torch.no_grad():
+        for lane in ("decode", "prefill"):
+            with bullet_kernels.on_lane(lane, split) as sel:
+                compiled(x)  # first call captures
+                _, sms = compiled(x)  # replay
+                torch.cuda.synchronize()
+                seen = frozenset(sms.tolist())
+                expected = sel.pset.lane(lane)
+                assert seen <= expected.observed_sms and len(seen) == expected.granted, (lane, sorted(seen))
