@@ -52,7 +52,7 @@ def main() -> int:
         placements += [(None, "main")]
         for split, lane in placements:
             phases = ("decode", "prefill") if split is None else (lane,)
-            stats = graphs.capture(split, lane, phases=phases)
+            stats = graphs.capture(split, lane, phases=phases, progress=True)
             rows.append({"split": split.key if split else "whole-gpu", "lane": lane, **stats})
             print(f"  {rows[-1]['split']:22s} {lane:8s} {stats['graphs']:4d} graphs {stats['seconds']:6.1f} s "
                   f"{stats['memory_bytes'] / 2**20:8.0f} MiB", flush=True)

@@ -11,7 +11,9 @@ import contextlib
 import contextvars
 import dataclasses
 import threading
+import warnings
 
+from .errors import UnsupportedError
 from .partition import DEFAULT_BACKEND, Partitioner, PartitionSet, SMSplit
 
 
@@ -46,17 +48,33 @@ def set_default_split(split: SMSplit | str | None) -> None:
     _default_split = SMSplit.parse(split) if isinstance(split, str) else split
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"bullet_kernels: {message}", RuntimeWarning, stacklevel=4)
+
+
 def current() -> LaneSelection | None:
     return _current.get()
 
 
 @contextlib.contextmanager
 def on_lane(
-    lane: str, split: SMSplit | str | None = None, partitioner: Partitioner | None = None, join: bool = True
+    lane: str,
+    split: SMSplit | str | None = None,
+    partitioner: Partitioner | None = None,
+    join: bool = True,
+    strict: bool = False,
 ):
     """Run the body on ``lane`` of ``split`` (default: the split set by set_default_split).
 
     ``join`` as in :meth:`PartitionSet.use`: False lets lanes entered one after another overlap.
+    Where the partition backend cannot run at all (no GPU, no green contexts), the body runs on
+    the whole device with a warning (once per reason) and the selection is None; ``strict=True``
+    raises instead. A partition that fails verification always raises: it is never used.
     """
     split = SMSplit.parse(split) if isinstance(split, str) else (split or _default_split)
     if split is None:
@@ -64,7 +82,14 @@ def on_lane(
             f"on_lane({lane!r}) needs a split: pass one, e.g. on_lane('decode', 'prefill=96,decode=36'), "
             "or call bullet_kernels.set_default_split(...) first"
         )
-    pset = (partitioner or default_partitioner()).get(split)
+    try:
+        pset = (partitioner or default_partitioner()).get(split)
+    except UnsupportedError as exc:
+        if strict:
+            raise
+        _warn_once(f"{exc}; running lane {lane!r} on the whole device")
+        yield None
+        return
     selection = LaneSelection(pset, lane)
     pset.lane(lane)  # fail early, naming the lanes, if this split has no such lane
     token = _current.set(selection)

@@ -54,6 +54,7 @@ class ModelGraphs:
         groups: int = 4,
         max_pages: int | None = None,
         page_size: int = 16,
+        lazy: bool = False,
     ):
         self.model = model
         self.bank = bank
@@ -62,6 +63,7 @@ class ModelGraphs:
         self.prefill_max_seqs = prefill_max_seqs
         self.groups = layer_groups(model.config.num_layers, groups)
         self.max_pages = max_pages or -(-model.max_context // page_size)
+        self.lazy = lazy  # capture a missing graph on first replay instead of failing
         self._buffers: dict[tuple[str, int], BucketBuffers] = {}
 
     # -- static buffers -------------------------------------------------------------------
@@ -130,39 +132,54 @@ class ModelGraphs:
         return fn
 
     # -- capture ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def capture(self, split: SMSplit | None, lane: str, phases=("decode", "prefill"), progress=None) -> dict:
-        """Capture every bucket of ``phases`` for one (split, lane); largest buckets first so
-        smaller ones reuse the pool. Returns timing and memory."""
-        t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved()
-        count = 0
+    def _plan(self, split, lane, phases) -> list[tuple[GraphKey, object]]:
+        """Every (key, function) to capture for one (split, lane), largest buckets first so
+        smaller ones reuse the pool."""
+        plan = []
         for phase in phases:
             buckets = self.decode_buckets if phase == "decode" else self.prefill_buckets
             for bucket in sorted(buckets, reverse=True):
                 bufs = self.buffers(phase, bucket)
                 if phase == "decode":
-                    self.bank.capture(GraphKey("decode", bucket, split, lane), self._decode_fn(bufs))
-                    count += 1
+                    plan.append((GraphKey("decode", bucket, split, lane), self._decode_fn(bufs)))
                 else:
-                    for g in range(len(self.groups)):
-                        key = GraphKey("prefill", bucket, split, lane, g)
-                        self.bank.capture(key, self._prefill_group_fn(bufs, g))
-                        count += 1
-                if progress:
-                    progress(phase, bucket, split, lane)
+                    plan += [(GraphKey("prefill", bucket, split, lane, g), self._prefill_group_fn(bufs, g))
+                             for g in range(len(self.groups))]
+        return plan
+
+    @torch.no_grad()
+    def capture(self, split: SMSplit | None, lane: str, phases=("decode", "prefill"), progress: bool = False) -> dict:
+        """Capture every bucket of ``phases`` for one (split, lane). Returns time and memory."""
+        t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved()
+        plan = self._plan(split, lane, phases)
+        if progress:
+            from tqdm import tqdm
+
+            where = f"{split.key}:{lane}" if split else "whole GPU"
+            plan = tqdm(plan, desc=f"capturing {where}", unit="graph")
+        for key, fn in plan:
+            self.bank.capture(key, fn)
         return {
-            "graphs": count,
+            "graphs": len(plan),
             "seconds": time.perf_counter() - t0,
             "memory_bytes": torch.cuda.memory_reserved() - mem0,
         }
 
+    def _replay(self, key: GraphKey, stream):
+        if self.lazy and key not in self.bank:
+            with torch.no_grad():
+                bufs = self.buffers(key.phase, key.bucket)
+                fn = self._decode_fn(bufs) if key.phase == "decode" else self._prefill_group_fn(bufs, key.group)
+                self.bank.capture(key, fn)
+        return self.bank.replay(key, stream)
+
     # -- replay ----------------------------------------------------------------------------
     def run_decode(self, bucket: int, split: SMSplit | None, lane: str, stream=None) -> torch.Tensor:
         """Replay the decode graph; returns the static ``[bucket, vocab]`` fp32 logits."""
-        return self.bank.replay(GraphKey("decode", bucket, split, lane), stream)
+        return self._replay(GraphKey("decode", bucket, split, lane), stream)
 
     def run_prefill_group(self, bucket: int, group: int, split: SMSplit | None, lane: str, stream=None):
-        return self.bank.replay(GraphKey("prefill", bucket, split, lane, group), stream)
+        return self._replay(GraphKey("prefill", bucket, split, lane, group), stream)
 
     def run_prefill(self, bucket: int, placement, stream=None) -> torch.Tensor:
         """Replay every layer group; ``placement`` is one ``(split, lane)`` for all groups or a

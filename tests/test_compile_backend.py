@@ -143,3 +143,17 @@ def test_gpu_compiled_graph_for_a_split_runs_only_on_its_sms():
                 seen = frozenset(sms.tolist())
                 expected = sel.pset.lane(lane)
                 assert seen <= expected.observed_sms and len(seen) == expected.granted, (lane, sorted(seen))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-partition fallback")
+def test_on_lane_without_a_partition_backend_warns_and_runs_on_the_whole_device():
+    from bullet_kernels import lanes
+    from bullet_kernels.errors import UnsupportedError
+
+    lanes._warned.clear()
+    with pytest.warns(RuntimeWarning, match="green.*unavailable.*running lane 'decode' on the whole device"):
+        with bullet_kernels.on_lane("decode", "prefill=96,decode=36") as sel:
+            assert sel is None and lanes.current() is None
+    with pytest.raises(UnsupportedError, match="partition backend 'green' is unavailable"):
+        with bullet_kernels.on_lane("decode", "prefill=96,decode=36", strict=True):
+            pass

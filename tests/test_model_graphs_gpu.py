@@ -69,3 +69,11 @@ def test_graph_replay_under_every_split_matches_eager():
         out = graphs.run_prefill(512, mixed, stream=other)
         other.synchronize()
         assert rel_err(out[:2], ref_pre) < REL_TOL
+
+        # lazy: nothing captured up front; the first replay captures exactly the graph it needs
+        lazy = ModelGraphs(model, GraphBank(parts), decode_buckets=[8], prefill_buckets=[512],
+                           prefill_max_seqs=4, groups=3, max_pages=max_pages, page_size=page, lazy=True)
+        lazy.load("decode", dec_ids.cuda(), dec.to("cuda"))
+        out = lazy.run_decode(8, SMSplit(prefill=104, decode=28), "decode", stream=other)
+        other.synchronize()
+        assert rel_err(out[:2], ref_dec) < REL_TOL and len(lazy.bank) == 1
