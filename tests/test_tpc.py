@@ -448,7 +448,20 @@ def sim(native, monkeypatch, tmp_path):
     monkeypatch.setattr(tpc.probe, "observed_sms", gpu.observed_sms)
     monkeypatch.setenv("BULLET_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("BULLET_TPC_STREAM_OFFSET", raising=False)
+    # The simulated driver honours the table offset (the real 13000 one was refuted on the H100).
+    monkeypatch.setattr(tpc, "REFUTED_OFFSETS", {})
     return gpu
+
+
+def test_refuted_table_offset_is_never_used_without_the_override(native, monkeypatch):
+    from bullet_kernels.partition.tpc import OFFSET_ENV, stream_offset
+
+    monkeypatch.delenv(OFFSET_ENV, raising=False)
+    offset, why = stream_offset(native, 13000)
+    assert offset is None
+    assert "0x51c of driver API version 13000 is refuted" in why and "restricted nothing" in why
+    monkeypatch.setenv(OFFSET_ENV, "0x51c")
+    assert stream_offset(native, 13000) == (0x51C, "")
 
 
 def _h100(**changes):

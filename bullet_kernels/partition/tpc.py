@@ -30,6 +30,15 @@ from .tpc_mask import TpcMap, TpcMapError, TpcMask, load_cached, place_lanes, pr
 
 OFFSET_ENV = "BULLET_TPC_STREAM_OFFSET"
 
+# Table offsets our own measurements refuted: never written without the expert override.
+REFUTED_OFFSETS = {
+    13000: (
+        "on an H100 with driver 580.159.04 (2026-11-25, bench/results/tpc-diagnose-h100-20261125.json) "
+        "a mask written at 0x51c restricted nothing (the probe ran on all 132 SMs) and streams from "
+        "cuStreamCreate hold other data there, so 0x51c is not the mask record of this driver's streams"
+    ),
+}
+
 
 def stream_offset(lib: tpc_native.NativeLib, driver_api_version: int) -> tuple[int | None, str]:
     """``(offset, "")`` for this driver, or ``(None, why not)``."""
@@ -43,6 +52,11 @@ def stream_offset(lib: tpc_native.NativeLib, driver_api_version: int) -> tuple[i
             return None, f"{OFFSET_ENV}={override!r} must be a non-negative multiple of 4"
         return offset, ""
     offset = lib.stream_mask_offset(driver_api_version)
+    if offset is not None and driver_api_version in REFUTED_OFFSETS:
+        return None, (
+            f"the stream-mask offset {offset:#x} of driver API version {driver_api_version} is refuted: "
+            f"{REFUTED_OFFSETS[driver_api_version]}; set {OFFSET_ENV} to try another offset (still verified)"
+        )
     if offset is None:
         known = ", ".join(str(v) for v in lib.known_offsets())
         return None, (
