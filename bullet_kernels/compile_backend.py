@@ -16,7 +16,6 @@ graphs that cannot be captured (CPU tensors, dynamic shapes, input mutation, a f
 
 from __future__ import annotations
 
-import itertools
 import threading
 import warnings
 import weakref
@@ -28,7 +27,6 @@ from . import lanes
 
 _warned: set[str] = set()
 _warn_lock = threading.Lock()
-_fn_ids = itertools.count()
 
 
 def warn_once(reason: str) -> None:
@@ -73,7 +71,7 @@ class _LaneGraph:
     """One captured replay of the compiled function for one input signature and lane."""
 
     def __init__(self, compiled, args: Sequence[Any], stream: torch.cuda.Stream, sm_budget: int, pool):
-        from .kernels.sizing import sm_budget as budget_ctx
+        from .graph_bank import capture_on_stream
 
         self.static_inputs = [
             a if not isinstance(a, torch.Tensor) or _is_static_address(a) else a.clone() for a in args
@@ -81,14 +79,7 @@ class _LaneGraph:
         self.copy_idx = [
             i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and not _is_static_address(a)
         ]
-        self.graph = torch.cuda.CUDAGraph()
-        stream.wait_stream(torch.cuda.current_stream())
-        with budget_ctx(sm_budget), torch.cuda.stream(stream):
-            for _ in range(2):  # warm up outside the capture: Inductor/Triton compile and autotune
-                compiled(*self.static_inputs)
-        stream.synchronize()
-        with budget_ctx(sm_budget), torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.outputs = compiled(*self.static_inputs)
+        self.graph, self.outputs = capture_on_stream(lambda: compiled(*self.static_inputs), stream, sm_budget, pool)
 
     def __call__(self, args: Sequence[Any]):
         for i in self.copy_idx:
@@ -107,7 +98,6 @@ class BulletCompiled:
     def __init__(self, compiled, reason_no_graphs: str):
         self.compiled = compiled
         self.reason_no_graphs = reason_no_graphs
-        self.fn_id = next(_fn_ids)
         self.graphs: dict[tuple, _LaneGraph] = {}
         self.pools: dict[str, Any] = {}
         self._whole_stream = None

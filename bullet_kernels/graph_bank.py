@@ -42,11 +42,34 @@ class CapturedGraph:
     graph: Any  # torch.cuda.CUDAGraph
     output: Any  # whatever fn returned during capture (static tensors)
     capture_seconds: float
-    pool_bytes_after: int
 
     def replay(self):
         self.graph.replay()
         return self.output
+
+
+def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int = 2):
+    """Warm ``fn`` up then capture it on ``stream`` with kernels sized for ``sms``.
+
+    Returns ``(graph, output)``. The warm-up runs on the same stream, outside the capture, so
+    Triton/Inductor compile and allocate there; the stream first waits for the caller's, so
+    inputs made just before are ready.
+    """
+    import torch
+
+    from .kernels.sizing import sm_budget
+
+    with sm_budget(sms):
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            output = fn()
+    stream.synchronize()
+    return graph, output
 
 
 def pick_bucket(buckets: Iterable[int], n: int, what: str) -> int:
@@ -123,38 +146,21 @@ class GraphBank:
 
     def capture(self, key: GraphKey, fn: Callable[[], Any], pool_key: str | None = None, warmup: int = 2) -> CapturedGraph:
         """Run ``fn`` ``warmup`` times then capture it on the key's lane stream."""
-        import torch
-
-        from .kernels.sizing import sm_budget
-
         if self._closed:
             raise ClosedError("this GraphBank was closed; create a new one")
         if key in self._graphs:
             return self._graphs[key]
-        stream = self.stream_for(key)
-        budget = self.granted_sms(key)
-        pool = self._pool(pool_key or key.phase)
         start = time.perf_counter()
         try:
-            with sm_budget(budget):
-                # Warm up on the lane stream: compiles/autotunes kernels outside the capture.
-                stream.wait_stream(torch.cuda.current_stream(self.device_index))
-                with torch.cuda.stream(stream):
-                    for _ in range(warmup):
-                        fn()
-                stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    output = fn()
-            stream.synchronize()
+            graph, output = capture_on_stream(
+                fn, self.stream_for(key), self.granted_sms(key), self._pool(pool_key or key.phase), warmup
+            )
         except Exception as exc:
             raise CaptureError(
                 f"capturing {key} failed: {exc}. Graphs need static shapes, no host syncs "
                 "(.item(), .cpu(), printing tensors) and no CPU tensors inside the captured function"
             ) from exc
-        captured = CapturedGraph(
-            key, graph, output, time.perf_counter() - start, torch.cuda.memory_reserved(self.device_index)
-        )
+        captured = CapturedGraph(key, graph, output, time.perf_counter() - start)
         self._graphs[key] = captured
         return captured
 
