@@ -1,14 +1,19 @@
 """Which TPC-mask mechanism holds on this GPU and driver? A diagnostic, not a benchmark.
 
-On the H100 (driver 580.159.04) the stream-mask record at the table offset 0x51c of a stream
-from cuStreamCreate held stale bytes, and masks written there restricted nothing (the tpc GPU
-tests found every SM reached by no mask bit). This script asks, on throwaway streams of its
-own process, restoring every record it touches:
-1. what the record holds on fresh streams from cuStreamCreate and from torch's pool;
-2. whether a mask written there restricts the %smid probe, for each kind of stream;
-3. whether the launch hook's next-launch mask restricts the probe, with the hook's counters.
+Earlier run (H100, driver 580.159.04, bench/results/tpc-diagnose-h100-20261125.json): a mask
+written into the stream object at the table offset 0x51c restricted nothing, while the launch
+hook's next-launch mask did restrict the probe. This script studies the hook, reading driver
+memory only through the callback's own params and writing only launch descriptors:
 
-    python bench/tpc_diagnose.py            # prints a report; writes bench/results/tpc-diagnose-<gpu>-<date>.json
+1. params: for launches on known streams (cuStreamCreate, torch's pool, a green context),
+   which 8-byte word of the callback params holds the CUstream handle;
+2. bit map: which SMs each of the 128 descriptor mask bits reaches (leave-one-out, so no
+   probe ever runs with every live TPC disabled);
+3. hook stream masks: a mask keyed by stream handle restricts launches on that stream only;
+4. graphs: whether a mask present while a graph is captured / instantiated sticks to its
+   replays, and whether replays pick up a mask from their stream, a thread or global mask.
+
+    python bench/tpc_diagnose.py   # prints rows as it goes; writes bench/results/tpc-diagnose-<gpu>-<date>.json
 """
 
 from __future__ import annotations
@@ -22,20 +27,57 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bullet_kernels import results  # noqa: E402
 from bullet_kernels.device import query  # noqa: E402
 from bullet_kernels.partition import probe, tpc_native  # noqa: E402
-from bullet_kernels.partition.tpc import stream_offset  # noqa: E402
-from bullet_kernels.partition.tpc_mask import TpcMask  # noqa: E402
+from bullet_kernels.partition.tpc import _create_stream, _destroy_stream  # noqa: E402
+from bullet_kernels.partition.tpc_mask import TpcMask, probe_map  # noqa: E402
 
-EIGHT_TPCS = TpcMask.range(0, 8)  # logical TPCs 0..7: 16 SMs where bits are logical
+HOOK = (0xB, 0x1)
 
 
-def masked_probe(lib, handle: int, offset: int, sm_count: int) -> dict:
-    before = lib.read_record(handle, offset)
-    lib.set_stream_mask(handle, offset, EIGHT_TPCS.disabled_words())
-    try:
-        seen = probe.observed_sms(handle, sm_count, waves=2, spin_us=5)
-    finally:
-        lib.write_record(handle, offset, before)
-    return {"record_before": [f"{w:#010x}" for w in before], "observed_sms": len(seen)}
+class Rows(list):
+    """Print each row as it comes: a hang or crash in the driver must not hide the others."""
+
+    def append(self, row):
+        super().append(row)
+        print(row, flush=True)
+
+
+def traced_launch(lib, stream_handle: int, sm_count: int) -> list[dict]:
+    out = torch.full((sm_count,), -1, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    lib.trace_start(8)
+    probe.launch_probe(stream_handle, out, spin_us=1)
+    torch.cuda.synchronize()
+    lib.trace_start(0)
+    return [r for r in lib.trace_read() if (r["domain"], r["cbid"]) == HOOK]
+
+
+def stream_words(records: list[dict], handle: int) -> list[int]:
+    return sorted({i for r in records for i, w in enumerate(r["words"]) if w == handle})
+
+
+def observe_on(stream_handle: int, sm_count: int) -> int:
+    return len(probe.observed_sms(stream_handle, sm_count, waves=2, spin_us=5))
+
+
+def graph_probe(capture_handle: int, sm_count: int):
+    """(graph, out): a probe captured on ``capture_handle``."""
+    out = torch.full((2 * sm_count,), -1, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.ExternalStream(capture_handle)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=stream):
+        probe.launch_probe(capture_handle, out, spin_us=5)
+    torch.cuda.synchronize()
+    return g, out
+
+
+def replay_sms(g, out, replay_stream) -> int:
+    out.fill_(-1)
+    torch.cuda.synchronize()
+    with torch.cuda.stream(replay_stream):
+        g.replay()
+    torch.cuda.synchronize()
+    return len(probe.sms_written(out))
 
 
 def main() -> int:
@@ -44,48 +86,97 @@ def main() -> int:
         return 1
     d = query()
     lib = tpc_native.load()
-    offset, why = stream_offset(lib, d.driver_api_version)
-    if offset is None:
-        print(f"tpc_diagnose: {why}")
-        return 1
-    rows = []
-
-    class Rows(list):  # print each result as it comes: a crash in the driver must not hide them
-        def append(self, row):
-            super().append(row)
-            print(row, flush=True)
-
-    rows = Rows()
-    print(f"offset {offset:#x} on driver {d.driver_api_version} ({d.kernel_driver})", flush=True)
-    from bullet_kernels.partition.tpc import _create_stream, _destroy_stream
-
-    # 1. read-only: the record on fresh streams of both kinds
-    own = [_create_stream(d.index) for _ in range(3)]
-    pooled = [torch.cuda.Stream() for _ in range(3)]
-    for h, _ in own:
-        rows.append({"test": "cuStreamCreate record", "record": [f"{w:#010x}" for w in lib.read_record(h, offset)], "observed_sms": None})
-    for st in pooled:
-        rows.append({"test": "torch pool stream record", "record": [f"{w:#010x}" for w in lib.read_record(st.cuda_stream, offset)], "observed_sms": None})
-    # 2. a stream mask, only where the record reads empty (as the backend's guard demands)
-    for kind, handle in (("cuStreamCreate", own[0][0]), ("torch pool", pooled[0].cuda_stream)):
-        if lib.read_record(handle, offset) == [0, 0, 0, 0, 0]:
-            rows.append({"test": f"{kind} stream, stream mask", **masked_probe(lib, handle, offset, d.sm_count)})
-        else:
-            rows.append({"test": f"{kind} stream, stream mask", "skipped": "record not empty", "observed_sms": None})
-    # 3. the launch hook's next-launch mask (writes the launch descriptor, not the stream)
+    torch.cuda.init()
     lib.hook_install()
-    lib.hook_reset_stats()
-    out = torch.full((2 * d.sm_count,), -1, dtype=torch.int32, device="cuda")
-    torch.cuda.synchronize()
-    lib.set_next_mask(EIGHT_TPCS.disabled_words())
-    probe.launch_probe(pooled[1].cuda_stream, out, spin_us=5)
-    lib.set_next_mask(None)
-    torch.cuda.synchronize()
-    rows.append({"test": "launch hook, next-launch mask", "observed_sms": len(probe.sms_written(out)), "hook": lib.hook_stats()})
+    rows = Rows()
+    n = d.sm_count
+    print(f"driver {d.driver_api_version} ({d.kernel_driver}), {n} SMs", flush=True)
+    own = [_create_stream(d.index) for _ in range(2)]
+    pooled = [torch.cuda.Stream() for _ in range(2)]
+    plain = torch.cuda.Stream()
+
+    # 1. where the stream handle sits in the callback params (read-only)
+    found: list[list[int]] = []
+    for kind, handle in [("cuStreamCreate", h) for h, _ in own] + [("torch pool", s.cuda_stream) for s in pooled]:
+        recs = traced_launch(lib, handle, n)
+        words = stream_words(recs, handle)
+        found.append(words)
+        rows.append({"test": "params", "stream": kind, "handle": hex(handle), "callbacks": len(recs),
+                     "size": recs[0]["size"] if recs else None,
+                     "words": [hex(w) for w in recs[0]["words"]] if recs else [], "stream_at_words": words})
+    common = sorted(set.intersection(*map(set, found))) if found else []
+    rows.append({"test": "stream word", "common": common})
+
+    # 2. the descriptor bit -> SM map through the next-launch mask
+    def observe_next(mask: TpcMask) -> frozenset[int]:
+        out = torch.full((2 * n,), -1, dtype=torch.int32, device="cuda")
+        torch.cuda.synchronize()  # the fill above must not take the next-launch mask
+        lib.set_next_mask(mask.disabled_words())
+        try:
+            probe.launch_probe(plain.cuda_stream, out, spin_us=5)
+        finally:
+            lib.set_next_mask(None)
+        torch.cuda.synchronize()
+        return probe.sms_written(out)
+
+    tmap = probe_map(observe_next, n, uuid=d.uuid, driver=str(d.driver_api_version))
+    live = tmap.live_bits
+    rows.append({"test": "bit map (next-launch)", "live_bits": str(TpcMask.from_tpcs(live)), "tpcs": len(live),
+                 "sms_per_bit": sorted({len(s) for s in tmap.bits if s}),
+                 "map": {b: sorted(s) for b, s in enumerate(tmap.bits) if s}})
+    eight = tmap.mask_for(range(0, 8))
+    sixteen_sms = len(tmap.sms(eight))
+    rows.append({"test": "next-launch mask, 8 live bits", "bits": str(eight), "expected_sms": sixteen_sms,
+                 "observed_sms": len(observe_next(eight))})
+
+    # 3. hook stream masks keyed by the handle
+    if len(common) == 1:
+        lib.set_stream_word(common[0])
+        masked = own[0][0]
+        lib.set_hook_stream_mask(masked, eight.disabled_words())
+        try:
+            rows.append({"test": "hook stream mask: masked stream", "expected_sms": sixteen_sms, "observed_sms": observe_on(masked, n)})
+            rows.append({"test": "hook stream mask: other stream", "expected_sms": n, "observed_sms": observe_on(own[1][0], n)})
+            # 4. graphs
+            lib.hook_reset_stats()
+            g, out = graph_probe(masked, n)
+            cap_stats = lib.hook_stats()
+            lib.set_hook_stream_mask(masked, None)
+            rows.append({"test": "graph captured on hook-masked stream, replayed on a plain stream (mask removed)",
+                         "expected_if_kept": sixteen_sms, "observed_sms": replay_sms(g, out, plain), "capture_stats": cap_stats,
+                         "replay_calls": lib.hook_stats()["calls"] - cap_stats["calls"]})
+            lib.set_hook_stream_mask(masked, eight.disabled_words())
+            g2, out2 = graph_probe(pooled[0].cuda_stream, n)
+            rows.append({"test": "graph captured unmasked, replayed on a hook-masked stream",
+                         "observed_sms": replay_sms(g2, out2, torch.cuda.ExternalStream(masked))})
+        finally:
+            lib.set_hook_stream_mask(masked, None)
+    else:
+        rows.append({"test": "hook stream masks", "skipped": f"stream word not unique: {common}"})
+    lib.set_thread_mask(eight.disabled_words())
+    try:
+        g3, out3 = graph_probe(pooled[1].cuda_stream, n)
+    finally:
+        lib.set_thread_mask(None)
+    rows.append({"test": "graph captured under a thread mask, replayed without", "expected_if_kept": sixteen_sms,
+                 "observed_sms": replay_sms(g3, out3, plain)})
+    g4, out4 = graph_probe(pooled[1].cuda_stream, n)
+    lib.set_global_mask(eight.disabled_words())
+    try:
+        rows.append({"test": "graph captured unmasked, replayed under a global mask", "observed_sms": replay_sms(g4, out4, plain)})
+    finally:
+        lib.set_global_mask(None)
+    lib.set_thread_mask(eight.disabled_words())
+    try:
+        rows.append({"test": "graph captured unmasked, replayed under a thread mask", "observed_sms": replay_sms(g4, out4, plain)})
+    finally:
+        lib.set_thread_mask(None)
+    rows.append({"test": "hook stats", **lib.hook_stats()})
     for h, _ in own:
         _destroy_stream(d.index, h)
-    path = results.write("tpc-diagnose", rows, {r["test"]: r["observed_sms"] for r in rows if r["observed_sms"] is not None}, offset=hex(offset),
-                         expected_sms_if_mask_holds=16)
+    summary = {r["test"]: r.get("observed_sms") for r in rows if "observed_sms" in r}
+    summary["stream_word"] = common
+    path = results.write("tpc-diagnose", list(rows), summary)
     print(f"results: {path}")
     return 0
 

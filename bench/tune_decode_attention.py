@@ -1,8 +1,9 @@
 """Launch settings of our paged decode attention on small partitions (tuning sweep).
 
-For a few decode shapes and SM budgets, time every (block_n, num_stages, num_warps, splits
-multiplier) on a verified green partition and print TB/s, with a partition-sized copy as the
-bandwidth reference. The winners become the defaults in decode_attention.py / sizing.py.
+For a few decode shapes and SM budgets, time every variant (prefetch or not, block_n,
+num_stages, num_warps) and split multiplier on a verified green partition and print TB/s,
+with a partition-sized copy as the bandwidth reference, plus each compiled kernel's registers,
+spills and shared memory. The winners become the defaults in decode_attention.py / sizing.py.
 
     python bench/tune_decode_attention.py
 """
@@ -23,47 +24,94 @@ from bullet_kernels.kernels.sizing import decode_kv_splits, sm_budget  # noqa: E
 from bullet_kernels.partition import Partitioner, SMSplit  # noqa: E402
 
 
+VARIANTS = (
+    # (prefetch, block_n, num_stages, num_warps); the first one is the shipped default
+    *[(True, bn, st, nw) for bn in (32, 64, 128) for st in (1, 2) for nw in (4, 8)],
+    *[(False, bn, st, nw) for bn in (64, 128) for st in (2, 3) for nw in (4, 8)],
+)
+SMS = (16, 32, 40, 56, 132)
+SHAPES = ((128, 4096), (16, 32768))
+
+
+def compiled_kernels() -> dict:
+    """Triton's compiled decode kernels so far, by id: registers, spills, shared bytes."""
+    out = {}
+    try:
+        for cache in decode_attention._decode_split_kernel.device_caches.values():
+            for k in cache[0].values():
+                md = k.metadata
+                out[id(k)] = {"n_regs": getattr(k, "n_regs", None), "n_spills": getattr(k, "n_spills", None),
+                              "shared": getattr(md, "shared", None), "num_warps": getattr(md, "num_warps", None),
+                              "num_stages": getattr(md, "num_stages", None)}
+    except Exception as exc:  # private API: report, never fail the sweep over it
+        out["error"] = repr(exc)
+    return out
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("tune_decode_attention: no GPU here")
         return 1
     cfg = Llama()
-    rows = []
+    rows, kernels = [], {}
+    default = dict(zip(("prefetch", "block_n", "num_stages", "num_warps"), VARIANTS[0]))
     with Partitioner("green") as parts:
-        for sms in (16, 40):
-            lane = parts.get(SMSplit(decode=sms)).lane("decode")
+        for sms in SMS:
+            lane = parts.get(SMSplit(decode=sms)).lane("decode") if sms < parts.device.sm_count else None
+            stream = lane.stream if lane else torch.cuda.Stream()
+            granted = lane.granted if lane else parts.device.sm_count
             src = torch.randn(1 << 28, device="cuda")
             dst = torch.empty_like(src)
-            with sm_budget(lane.granted):
-                copy = tbps(2 * src.nbytes, time_graph([lambda: persistent_copy(src, dst)] * 2, lane.stream, 10)["median_ms"])
+            with sm_budget(granted):
+                copy = tbps(2 * src.nbytes, time_graph([lambda: persistent_copy(src, dst)] * 2, stream, 10)["median_ms"])
             del src, dst
-            for b, ctx in ((128, 4096), (16, 32768)):
+            for b, ctx in SHAPES:
                 caches = [paged_kv(cfg, b, ctx) for _ in range(2)]
                 q = torch.randn(b, cfg.heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
-                base = decode_kv_splits(b, cfg.kv_heads, cfg.group, ctx, lane.granted)
-                for bn, st, nw, mult in itertools.product((32, 64, 128), (2, 3, 4), (4, 8), (1, 2, 4)):
-                    kw = dict(block_n=bn, num_stages=st, num_warps=nw, num_splits=base * mult)
+                base = decode_kv_splits(b, cfg.kv_heads, cfg.group, ctx, granted)
+                for (pf, bn, st, nw), mult in itertools.product(VARIANTS, (1, 2, 4)):
+                    kw = dict(prefetch=pf, block_n=bn, num_stages=st, num_warps=nw, num_splits=base * mult)
                     calls = [lambda c=c: decode_attention.paged_decode_attention(q, *c, 0.088, **kw) for c in caches] * 2
+                    before = compiled_kernels()
                     try:
-                        with sm_budget(lane.granted):
-                            t = time_graph(calls, lane.stream, 10)
+                        with sm_budget(granted):
+                            t = time_graph(calls, stream, 10)
                     except Exception as exc:  # e.g. out of shared memory for big tiles
-                        rows.append({"sms": lane.granted, "batch": b, "ctx": ctx, **kw, "error": str(exc)[:200]})
+                        rows.append({"sms": granted, "batch": b, "ctx": ctx, **kw, "error": str(exc)[:200]})
                         torch.cuda.synchronize()
                         continue
+                    new = {k: v for k, v in compiled_kernels().items() if k not in before}
+                    for v in new.values():
+                        kernels[f"prefetch={pf} block_n={bn} stages={st} warps={nw}"] = v
                     bw = tbps(attention_bytes(cfg, b, ctx), t["median_ms"])
-                    rows.append({"sms": lane.granted, "batch": b, "ctx": ctx, **kw, "ms": t["median_ms"], "tbps": bw, "pct_of_copy": 100 * bw / copy})
+                    rows.append({"sms": granted, "batch": b, "ctx": ctx, **kw, "ms": t["median_ms"], "tbps": bw,
+                                 "pct_of_copy": 100 * bw / copy, "copy_tbps": copy})
                 del caches
-                best = max((r for r in rows if r.get("batch") == b and r.get("ctx") == ctx and r["sms"] == lane.granted and "tbps" in r), key=lambda r: r["tbps"])
-                default = next(r for r in rows if r["sms"] == lane.granted and r["batch"] == b and r["ctx"] == ctx
-                               and r["block_n"] == 64 and r["num_stages"] == 3 and r["num_warps"] == 4 and r["num_splits"] == base)
-                print(f"{lane.granted:4d} SMs b{b} ctx{ctx}: copy {copy:.2f} TB/s; default {default['tbps']:.2f} TB/s; "
-                      f"best {best['tbps']:.2f} TB/s ({best['pct_of_copy']:.0f}%) with block_n={best['block_n']} "
-                      f"stages={best['num_stages']} warps={best['num_warps']} splits={best['num_splits']} (base {base})", flush=True)
+                mine = [r for r in rows if r.get("batch") == b and r.get("ctx") == ctx and r["sms"] == granted and "tbps" in r]
+                best = max(mine, key=lambda r: r["tbps"])
+                dflt = next(r for r in mine if all(r[k] == v for k, v in default.items()) and r["num_splits"] == base)
+                print(f"{granted:4d} SMs b{b} ctx{ctx}: copy {copy:.2f} TB/s; default {dflt['tbps']:.2f} TB/s "
+                      f"({dflt['pct_of_copy']:.0f}%); best {best['tbps']:.2f} TB/s ({best['pct_of_copy']:.0f}%) with "
+                      f"prefetch={best['prefetch']} block_n={best['block_n']} stages={best['num_stages']} "
+                      f"warps={best['num_warps']} splits={best['num_splits']} (base {base})", flush=True)
     top = sorted((r for r in rows if "tbps" in r), key=lambda r: -r["pct_of_copy"])[:10]
     for r in top:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
-    path = results.write("tune-decode-attention", rows, {"best": top[0] if top else None})
+    for name, k in kernels.items():
+        print(name, k)
+    # per variant: the worst case over shapes and SM counts of its best split multiplier
+    per_variant = {}
+    for (pf, bn, st, nw) in VARIANTS:
+        worst = None
+        for sms_ in {r["sms"] for r in rows}:
+            for b, ctx in SHAPES:
+                cands = [r["pct_of_copy"] for r in rows if "tbps" in r and r["sms"] == sms_ and r["batch"] == b and r["ctx"] == ctx
+                         and (r["prefetch"], r["block_n"], r["num_stages"], r["num_warps"]) == (pf, bn, st, nw)]
+                if cands:
+                    worst = min(worst, max(cands)) if worst is not None else max(cands)
+        per_variant[f"prefetch={pf} block_n={bn} stages={st} warps={nw}"] = worst
+    path = results.write("tune-decode-attention", rows, {"best": top[0] if top else None, "worst_pct_of_copy_by_variant": per_variant,
+                                                          "compiled": kernels})
     print(f"results: {path}")
     return 0
 

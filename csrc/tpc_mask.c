@@ -1,6 +1,6 @@
 /* libbullet_tpc: per-stream and launch-hook TPC masks. See tpc_mask.h for the API and
  * docs/tpc-masks.md for the facts (offsets, export-table UUID, descriptor layouts) used here. */
-#define _GNU_SOURCE /* RTLD_NOLOAD */
+#define _GNU_SOURCE /* RTLD_NOLOAD, process_vm_readv */
 #include "tpc_mask.h"
 
 #include <dlfcn.h>
@@ -9,6 +9,8 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -112,8 +114,17 @@ struct pending_mask {
   uint32_t words[4];
 };
 
-/* Next-launch mask: per thread, because the driver calls back on the launching thread. */
+/* Next-launch and thread masks: per thread, because the driver calls back on the launching
+ * thread (for graphs: the thread that instantiates or launches them). */
 static _Thread_local struct pending_mask next_mask;
+static _Thread_local struct pending_mask thread_mask;
+
+/* Hook stream masks: a small table searched on every launch. A read-write lock, because a
+ * torn read of a mask being replaced could disable every TPC and hang the kernel. */
+static pthread_rwlock_t streams_lock = PTHREAD_RWLOCK_INITIALIZER;
+static struct { void* stream; uint32_t words[4]; } hook_streams[BULLET_TPC_MAX_HOOK_STREAMS];
+static int n_hook_streams;
+static atomic_int stream_word = -1;
 
 /* Global mask: read on every launch from any thread, so a mutex guards the words (a torn
  * read could disable every TPC and hang the kernel); the flag keeps the unset case lock-free. */
@@ -125,6 +136,56 @@ EXPORT int bullet_tpc_set_next_mask(const uint32_t disabled[4]) {
   next_mask.set = disabled != NULL;
   if (disabled) memcpy(next_mask.words, disabled, sizeof next_mask.words);
   return BULLET_TPC_OK;
+}
+
+EXPORT int bullet_tpc_set_thread_mask(const uint32_t disabled[4]) {
+  thread_mask.set = disabled != NULL;
+  if (disabled) memcpy(thread_mask.words, disabled, sizeof thread_mask.words);
+  return BULLET_TPC_OK;
+}
+
+enum { PARAMS_QMD_WORD = 4 };
+
+EXPORT int bullet_tpc_hook_set_stream_word(int word) {
+  if (word != -1 && (word < 1 || word >= BULLET_TPC_TRACE_WORDS || word == PARAMS_QMD_WORD))
+    return fail(BULLET_TPC_E_ARG, "stream word %d: allowed -1 (off) or 1..%d except %d (the descriptor)", word,
+                BULLET_TPC_TRACE_WORDS - 1, PARAMS_QMD_WORD);
+  atomic_store(&stream_word, word);
+  return BULLET_TPC_OK;
+}
+
+EXPORT int bullet_tpc_hook_stream_word(void) { return atomic_load(&stream_word); }
+
+EXPORT int bullet_tpc_hook_set_stream_mask(void* stream, const uint32_t disabled[4]) {
+  if (!stream) return fail(BULLET_TPC_E_ARG, "hook stream mask: the stream handle is NULL (default stream)");
+  int rc = BULLET_TPC_OK;
+  pthread_rwlock_wrlock(&streams_lock);
+  int i = 0;
+  while (i < n_hook_streams && hook_streams[i].stream != stream) i++;
+  if (!disabled) { /* remove: move the last entry into the hole */
+    if (i < n_hook_streams) hook_streams[i] = hook_streams[--n_hook_streams];
+  } else if (i == n_hook_streams && n_hook_streams == BULLET_TPC_MAX_HOOK_STREAMS) {
+    rc = fail(BULLET_TPC_E_ARG, "hook stream masks: all %d slots in use; remove one first", BULLET_TPC_MAX_HOOK_STREAMS);
+  } else {
+    hook_streams[i].stream = stream;
+    memcpy(hook_streams[i].words, disabled, sizeof hook_streams[i].words);
+    if (i == n_hook_streams) n_hook_streams++;
+  }
+  pthread_rwlock_unlock(&streams_lock);
+  return rc;
+}
+
+static int take_stream(void* stream, uint32_t words[4]) {
+  int found = 0;
+  pthread_rwlock_rdlock(&streams_lock);
+  for (int i = 0; i < n_hook_streams; i++)
+    if (hook_streams[i].stream == stream) {
+      memcpy(words, hook_streams[i].words, sizeof hook_streams[i].words);
+      found = 1;
+      break;
+    }
+  pthread_rwlock_unlock(&streams_lock);
+  return found;
 }
 
 EXPORT int bullet_tpc_set_global_mask(const uint32_t disabled[4], int enable) {
@@ -205,49 +266,127 @@ static void qmd_write_mask(uint8_t* qmd, const struct qmd_layout* l, const uint3
 
 /* ---- launch hook: callback and statistics ---------------------------------------------------- */
 
-enum { HOOK_DOMAIN = 0xb, HOOK_CBID = 0x1 };           /* just before the QMD is uploaded */
-enum { PARAMS_MIN_BYTES = 5 * 8, PARAMS_QMD_WORD = 4 }; /* size word counts bytes */
+enum { HOOK_DOMAIN = 0xb, HOOK_CBID = 0x1 }; /* just before the QMD is uploaded */
+enum { PARAMS_MIN_BYTES = (PARAMS_QMD_WORD + 1) * 8 };
 
-static atomic_uint_fast64_t st_calls, st_writes, st_skips, st_params_size;
+static atomic_uint_fast64_t st_calls, st_writes, st_skips, st_params_size, st_stream_writes, st_thread_writes;
 static atomic_uint st_qmd_version, st_installed;
 
-/* The descriptor of this launch, or NULL when params are missing or too small to hold it. */
-static uint8_t* launch_qmd(const void* params) {
-  const uint64_t* p = params;
-  uint64_t size = p ? p[0] : 0;
-  atomic_store_explicit(&st_params_size, size, memory_order_relaxed);
-  return size >= PARAMS_MIN_BYTES ? (uint8_t*)(uintptr_t)p[PARAMS_QMD_WORD] : NULL;
+/* Params size in bytes: the low half of word 0 (the high half is not part of it). */
+static uint32_t params_size(const void* params) {
+  uint32_t size;
+  memcpy(&size, params, sizeof size);
+  return size;
 }
 
-/* Which mask applies: the thread's next-launch one (consumed), else the global one. */
-static int wanted_mask(uint32_t words[4], int* from_next) {
-  *from_next = next_mask.set;
-  if (*from_next) {
+/* ---- diagnostics: trace of callback params ------------------------------------------------- */
+
+#define TRACE_MAX 64
+static pthread_mutex_t trace_lock = PTHREAD_MUTEX_INITIALIZER;
+static bullet_tpc_trace_record_t trace[TRACE_MAX];
+static int trace_want, trace_have;
+static atomic_int trace_on;
+
+EXPORT int bullet_tpc_hook_trace_start(int count) {
+  if (count < 0 || count > TRACE_MAX) return fail(BULLET_TPC_E_ARG, "trace count %d: allowed 0..%d", count, TRACE_MAX);
+  pthread_mutex_lock(&trace_lock);
+  trace_want = count;
+  trace_have = 0;
+  atomic_store(&trace_on, count > 0);
+  pthread_mutex_unlock(&trace_lock);
+  return BULLET_TPC_OK;
+}
+
+EXPORT int bullet_tpc_hook_trace_read(bullet_tpc_trace_record_t* out, int capacity) {
+  if (!out || capacity < 0) return fail(BULLET_TPC_E_ARG, "trace_read: out is NULL or capacity < 0");
+  pthread_mutex_lock(&trace_lock);
+  int n = trace_have < capacity ? trace_have : capacity;
+  memcpy(out, trace, (size_t)n * sizeof *out);
+  pthread_mutex_unlock(&trace_lock);
+  return n;
+}
+
+static void trace_params(int domain, int cbid, const void* params) {
+  if (!atomic_load_explicit(&trace_on, memory_order_relaxed)) return;
+  pthread_mutex_lock(&trace_lock);
+  if (trace_have < trace_want) {
+    bullet_tpc_trace_record_t* r = &trace[trace_have++];
+    memset(r, 0, sizeof *r);
+    r->domain = domain;
+    r->cbid = cbid;
+    if (params) {
+      r->size = params_size(params);
+      r->n_words = r->size / 8 < BULLET_TPC_TRACE_WORDS ? r->size / 8 : BULLET_TPC_TRACE_WORDS;
+      memcpy(r->words, params, r->n_words * 8);
+    }
+    if (trace_have == trace_want) atomic_store(&trace_on, 0);
+  }
+  pthread_mutex_unlock(&trace_lock);
+}
+
+EXPORT int bullet_tpc_peek(const void* addr, void* out, uint64_t n) {
+  if (!out) return fail(BULLET_TPC_E_ARG, "peek: out is NULL");
+  struct iovec local = {out, n}, remote = {(void*)addr, n};
+  ssize_t got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+  if (got != (ssize_t)n) return fail(BULLET_TPC_E_ARG, "peek: %llu bytes at %p are not readable", (unsigned long long)n, addr);
+  return BULLET_TPC_OK;
+}
+
+/* ---- launch hook: callback and statistics ---------------------------------------------------- */
+
+/* The descriptor of this launch, or NULL when params are missing or too small to hold it. */
+static uint8_t* launch_qmd(const void* params, uint32_t size) {
+  return params && size >= PARAMS_MIN_BYTES ? (uint8_t*)(uintptr_t)((const uint64_t*)params)[PARAMS_QMD_WORD] : NULL;
+}
+
+/* The CUstream this launch goes to, or NULL when the stream word is unknown / out of range. */
+static void* launch_stream(const void* params, uint32_t size) {
+  int w = atomic_load_explicit(&stream_word, memory_order_relaxed);
+  if (!params || w < 0 || (uint32_t)(w + 1) * 8 > size) return NULL;
+  return (void*)(uintptr_t)((const uint64_t*)params)[w];
+}
+
+enum source { NONE, NEXT, THREAD, STREAM, GLOBAL };
+
+/* Which mask applies: next-launch (consumed) > thread > hook stream > global. */
+static enum source wanted_mask(const void* params, uint32_t size, uint32_t words[4]) {
+  if (next_mask.set) {
     memcpy(words, next_mask.words, sizeof next_mask.words);
     next_mask.set = 0;
-    return 1;
+    return NEXT;
   }
-  return take_global(words);
+  if (thread_mask.set) {
+    memcpy(words, thread_mask.words, sizeof thread_mask.words);
+    return THREAD;
+  }
+  void* stream = launch_stream(params, size);
+  if (stream && take_stream(stream, words)) return STREAM;
+  return take_global(words) ? GLOBAL : NONE;
 }
 
 EXPORT void bullet_tpc_hook_callback(void* userdata, int domain, int cbid, const void* params) {
   (void)userdata;
   atomic_fetch_add_explicit(&st_calls, 1, memory_order_relaxed);
+  trace_params(domain, cbid, params);
   if (domain != HOOK_DOMAIN || cbid != HOOK_CBID) return;
-  uint8_t* qmd = launch_qmd(params);
+  uint32_t size = params ? params_size(params) : 0;
+  atomic_store_explicit(&st_params_size, size, memory_order_relaxed);
+  uint8_t* qmd = launch_qmd(params, size);
   uint32_t version = 0;
   const struct qmd_layout* layout = qmd ? qmd_layout(qmd, &version) : NULL;
   if (qmd) atomic_store_explicit(&st_qmd_version, version, memory_order_relaxed);
   uint32_t words[4];
-  int from_next;
-  if (!wanted_mask(words, &from_next)) return;
+  enum source from = wanted_mask(params, size, words);
+  if (from == NONE) return;
   if (!layout) { /* unknown layout: writing at a guessed position would corrupt the launch */
     atomic_fetch_add_explicit(&st_skips, 1, memory_order_relaxed);
     return;
   }
-  if (!from_next && qmd_has_mask(qmd, layout)) return; /* a stream mask wins over global */
+  if (from == GLOBAL && qmd_has_mask(qmd, layout)) return; /* a driver stream mask wins over global */
   qmd_write_mask(qmd, layout, words);
   atomic_fetch_add_explicit(&st_writes, 1, memory_order_relaxed);
+  if (from == STREAM) atomic_fetch_add_explicit(&st_stream_writes, 1, memory_order_relaxed);
+  if (from == THREAD) atomic_fetch_add_explicit(&st_thread_writes, 1, memory_order_relaxed);
 }
 
 EXPORT int bullet_tpc_hook_stats(bullet_tpc_hook_stats_t* out) {
@@ -258,6 +397,8 @@ EXPORT int bullet_tpc_hook_stats(bullet_tpc_hook_stats_t* out) {
   out->last_params_size = atomic_load(&st_params_size);
   out->last_qmd_version = atomic_load(&st_qmd_version);
   out->installed = atomic_load(&st_installed);
+  out->stream_writes = atomic_load(&st_stream_writes);
+  out->thread_writes = atomic_load(&st_thread_writes);
   return BULLET_TPC_OK;
 }
 
@@ -267,6 +408,8 @@ EXPORT void bullet_tpc_hook_reset_stats(void) {
   atomic_store(&st_skips, 0);
   atomic_store(&st_params_size, 0);
   atomic_store(&st_qmd_version, 0);
+  atomic_store(&st_stream_writes, 0);
+  atomic_store(&st_thread_writes, 0);
 }
 
 /* ---- launch hook: installation through the driver's export table ---------------------------- */

@@ -18,7 +18,7 @@ from pathlib import Path
 from ..errors import BulletError
 
 LIB_NAME = "libbullet_tpc.so"
-ABI_VERSION = 1
+ABI_VERSION = 2
 BUILD_HINT = (
     "install with a C compiler present (pip install .) or build it with "
     "`cmake -S . -B build/tpc && cmake --build build/tpc`, or set BULLET_TPC_LIB to the .so"
@@ -37,10 +37,30 @@ class HookStats(ctypes.Structure):
         ("last_params_size", ctypes.c_uint64),
         ("last_qmd_version", ctypes.c_uint32),
         ("installed", ctypes.c_uint32),
+        ("stream_writes", ctypes.c_uint64),
+        ("thread_writes", ctypes.c_uint64),
     ]
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name, _ in self._fields_}
+
+
+TRACE_WORDS = 16
+TRACE_MAX = 64
+
+
+class TraceRecord(ctypes.Structure):
+    _fields_ = [
+        ("domain", ctypes.c_int32),
+        ("cbid", ctypes.c_int32),
+        ("size", ctypes.c_uint32),
+        ("n_words", ctypes.c_uint32),
+        ("words", ctypes.c_uint64 * TRACE_WORDS),
+    ]
+
+    def as_dict(self) -> dict:
+        return {"domain": self.domain, "cbid": self.cbid, "size": self.size,
+                "words": list(self.words[: self.n_words])}
 
 
 Words4 = ctypes.c_uint32 * 4
@@ -80,6 +100,12 @@ class NativeLib:
         lib.bullet_tpc_clear_stream_mask.argtypes = [ptr, i32]
         lib.bullet_tpc_set_global_mask.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.bullet_tpc_set_next_mask.argtypes = [ctypes.c_void_p]
+        lib.bullet_tpc_set_thread_mask.argtypes = [ctypes.c_void_p]
+        lib.bullet_tpc_hook_set_stream_word.argtypes = [ctypes.c_int]
+        lib.bullet_tpc_hook_set_stream_mask.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.bullet_tpc_hook_trace_start.argtypes = [ctypes.c_int]
+        lib.bullet_tpc_hook_trace_read.argtypes = [ctypes.POINTER(TraceRecord), ctypes.c_int]
+        lib.bullet_tpc_peek.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
         lib.bullet_tpc_hook_stats.argtypes = [ctypes.POINTER(HookStats)]
         lib.bullet_tpc_hook_callback.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         lib.bullet_tpc_hook_callback.restype = None
@@ -126,6 +152,32 @@ class NativeLib:
     def set_global_mask(self, disabled: list[int] | None) -> None:
         words = None if disabled is None else Words4(*disabled)
         self._check(self._lib.bullet_tpc_set_global_mask(words, int(disabled is not None)), "global mask")
+
+    def set_thread_mask(self, disabled: list[int] | None) -> None:
+        self._check(self._lib.bullet_tpc_set_thread_mask(None if disabled is None else Words4(*disabled)), "thread mask")
+
+    def set_stream_word(self, word: int) -> None:
+        self._check(self._lib.bullet_tpc_hook_set_stream_word(int(word)), "setting the hook's stream word")
+
+    def stream_word(self) -> int:
+        return self._lib.bullet_tpc_hook_stream_word()
+
+    def set_hook_stream_mask(self, stream: int, disabled: list[int] | None) -> None:
+        words = None if disabled is None else Words4(*disabled)
+        self._check(self._lib.bullet_tpc_hook_set_stream_mask(stream, words), "hook stream mask")
+
+    def trace_start(self, count: int) -> None:
+        self._check(self._lib.bullet_tpc_hook_trace_start(int(count)), "starting the hook trace")
+
+    def trace_read(self) -> list[dict]:
+        out = (TraceRecord * TRACE_MAX)()
+        n = self._lib.bullet_tpc_hook_trace_read(out, TRACE_MAX)
+        return [out[i].as_dict() for i in range(n)]
+
+    def peek(self, address: int, n: int) -> bytes | None:
+        """``n`` bytes at ``address`` of this process, or None where it is not readable."""
+        buf = ctypes.create_string_buffer(n)
+        return None if self._lib.bullet_tpc_peek(address, buf, n) else buf.raw
 
     def hook_stats(self) -> dict:
         stats = HookStats()
