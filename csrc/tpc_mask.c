@@ -290,8 +290,12 @@ static atomic_int trace_on;
 EXPORT int bullet_tpc_hook_trace_start(int count) {
   if (count < 0 || count > TRACE_MAX) return fail(BULLET_TPC_E_ARG, "trace count %d: allowed 0..%d", count, TRACE_MAX);
   pthread_mutex_lock(&trace_lock);
-  trace_want = count;
-  trace_have = 0;
+  if (count > 0) { /* a new trace; 0 stops the current one and keeps its records */
+    trace_want = count;
+    trace_have = 0;
+  } else {
+    trace_want = trace_have;
+  }
   atomic_store(&trace_on, count > 0);
   pthread_mutex_unlock(&trace_lock);
   return BULLET_TPC_OK;

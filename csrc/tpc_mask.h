@@ -122,7 +122,8 @@ typedef struct bullet_tpc_trace_record {
   uint64_t words[BULLET_TPC_TRACE_WORDS];
 } bullet_tpc_trace_record_t;
 
-/* Record the params of the next `count` callbacks (at most 64; 0 stops recording). */
+/* Record the params of the next `count` callbacks (at most 64); 0 stops recording and keeps
+ * what was recorded. */
 int bullet_tpc_hook_trace_start(int count);
 /* Copy up to `capacity` records made since trace_start; returns how many were copied. */
 int bullet_tpc_hook_trace_read(bullet_tpc_trace_record_t* out, int capacity);

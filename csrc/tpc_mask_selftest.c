@@ -97,6 +97,11 @@ static void trace_and_peek(void) {
   bullet_tpc_trace_record_t rec[4];
   CHECK(bullet_tpc_hook_trace_read(rec, 4) == 2);
   CHECK(rec[1].cbid == 1 && rec[1].size == 48 && rec[1].n_words == 6 && rec[1].words[5] == 5);
+  CHECK(bullet_tpc_hook_trace_start(5) == 0);
+  bullet_tpc_hook_callback(NULL, 0x7, 9, params);
+  CHECK(bullet_tpc_hook_trace_start(0) == 0); /* stop: keeps the one record */
+  bullet_tpc_hook_callback(NULL, 0x7, 10, params);
+  CHECK(bullet_tpc_hook_trace_read(rec, 4) == 1 && rec[0].cbid == 9);
   uint64_t got = 0;
   CHECK(bullet_tpc_peek(&params[2], &got, 8) == 0 && got == 2);
   CHECK(bullet_tpc_peek((void*)16, &got, 8) == BULLET_TPC_E_ARG);

@@ -202,9 +202,12 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
+@pytest.mark.parametrize("offs64", [False, True], ids=["int32-offsets", "int64-offsets"])
+@pytest.mark.parametrize("block_n", [16, 32])
 @pytest.mark.parametrize("dtype,hq,hkv,d,page_size,lens,splits", DECODE_CASES)
-def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, prefetch):
+def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, block_n, offs64, monkeypatch):
+    if offs64:  # the path for caches past 2**31 elements, forced on a small one
+        monkeypatch.setattr(decode_attention, "OFFS64_FROM", 0)
     width = max(-(-max(lens) // page_size), 1) + 1
     pages = sum(-(-n // page_size) for n in lens) + 3
     kc, vc = paged_cache(pages, page_size, hkv, d, dtype)
@@ -213,7 +216,7 @@ def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, pref
     q = torch.randn(len(lens), hq, d).to(dtype)
     with sizing.sm_budget(8):
         out = decode_attention.paged_decode_attention(
-            q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q), num_splits=splits, block_n=16, prefetch=prefetch)
+            q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q), num_splits=splits, block_n=block_n)
     ref = R.paged_decode_attention(q.float(), kc.float(), vc.float(), table, seq_lens, d**-0.5)
     assert rel_err(out, ref) < TOL[dtype]
     assert torch.all(out[seq_lens == 0] == 0)

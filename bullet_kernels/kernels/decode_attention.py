@@ -19,28 +19,59 @@ from .common import dot_flags, mma
 from .sizing import decode_kv_splits
 
 LOG2E = 1.4426950408889634
+# Offsets are int32 (fewer address instructions) unless a cache or page table could overflow them.
+OFFS64_FROM = 2**31 - 1
 
 
 @triton.jit
-def _tile_pages(pt_row, start, hi, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Page id of each token of the tile at ``start`` (0 past ``hi``: masked, no traffic)."""
-    t = start + tl.arange(0, BLOCK_N)
-    return tl.load(pt_row + t // PAGE_SIZE, mask=t < hi, other=0).to(tl.int64)
+def _tile_kv(k_ptr, v_ptr, pt_row, start, hi, kvh, d, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
+             PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, OFFS64: tl.constexpr):
+    """K and V rows (``[BLOCK_N, HEAD_DIM]``) of the tokens ``start + i``.
 
-
-@triton.jit
-def _tile_kv(k_ptr, v_ptr, pages, start, hi, kvh, d,
-             stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-             PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """K and V rows of the tile at ``start``, both loads issued before either is used."""
-    t = start + tl.arange(0, BLOCK_N)
-    t_ok = (t < hi)[:, None]
-    off = t % PAGE_SIZE
-    k = tl.load(k_ptr + (pages * stride_kp + off * stride_kt + kvh * stride_kh)[:, None] + d[None, :],
-                mask=t_ok, other=0.0)
-    v = tl.load(v_ptr + (pages * stride_vp + off * stride_vt + kvh * stride_vh)[:, None] + d[None, :],
-                mask=t_ok, other=0.0)
+    Where a page holds whole tiles (``PAGE_SIZE % BLOCK_N == 0``) the tile is one strided
+    block: one page-id load, then a scalar base plus loop-invariant offsets. Smaller pages
+    need a page id per token. Unmasked tiles (all tokens < hi) skip the predicates.
+    """
+    rows = tl.arange(0, BLOCK_N)
+    t = start + rows
+    if PAGE_SIZE % BLOCK_N == 0:
+        page = tl.load(pt_row + start // PAGE_SIZE)
+        page = page.to(tl.int64) if OFFS64 else page
+        slot = start % PAGE_SIZE + rows
+        k_rows = page * stride_kp + slot * stride_kt + kvh * stride_kh
+        v_rows = page * stride_vp + slot * stride_vt + kvh * stride_vh
+    else:
+        if MASKED:
+            page = tl.load(pt_row + t // PAGE_SIZE, mask=t < hi, other=0)
+        else:
+            page = tl.load(pt_row + t // PAGE_SIZE)
+        page = page.to(tl.int64) if OFFS64 else page
+        off = t % PAGE_SIZE
+        k_rows = page * stride_kp + off * stride_kt + kvh * stride_kh
+        v_rows = page * stride_vp + off * stride_vt + kvh * stride_vh
+    if MASKED:
+        ok = (t < hi)[:, None]
+        k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=ok, other=0.0)
+        v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=ok, other=0.0)
+    else:
+        k = tl.load(k_ptr + k_rows[:, None] + d[None, :])
+        v = tl.load(v_ptr + v_rows[:, None] + d[None, :])
     return k, v
+
+
+@triton.jit
+def _attend_tile(q, k, v, m, l, acc, start, hi, qk_scale, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One online-softmax step over a K/V tile; returns the new (m, l, acc)."""
+    s = mma(q, tl.trans(k), DOT_PREC, DOT_UPCAST) * qk_scale
+    if MASKED:
+        s = tl.where((start + tl.arange(0, BLOCK_N) < hi)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, DOT_UPCAST)
+    return m_new, l, acc
 
 
 @triton.jit
@@ -52,8 +83,8 @@ def _decode_split_kernel(
     stride_vp, stride_vt, stride_vh,
     stride_pt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-    PREFETCH: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
+    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -64,6 +95,8 @@ def _decode_split_kernel(
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
+    # Whole tiles run unmasked; only the last (partial) tile of a split pays for predicates.
+    full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
 
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, HEAD_DIM)
@@ -76,40 +109,14 @@ def _decode_split_kernel(
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
     pt_row = pt_ptr + b.to(tl.int64) * stride_pt
-    # The dot here has 16 rows, too few for Triton's shared-memory pipeliner (it leaves the
-    # K/V loads synchronous: one tile in flight per program, ~55% of a copy on 16-40 SMs).
-    # With PREFETCH the loop carries the next tile in registers: its K/V loads are issued
-    # before this tile's math and its page ids one tile earlier still, so each program keeps
-    # two tiles of HBM reads in flight, which is what a small partition needs to draw its
-    # share of bandwidth.
-    if PREFETCH:
-        pages = _tile_pages(pt_row, lo, hi, PAGE_SIZE, BLOCK_N)
-        k, v = _tile_kv(k_ptr, v_ptr, pages, lo, hi, kvh, d, stride_kp, stride_kt, stride_kh,
-                        stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N)
-        pages = _tile_pages(pt_row, lo + BLOCK_N, hi, PAGE_SIZE, BLOCK_N)
-    else:
-        k = tl.zeros([BLOCK_N, HEAD_DIM], k_ptr.dtype.element_ty)
-        v = tl.zeros([BLOCK_N, HEAD_DIM], v_ptr.dtype.element_ty)
-        pages = tl.zeros([BLOCK_N], tl.int64)
-    for start in range(lo, hi, BLOCK_N):
-        if PREFETCH:
-            k_next, v_next = _tile_kv(k_ptr, v_ptr, pages, start + BLOCK_N, hi, kvh, d, stride_kp, stride_kt,
-                                      stride_kh, stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N)
-            pages = _tile_pages(pt_row, start + 2 * BLOCK_N, hi, PAGE_SIZE, BLOCK_N)
-        else:
-            k, v = _tile_kv(k_ptr, v_ptr, _tile_pages(pt_row, start, hi, PAGE_SIZE, BLOCK_N), start, hi, kvh, d,
-                            stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N)
-            k_next, v_next = k, v
-        t_ok = start + tl.arange(0, BLOCK_N) < hi
-        s = mma(q, tl.trans(k), DOT_PREC, DOT_UPCAST) * qk_scale
-        s = tl.where(t_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, DOT_PREC, DOT_UPCAST)
-        m = m_new
-        k, v = k_next, v_next
+    for start in range(lo, full_hi, BLOCK_N):
+        k, v = _tile_kv(k_ptr, v_ptr, pt_row, start, hi, kvh, d, stride_kp, stride_kt, stride_kh,
+                        stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, False, OFFS64)
+        m, l, acc = _attend_tile(q, k, v, m, l, acc, start, hi, qk_scale, BLOCK_N, False, DOT_PREC, DOT_UPCAST)
+    if full_hi < hi:
+        k, v = _tile_kv(k_ptr, v_ptr, pt_row, full_hi, hi, kvh, d, stride_kp, stride_kt, stride_kh,
+                        stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, True, OFFS64)
+        m, l, acc = _attend_tile(q, k, v, m, l, acc, full_hi, hi, qk_scale, BLOCK_N, True, DOT_PREC, DOT_UPCAST)
 
     has = l > 0  # false for an empty split and for padding rows (seq_len 0)
     o = acc / tl.where(has, l, 1.0)[:, None]
@@ -172,7 +179,6 @@ def paged_decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
-    prefetch: bool = True,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing.
 
@@ -202,7 +208,8 @@ def paged_decode_attention(
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1, PREFETCH=prefetch,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
+        OFFS64=max(k_cache.numel(), v_cache.numel(), page_table.numel()) >= OFFS64_FROM,
         **dot_flags(k_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
