@@ -51,8 +51,11 @@ def traced_launch(lib, stream_handle: int, sm_count: int) -> list[dict]:
     return [r for r in lib.trace_read() if (r["domain"], r["cbid"]) == HOOK]
 
 
-def stream_words(records: list[dict], handle: int) -> list[int]:
-    return sorted({i for r in records for i, w in enumerate(r["words"]) if w == handle})
+def stream_words(records: list[dict], handle: int) -> list[str]:
+    """Where the handle sits: ``"w3"`` (params word 3) or ``"w7+0x18"`` (8 bytes at word 7 + 0x18)."""
+    where = {f"w{i}" for r in records for i, w in enumerate(r["words"]) if w == handle}
+    where |= {f"w{i}+{8 * j:#x}" for r in records for i, words in r["deref"].items() for j, w in enumerate(words) if w == handle}
+    return sorted(where)
 
 
 def observe_on(stream_handle: int, sm_count: int) -> int:
@@ -130,8 +133,9 @@ def main() -> int:
                  "observed_sms": len(observe_next(eight))})
 
     # 3. hook stream masks keyed by the handle
-    if len(common) == 1:
-        lib.set_stream_word(common[0])
+    direct = [c for c in common if "+" not in c]
+    if len(direct) == 1:
+        lib.set_stream_word(int(direct[0][1:]))
         masked = own[0][0]
         lib.set_hook_stream_mask(masked, eight.disabled_words())
         try:
@@ -152,7 +156,7 @@ def main() -> int:
         finally:
             lib.set_hook_stream_mask(masked, None)
     else:
-        rows.append({"test": "hook stream masks", "skipped": f"stream word not unique: {common}"})
+        rows.append({"test": "hook stream masks", "skipped": f"no unique direct stream word: {common}"})
     lib.set_thread_mask(eight.disabled_words())
     try:
         g3, out3 = graph_probe(pooled[1].cuda_stream, n)

@@ -28,7 +28,7 @@ from bullet_kernels.partition import Partitioner, SMSplit  # noqa: E402
 # (bench/results/tune-decode-attention-h100-20261126.json, commit 79c29fb): carrying the next
 # K/V tile in registers ("prefetch") reached only 28-61% of the copy on 16-56 SMs, against
 # 58-97% for Triton's own cp.async pipeline, and is gone from the kernel.
-VARIANTS = tuple((bn, st, nw) for bn in (128, 64) for st in (2, 3) for nw in (4, 8))
+VARIANTS = ((64, 4, 4), (64, 3, 4), (64, 5, 4), (64, 4, 8), (32, 6, 4), (32, 8, 4), (128, 3, 4), (128, 2, 4), (128, 3, 8))
 KEYS = ("block_n", "num_stages", "num_warps")
 SMS = (16, 32, 40, 56, 132)
 SHAPES = ((128, 4096), (16, 32768))

@@ -310,6 +310,14 @@ EXPORT int bullet_tpc_hook_trace_read(bullet_tpc_trace_record_t* out, int capaci
   return n;
 }
 
+EXPORT int bullet_tpc_peek(const void* addr, void* out, uint64_t n) {
+  if (!out) return fail(BULLET_TPC_E_ARG, "peek: out is NULL");
+  struct iovec local = {out, n}, remote = {(void*)addr, n};
+  ssize_t got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
+  if (got != (ssize_t)n) return fail(BULLET_TPC_E_ARG, "peek: %llu bytes at %p are not readable", (unsigned long long)n, addr);
+  return BULLET_TPC_OK;
+}
+
 static void trace_params(int domain, int cbid, const void* params) {
   if (!atomic_load_explicit(&trace_on, memory_order_relaxed)) return;
   pthread_mutex_lock(&trace_lock);
@@ -322,19 +330,14 @@ static void trace_params(int domain, int cbid, const void* params) {
       r->size = params_size(params);
       r->n_words = r->size / 8 < BULLET_TPC_TRACE_WORDS ? r->size / 8 : BULLET_TPC_TRACE_WORDS;
       memcpy(r->words, params, r->n_words * 8);
+      for (uint32_t i = 1; i < r->n_words; i++)
+        r->ok[i] = r->words[i] >= 4096 && bullet_tpc_peek((const void*)(uintptr_t)r->words[i], r->deref[i], sizeof r->deref[i]) == 0;
     }
     if (trace_have == trace_want) atomic_store(&trace_on, 0);
   }
   pthread_mutex_unlock(&trace_lock);
 }
 
-EXPORT int bullet_tpc_peek(const void* addr, void* out, uint64_t n) {
-  if (!out) return fail(BULLET_TPC_E_ARG, "peek: out is NULL");
-  struct iovec local = {out, n}, remote = {(void*)addr, n};
-  ssize_t got = process_vm_readv(getpid(), &local, 1, &remote, 1, 0);
-  if (got != (ssize_t)n) return fail(BULLET_TPC_E_ARG, "peek: %llu bytes at %p are not readable", (unsigned long long)n, addr);
-  return BULLET_TPC_OK;
-}
 
 /* ---- launch hook: callback and statistics ---------------------------------------------------- */
 

@@ -115,11 +115,16 @@ void bullet_tpc_hook_callback(void* userdata, int domain, int cbid, const void* 
 /* ---- diagnostics: what the driver passes the callback ----------------------------------- */
 
 #define BULLET_TPC_TRACE_WORDS 16
+#define BULLET_TPC_TRACE_DEREF 64
 typedef struct bullet_tpc_trace_record {
   int32_t domain, cbid;
   uint32_t size;    /* params size in bytes */
   uint32_t n_words; /* words copied below: min(size / 8, BULLET_TPC_TRACE_WORDS) */
   uint64_t words[BULLET_TPC_TRACE_WORDS];
+  /* deref[i]: the first BULLET_TPC_TRACE_DEREF words at address words[i], read during the
+   * callback (stack pointers are only valid then) without faulting; ok[i] = 1 if readable. */
+  uint64_t deref[BULLET_TPC_TRACE_WORDS][BULLET_TPC_TRACE_DEREF];
+  uint8_t ok[BULLET_TPC_TRACE_WORDS];
 } bullet_tpc_trace_record_t;
 
 /* Record the params of the next `count` callbacks (at most 64); 0 stops recording and keeps

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_flags, mma
+from .common import INTERPRET, dot_flags, mma
 from .sizing import decode_kv_splits
 
 LOG2E = 1.4426950408889634
@@ -24,8 +24,27 @@ OFFS64_FROM = 2**31 - 1
 
 
 @triton.jit
+def _load_page_ids(ptrs, ASM: tl.constexpr):
+    """Page ids at ``ptrs``, loaded where Triton's software pipeliner cannot see them.
+
+    A ``tl.load`` here joins the cp.async pipeline, and because the K/V addresses depend on
+    it the pipeliner then waits for *every* copy in flight at the top of each iteration
+    (``async_wait num=0``): one tile in flight per program, ~55-60% of a copy on 16-40 SMs
+    (H100/H200, tune-decode-attention-*-20261126.json). An opaque inline-asm load keeps the
+    page ids out of the async groups, so ``num_stages - 1`` tiles stay in flight. The
+    interpreter (CPU tests) cannot run PTX and takes the plain load.
+    """
+    if ASM:
+        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
 def _tile_kv(k_ptr, v_ptr, pt_row, start, hi, kvh, d, stride_kp, stride_kt, stride_kh, stride_vp, stride_vt, stride_vh,
-             PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, OFFS64: tl.constexpr):
+             PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, OFFS64: tl.constexpr,
+             PAGE_ASM: tl.constexpr):
     """K and V rows (``[BLOCK_N, HEAD_DIM]``) of the tokens ``start + i``.
 
     Where a page holds whole tiles (``PAGE_SIZE % BLOCK_N == 0``) the tile is one strided
@@ -35,16 +54,13 @@ def _tile_kv(k_ptr, v_ptr, pt_row, start, hi, kvh, d, stride_kp, stride_kt, stri
     rows = tl.arange(0, BLOCK_N)
     t = start + rows
     if PAGE_SIZE % BLOCK_N == 0:
-        page = tl.load(pt_row + start // PAGE_SIZE)
+        page = _load_page_ids(pt_row + start // PAGE_SIZE, PAGE_ASM)
         page = page.to(tl.int64) if OFFS64 else page
         slot = start % PAGE_SIZE + rows
         k_rows = page * stride_kp + slot * stride_kt + kvh * stride_kh
         v_rows = page * stride_vp + slot * stride_vt + kvh * stride_vh
     else:
-        if MASKED:
-            page = tl.load(pt_row + t // PAGE_SIZE, mask=t < hi, other=0)
-        else:
-            page = tl.load(pt_row + t // PAGE_SIZE)
+        page = _load_page_ids(pt_row + tl.minimum(t, hi - 1) // PAGE_SIZE, PAGE_ASM)  # clamped: no mask
         page = page.to(tl.int64) if OFFS64 else page
         off = t % PAGE_SIZE
         k_rows = page * stride_kp + off * stride_kt + kvh * stride_kh
@@ -84,7 +100,7 @@ def _decode_split_kernel(
     stride_pt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
-    DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    PAGE_ASM: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -111,11 +127,11 @@ def _decode_split_kernel(
     pt_row = pt_ptr + b.to(tl.int64) * stride_pt
     for start in range(lo, full_hi, BLOCK_N):
         k, v = _tile_kv(k_ptr, v_ptr, pt_row, start, hi, kvh, d, stride_kp, stride_kt, stride_kh,
-                        stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, False, OFFS64)
+                        stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, False, OFFS64, PAGE_ASM)
         m, l, acc = _attend_tile(q, k, v, m, l, acc, start, hi, qk_scale, BLOCK_N, False, DOT_PREC, DOT_UPCAST)
     if full_hi < hi:
         k, v = _tile_kv(k_ptr, v_ptr, pt_row, full_hi, hi, kvh, d, stride_kp, stride_kt, stride_kh,
-                        stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, True, OFFS64)
+                        stride_vp, stride_vt, stride_vh, PAGE_SIZE, BLOCK_N, True, OFFS64, PAGE_ASM)
         m, l, acc = _attend_tile(q, k, v, m, l, acc, full_hi, hi, qk_scale, BLOCK_N, True, DOT_PREC, DOT_UPCAST)
 
     has = l > 0  # false for an empty split and for padding rows (seq_len 0)
@@ -209,7 +225,7 @@ def paged_decode_attention(
         page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
-        OFFS64=max(k_cache.numel(), v_cache.numel(), page_table.numel()) >= OFFS64_FROM,
+        OFFS64=max(k_cache.numel(), v_cache.numel(), page_table.numel()) >= OFFS64_FROM, PAGE_ASM=not INTERPRET,
         **dot_flags(k_cache.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -46,6 +46,7 @@ class HookStats(ctypes.Structure):
 
 
 TRACE_WORDS = 16
+TRACE_DEREF = 64
 TRACE_MAX = 64
 
 
@@ -56,11 +57,14 @@ class TraceRecord(ctypes.Structure):
         ("size", ctypes.c_uint32),
         ("n_words", ctypes.c_uint32),
         ("words", ctypes.c_uint64 * TRACE_WORDS),
+        ("deref", (ctypes.c_uint64 * TRACE_DEREF) * TRACE_WORDS),
+        ("ok", ctypes.c_uint8 * TRACE_WORDS),
     ]
 
     def as_dict(self) -> dict:
-        return {"domain": self.domain, "cbid": self.cbid, "size": self.size,
-                "words": list(self.words[: self.n_words])}
+        n = self.n_words
+        return {"domain": self.domain, "cbid": self.cbid, "size": self.size, "words": list(self.words[:n]),
+                "deref": {i: list(self.deref[i]) for i in range(n) if self.ok[i]}}
 
 
 Words4 = ctypes.c_uint32 * 4
