@@ -58,6 +58,20 @@ def stream_words(records: list[dict], handle: int) -> list[str]:
     return sorted(where)
 
 
+def full_green_stream(device_index: int):
+    """(green ctx, its CUcontext handle, stream handle) holding every SM: an identity, no limit."""
+    from bullet_kernels.device import check, driver_module
+
+    drv = driver_module()
+    dev = check(drv.cuDeviceGet(device_index), "cuDeviceGet")
+    res = check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM), "cuDeviceGetDevResource")
+    desc = check(drv.cuDevResourceGenerateDesc([res], 1), "cuDevResourceGenerateDesc")
+    gctx = check(drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM), "cuGreenCtxCreate")
+    ctx = check(drv.cuCtxFromGreenCtx(gctx), "cuCtxFromGreenCtx")
+    stream = check(drv.cuGreenCtxStreamCreate(gctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0), "cuGreenCtxStreamCreate")
+    return gctx, int(ctx), int(stream)
+
+
 def observe_on(stream_handle: int, sm_count: int) -> int:
     return len(probe.observed_sms(stream_handle, sm_count, waves=2, spin_us=5))
 
@@ -110,6 +124,22 @@ def main() -> int:
     common = sorted(set.intersection(*map(set, found))) if found else []
     rows.append({"test": "stream word", "common": common})
 
+    # 1b. where the launch's context sits: torch's primary context and two full-SM green contexts
+    from bullet_kernels.device import check, driver_module
+
+    drv = driver_module()
+    primary = int(check(drv.cuStreamGetCtx(drv.CUstream(pooled[0].cuda_stream)), "cuStreamGetCtx"))
+    greens = [full_green_stream(d.index) for _ in range(2)]
+    ctx_found = []
+    for kind, ctx, handle in [("primary", primary, pooled[0].cuda_stream)] + [("green", c, h) for _, c, h in greens]:
+        recs = traced_launch(lib, handle, n)
+        where = stream_words(recs, ctx)
+        ctx_found.append(where)
+        rows.append({"test": "context in params", "kind": kind, "ctx": hex(ctx), "stream": hex(handle), "ctx_at": where,
+                     "stream_at": stream_words(recs, handle), "words": [hex(w) for w in recs[0]["words"]] if recs else []})
+    ctx_common = sorted(set.intersection(*map(set, ctx_found)))
+    rows.append({"test": "context word", "common": ctx_common})
+
     # 2. the descriptor bit -> SM map through the next-launch mask
     def observe_next(mask: TpcMask) -> frozenset[int]:
         out = torch.full((2 * n,), -1, dtype=torch.int32, device="cuda")
@@ -157,6 +187,33 @@ def main() -> int:
             lib.set_hook_stream_mask(masked, None)
     else:
         rows.append({"test": "hook stream masks", "skipped": f"no unique direct stream word: {common}"})
+    ctx_direct = [c for c in ctx_common if "+" not in c]
+    if len(ctx_direct) == 1:
+        lib.set_stream_word(int(ctx_direct[0][1:]))
+        (_, ctx_a, stream_a), (_, ctx_b, stream_b) = greens
+        lib.set_hook_stream_mask(ctx_a, eight.disabled_words())
+        try:
+            rows.append({"test": "context-keyed mask: green ctx A stream", "expected_sms": sixteen_sms, "observed_sms": observe_on(stream_a, n)})
+            rows.append({"test": "context-keyed mask: green ctx B stream", "expected_sms": n, "observed_sms": observe_on(stream_b, n)})
+            rows.append({"test": "context-keyed mask: primary ctx stream", "expected_sms": n, "observed_sms": observe_on(plain.cuda_stream, n)})
+            ga, outa = graph_probe(stream_a, n)
+            rows.append({"test": "context-keyed: graph captured on ctx A, replayed on a primary stream", "observed_sms": replay_sms(ga, outa, plain)})
+            rows.append({"test": "context-keyed: graph captured on ctx A, replayed on ctx A stream",
+                         "observed_sms": replay_sms(ga, outa, torch.cuda.ExternalStream(stream_a))})
+            gp, outp = graph_probe(pooled[1].cuda_stream, n)
+            rows.append({"test": "context-keyed: graph captured on primary, replayed on ctx A stream",
+                         "observed_sms": replay_sms(gp, outp, torch.cuda.ExternalStream(stream_a))})
+            x = torch.randn(4096, 4096, device="cuda")
+            torch.cuda.synchronize()
+            with torch.cuda.stream(torch.cuda.ExternalStream(stream_a)):
+                y = x @ x  # a torch (cuBLAS) launch into the green stream: counted as a keyed write?
+            torch.cuda.synchronize()
+            rows.append({"test": "context-keyed: cuBLAS on ctx A stream", "stats": lib.hook_stats(), "finite": bool(torch.isfinite(y).all())})
+        finally:
+            lib.set_hook_stream_mask(ctx_a, None)
+            lib.set_stream_word(-1)
+    else:
+        rows.append({"test": "context-keyed masks", "skipped": f"no unique direct context word: {ctx_common}"})
     lib.set_thread_mask(eight.disabled_words())
     try:
         g3, out3 = graph_probe(pooled[1].cuda_stream, n)

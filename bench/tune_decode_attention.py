@@ -28,8 +28,11 @@ from bullet_kernels.partition import Partitioner, SMSplit  # noqa: E402
 # (bench/results/tune-decode-attention-h100-20261126.json, commit 79c29fb): carrying the next
 # K/V tile in registers ("prefetch") reached only 28-61% of the copy on 16-56 SMs, against
 # 58-97% for Triton's own cp.async pipeline, and is gone from the kernel.
-VARIANTS = ((64, 4, 4), (64, 3, 4), (64, 5, 4), (64, 4, 8), (32, 6, 4), (32, 8, 4), (128, 3, 4), (128, 2, 4), (128, 3, 8))
-KEYS = ("block_n", "num_stages", "num_warps")
+# Second round (commit e5955ff): (64, 3, 4) won, limited by occupancy (3 programs of 4 warps
+# per SM: 144 registers, 72 KB shared). This round tries smaller tiles and register caps.
+VARIANTS = ((64, 3, 4, None), (64, 2, 4, None), (64, 2, 4, 96), (64, 3, 4, 128), (64, 3, 8, None),
+            (32, 3, 4, None), (32, 4, 4, None), (32, 5, 4, None), (32, 4, 4, 96), (32, 4, 8, None))
+KEYS = ("block_n", "num_stages", "num_warps", "maxnreg")
 SMS = (16, 32, 40, 56, 132)
 SHAPES = ((128, 4096), (16, 32768))
 
@@ -70,8 +73,8 @@ def main() -> int:
                 caches = [paged_kv(cfg, b, ctx) for _ in range(2)]
                 q = torch.randn(b, cfg.heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
                 base = decode_kv_splits(b, cfg.kv_heads, cfg.group, ctx, granted)
-                for (bn, st, nw), mult in itertools.product(VARIANTS, (1, 2, 4)):
-                    kw = dict(block_n=bn, num_stages=st, num_warps=nw, num_splits=base * mult)
+                for (bn, st, nw, reg), splits in itertools.product(VARIANTS, sorted({1, base, 2 * base, 4 * base})):
+                    kw = dict(block_n=bn, num_stages=st, num_warps=nw, maxnreg=reg, num_splits=splits)
                     calls = [lambda c=c: decode_attention.paged_decode_attention(q, *c, 0.088, **kw) for c in caches] * 2
                     before = compiled_kernels()
                     try:
@@ -83,7 +86,7 @@ def main() -> int:
                         continue
                     new = {k: v for k, v in compiled_kernels().items() if k not in before}
                     for v in new.values():
-                        kernels[f"block_n={bn} stages={st} warps={nw}"] = v
+                        kernels[f"block_n={bn} stages={st} warps={nw} maxnreg={reg}"] = v
                     bw = tbps(attention_bytes(cfg, b, ctx), t["median_ms"])
                     rows.append({"sms": granted, "batch": b, "ctx": ctx, **kw, "ms": t["median_ms"], "tbps": bw,
                                  "pct_of_copy": 100 * bw / copy, "copy_tbps": copy})
@@ -93,7 +96,7 @@ def main() -> int:
                 dflt = next(r for r in mine if all(r[k] == v for k, v in default.items()) and r["num_splits"] == base)
                 print(f"{granted:4d} SMs b{b} ctx{ctx}: copy {copy:.2f} TB/s; default {dflt['tbps']:.2f} TB/s "
                       f"({dflt['pct_of_copy']:.0f}%); best {best['tbps']:.2f} TB/s ({best['pct_of_copy']:.0f}%) with "
-                      f"block_n={best['block_n']} stages={best['num_stages']} "
+                      f"block_n={best['block_n']} stages={best['num_stages']} maxnreg={best['maxnreg']} "
                       f"warps={best['num_warps']} splits={best['num_splits']} (base {base})", flush=True)
     top = sorted((r for r in rows if "tbps" in r), key=lambda r: -r["pct_of_copy"])[:10]
     for r in top:
@@ -102,15 +105,15 @@ def main() -> int:
         print(name, k)
     # per variant: the worst case over shapes and SM counts of its best split multiplier
     per_variant = {}
-    for (bn, st, nw) in VARIANTS:
+    for (bn, st, nw, reg) in VARIANTS:
         worst = None
         for sms_ in {r["sms"] for r in rows}:
             for b, ctx in SHAPES:
                 cands = [r["pct_of_copy"] for r in rows if "tbps" in r and r["sms"] == sms_ and r["batch"] == b and r["ctx"] == ctx
-                         and (r["block_n"], r["num_stages"], r["num_warps"]) == (bn, st, nw)]
+                         and (r["block_n"], r["num_stages"], r["num_warps"], r["maxnreg"]) == (bn, st, nw, reg)]
                 if cands:
                     worst = min(worst, max(cands)) if worst is not None else max(cands)
-        per_variant[f"block_n={bn} stages={st} warps={nw}"] = worst
+        per_variant[f"block_n={bn} stages={st} warps={nw} maxnreg={reg}"] = worst
     path = results.write("tune-decode-attention", rows, {"best": top[0] if top else None, "worst_pct_of_copy_by_variant": per_variant,
                                                           "compiled": kernels})
     print(f"results: {path}")

@@ -195,6 +195,7 @@ def paged_decode_attention(
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing.
 
@@ -227,7 +228,7 @@ def paged_decode_attention(
         PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
         OFFS64=max(k_cache.numel(), v_cache.numel(), page_table.numel()) >= OFFS64_FROM, PAGE_ASM=not INTERPRET,
         **dot_flags(k_cache.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if splits > 1:
         _decode_merge_kernel[(B, Hq)](
