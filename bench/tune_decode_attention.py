@@ -52,7 +52,26 @@ def compiled_kernels() -> dict:
     return out
 
 
+def parse_variants(text: str) -> tuple:
+    """``"64,3,4;32,3,1,96"`` -> ((64, 3, 4, None), (32, 3, 1, 96))."""
+    out = []
+    for part in filter(None, text.split(";")):
+        nums = [int(x) for x in part.split(",")]
+        if len(nums) not in (3, 4):
+            raise SystemExit(f"variant {part!r}: write block_n,num_stages,num_warps[,maxnreg]")
+        out.append((*nums, None) if len(nums) == 3 else tuple(nums))
+    return tuple(out)
+
+
 def main() -> int:
+    import argparse
+
+    global VARIANTS
+    ap = argparse.ArgumentParser(description="decode attention launch-setting sweep")
+    ap.add_argument("--variants", help="block_n,num_stages,num_warps[,maxnreg] separated by ';' (first = reference)")
+    args = ap.parse_args()
+    if args.variants:
+        VARIANTS = parse_variants(args.variants)
     if not torch.cuda.is_available():
         print("tune_decode_attention: no GPU here")
         return 1
