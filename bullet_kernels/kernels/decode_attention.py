@@ -1,7 +1,8 @@
 """Paged decode attention, split-KV (flash-decoding), sized for the SM budget.
 
-Grid ``(batch, kv_heads, splits)``. One program owns one KV-head group: all ``Hq/Hkv`` query
-heads ride in the rows of one ``tl.dot``, so each K/V tile is read from HBM once per group.
+Grid ``(batch, kv_heads, splits)``. One program (one warp by default) owns one KV-head group:
+all ``Hq/Hkv`` query heads ride in the rows of one ``tl.dot``, so each K/V tile is read from
+HBM once per group.
 Each sequence is cut into ``splits`` equal chunks of *its own* length (read on device), so
 short and long rows cost the same number of programs and the grid depends only on shapes and
 the budget: graph-safe. With more than one split a second tiny kernel merges the partial
@@ -192,19 +193,20 @@ def paged_decode_attention(
     *,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
+    block_n: int = 32,
+    num_warps: int = 1,
     num_stages: int = 3,
     maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing.
 
-    Launch defaults, checked by bench/tune_decode_attention.py on the H100 (16 and 40 SMs):
-    64-token tiles with 3 stages are within 1-2% of the best at the split count sizing.py picks.
-    128-token tiles with 2 stages win 6-10% only with twice the splits and lose ~15% without
-    them; adopting the tiles alone made the whole decode step slower (kept as
-    bench/results/*rejected-tile128*). No launch setting passed ~72% of a partition-sized copy:
-    the next gain needs a kernel change (e.g. prefetching page ids a tile ahead)."""
+    Launch defaults from bench/tune_decode_attention.py on the H100 (Triton 3.6; 16-132 SMs,
+    b128 x 4k and b16 x 32k contexts; tune-decode-attention-h100-20261126.json): one warp
+    per program, 32-token tiles, 3 stages. A 16-row dot leaves little for more warps to
+    share, and with one warp there are no cross-warp softmax reductions (no block barriers)
+    and ~6 programs fit on an SM, each with 2 tiles in flight: 85-97% of a partition-sized
+    copy on 16-40 SMs, against 65-85% for 4-warp programs with 64-token tiles.
+    """
     B, Hq, D, page_size, Hkv = _check(q, k_cache, v_cache, page_table, seq_lens)
     q = q if q.stride(2) == 1 else q.contiguous()
     out = torch.empty_like(q) if out is None else out

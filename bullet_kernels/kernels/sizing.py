@@ -59,15 +59,15 @@ def cdiv(a: int, b: int) -> int:
 
 # Decode attention. Each split of a sequence gets an equal share of its tokens, so programs
 # take equal time and the grid runs in whole waves; what matters is the last wave's fill.
-# A program (one KV-head group, BLOCK_N=64, 3 stages: 72 KB of shared memory, 144 registers
-# a thread on the H100 with Triton 3.6) fits CTAS_PER_SM times on an SM. We pick the split
+# A program (one KV-head group, one warp, BLOCK_N=32, 3 stages: 37 KB of shared memory, 252
+# registers a thread on the H100 with Triton 3.6) fits CTAS_PER_SM times on an SM. We pick the split
 # count that fills waves best, favouring >= MIN_WAVES waves so one program's start-up overlaps
 # another's streaming, and add splits only for a real gain (each one costs a partial output
 # write and a merge read). From ENOUGH_WAVES waves on we never split: real sequence lengths
 # differ, so the last wave is ragged anyway and the merge pass would be pure cost.
-CTAS_PER_SM = 3
+CTAS_PER_SM = 6
 MIN_WAVES = 2
-ENOUGH_WAVES = 4
+ENOUGH_WAVES = 2
 MIN_TOKENS_PER_SPLIT = 256  # below this the partial-output traffic (fp32, per q head) shows
 MAX_SPLITS = 64
 
