@@ -15,6 +15,7 @@ point), so they must not. Inputs and outputs live in static buffers the caller o
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import time
 from typing import Any, Callable, Iterable
@@ -152,9 +153,10 @@ class GraphBank:
             return self._graphs[key]
         start = time.perf_counter()
         try:
-            graph, output = capture_on_stream(
-                fn, self.stream_for(key), self.granted_sms(key), self._pool(pool_key or key.phase), warmup
-            )
+            with self.scope_for(key):  # warm-up on the lane's SMs (tpc hook lanes need the scope)
+                graph, output = capture_on_stream(
+                    fn, self.stream_for(key), self.granted_sms(key), self._pool(pool_key or key.phase), warmup
+                )
         except Exception as exc:
             raise CaptureError(
                 f"capturing {key} failed: {exc}. Graphs need static shapes, no host syncs "
@@ -179,15 +181,24 @@ class GraphBank:
             near = [str(k) for k in self._graphs if k.phase == key.phase][:8]
             raise KeyError(f"no graph captured for {key}; captured for this phase: {near or 'none'}") from None
 
+    def scope_for(self, key: GraphKey):
+        """The lane scope a key's graph must be replayed in (see PartitionSet.lane_scope)."""
+        if key.split is None or self.partitioner is None:
+            return contextlib.nullcontext()
+        return self.partitioner.get(key.split).lane_scope(key.lane)
+
     def replay(self, key: GraphKey, stream=None):
-        """Replay on ``stream`` (default: the current stream). Returns the static output."""
+        """Replay on ``stream`` (default: the current stream) in the key's lane scope.
+
+        Returns the static output."""
         import torch
 
         g = self.get(key)
-        if stream is None:
-            return g.replay()
-        with torch.cuda.stream(stream):
-            return g.replay()
+        with self.scope_for(key):
+            if stream is None:
+                return g.replay()
+            with torch.cuda.stream(stream):
+                return g.replay()
 
     def keys(self) -> list[GraphKey]:
         return list(self._graphs)

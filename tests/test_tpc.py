@@ -500,7 +500,7 @@ def test_sim_overlap_lanes_share_the_middle(sim):
 def test_sim_map_is_probed_once_then_read_from_the_cache(sim):
     from bullet_kernels.partition.tpc import TpcBackend
 
-    assert TpcBackend(_h100()).tpc_map() == TpcMap.linear(132, uuid="GPU-sim", driver="13000/580.159.04")
+    assert TpcBackend(_h100()).tpc_map() == TpcMap.linear(132, uuid="GPU-sim", driver="13000/580.159.04/record")
     assert sim.probes == 67 and not sim.streams  # probe stream destroyed
     TpcBackend(_h100()).tpc_map()
     assert sim.probes == 67
@@ -554,10 +554,15 @@ def test_sim_unavailable_reasons(sim, monkeypatch):
     from bullet_kernels.partition.tpc import TpcBackend
 
     assert TpcBackend.unavailable_reason(_h100()) == ""
+    assert TpcBackend.unavailable_reason(_h100(driver_api_version=13010)) == ""  # auto: the hook
+    monkeypatch.setenv("BULLET_TPC_MECHANISM", "record")  # the record alone needs a known offset
     why = TpcBackend.unavailable_reason(_h100(driver_api_version=13010))
-    assert why.startswith("driver API version 13010 has no known stream-mask offset")
+    assert "driver API version 13010 has no known stream-mask offset" in why
     monkeypatch.setenv("BULLET_TPC_STREAM_OFFSET", "0x51c")
     assert TpcBackend.unavailable_reason(_h100(driver_api_version=13010)) == ""
+    monkeypatch.setenv("BULLET_TPC_MECHANISM", "magic")
+    assert "BULLET_TPC_MECHANISM='magic' is not one of auto, record, hook" in TpcBackend.unavailable_reason(_h100())
+    monkeypatch.delenv("BULLET_TPC_MECHANISM")
     assert "compute capability 6.1 < 7.0" in TpcBackend.unavailable_reason(_h100(compute_capability=(6, 1)))
     monkeypatch.setattr(tpc_native, "_load", lambda: (None, "native library not built: ..."))
     assert TpcBackend.unavailable_reason(_h100()).startswith("native library not built")
@@ -567,6 +572,157 @@ def test_sim_hook_helpers_refuse_masks_with_no_live_tpc(sim):
     from bullet_kernels.partition.tpc import TpcBackend
 
     backend = TpcBackend(_h100())
+    backend._maps["hook"] = TpcMap.linear(132)  # descriptor bits, as if probed
     with pytest.raises(InvalidSplitError, match="would never finish"):
         with backend.next_launch_mask(TpcMask.range(66, 128)):
             pass
+
+
+# ---- the hook mechanism, simulated: the real C callback writes fake descriptors -----------------------
+
+
+def floorswept_layout(sm_count: int = 132) -> TpcMap:
+    """Descriptor bits as measured on the H100 (tpc-diagnose-h100-20261126.json): physical TPC ids,
+    interleaved across GPCs, with dead bits in between. Here: bit b -> SMs of TPC perm[b]."""
+    live = [b for b in range(84) if b not in (4, 5, 6, 7, 8, 17, 26, 35, 44, 53, 72, 73, 74, 76, 77, 79, 80, 82)]
+    bits = [frozenset()] * N_BITS
+    for i, b in enumerate(live[: sm_count // 2]):
+        tpc = (i * 17) % (sm_count // 2)  # a fixed permutation of the logical TPCs
+        bits[b] = frozenset({2 * tpc, 2 * tpc + 1})
+    return TpcMap(sm_count, tuple(bits)).validate()
+
+
+class SimulatedHookGpu:
+    """Every probe 'launch' runs our C callback on a fresh Hopper descriptor, exactly as the
+    driver would, and then runs on the SMs the written mask allows under ``layout``."""
+
+    def __init__(self, native):
+        self.native, self.layout = native, floorswept_layout()
+        self.streams: set[int] = set()
+        self.launches = 0
+
+    def create(self, device_index):
+        handle = 0x10000 + 0x100 * len(self.streams) + self.launches
+        self.streams.add(handle)
+        return handle, FakeStream(handle)
+
+    def destroy(self, device_index, handle):
+        self.streams.remove(handle)
+
+    def launch(self) -> frozenset[int]:
+        self.launches += 1
+        launch = FakeLaunch({72: 0x40}, size=88)
+        launch.fire(self.native)
+        if not launch.u32(0) >> 31:
+            return frozenset(range(self.layout.sm_count))
+        words = [launch.u32(304 + 4 * i) for i in range(4)]
+        return self.layout.sms(TpcMask.from_disabled_words(words))
+
+    def observed_sms(self, stream, sm_count, device_index=0, waves=4, spin_us=20):
+        return self.launch()
+
+    def observed_sms_next_launch(self, lib, stream, sm_count, disabled_words, device_index=0, waves=2, spin_us=5):
+        lib.set_next_mask(disabled_words)
+        try:
+            return self.launch()
+        finally:
+            lib.set_next_mask(None)
+
+
+@pytest.fixture
+def hook_sim(native, monkeypatch, tmp_path):
+    from bullet_kernels.partition import tpc
+
+    gpu = SimulatedHookGpu(native)
+    monkeypatch.setattr(tpc_native, "_load", lambda: (native, ""))
+    monkeypatch.setattr(tpc, "_create_stream", gpu.create)
+    monkeypatch.setattr(tpc, "_destroy_stream", gpu.destroy)
+    monkeypatch.setattr(tpc.probe, "observed_sms", gpu.observed_sms)
+    monkeypatch.setattr(tpc.probe, "observed_sms_next_launch", gpu.observed_sms_next_launch)
+    monkeypatch.setattr(tpc.TpcBackend, "_hook", lambda self: native)  # no driver to subscribe to
+    monkeypatch.setenv("BULLET_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BULLET_TPC_STREAM_OFFSET", raising=False)
+    monkeypatch.delenv("BULLET_TPC_MECHANISM", raising=False)
+    native.hook_reset_stats()
+    yield gpu
+    native.set_thread_mask(None)
+
+
+def test_hook_sim_auto_picks_the_hook_where_the_table_offset_is_refuted(hook_sim):
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    backend = TpcBackend(_h100())
+    assert backend.mechanism == "hook"
+    tmap = backend.tpc_map()
+    assert tmap.bits == hook_sim.layout.bits and tmap.driver.endswith("/hook")
+    assert not hook_sim.streams  # the probe stream is gone
+
+
+def test_hook_sim_lanes_hold_only_inside_their_scope(hook_sim):
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    pset = TpcBackend(_h100()).open(SMSplit(prefill=96, decode=36))
+    assert pset.needs_scope
+    everything = frozenset(range(132))
+    for lane in pset.lanes.values():  # open() verified inside each scope
+        assert lane.observed_sms == lane.expected_sms and len(lane.expected_sms) == lane.granted
+    assert not pset.lane("prefill").expected_sms & pset.lane("decode").expected_sms
+    with pset.lane_scope("decode"):
+        assert hook_sim.launch() == pset.lane("decode").expected_sms
+        with pset.lane_scope("prefill"):  # nested: the innermost lane wins
+            assert hook_sim.launch() == pset.lane("prefill").expected_sms
+        assert hook_sim.launch() == pset.lane("decode").expected_sms
+    assert hook_sim.launch() == everything  # outside any scope: the whole GPU
+    assert hook_sim.native.hook_stats()["thread_writes"] >= 5
+    pset.close()
+    assert not hook_sim.streams
+
+
+def test_hook_sim_escaping_lane_fails_verification(hook_sim, monkeypatch):
+    from bullet_kernels.errors import PartitionVerificationError
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    backend = TpcBackend(_h100())
+    backend.tpc_map()
+    monkeypatch.setattr(hook_sim.native, "set_thread_mask", lambda words: None)  # a hook that does nothing
+    with pytest.raises(PartitionVerificationError, match="escaped its mask"):
+        backend.open(SMSplit(decode=16))
+    assert not hook_sim.streams
+
+
+def test_hook_sim_record_mechanism_can_be_forced_and_is_refused_on_13000(hook_sim, monkeypatch):
+    from bullet_kernels.errors import UnsupportedError
+    from bullet_kernels.partition.tpc import TpcBackend
+
+    monkeypatch.setenv("BULLET_TPC_MECHANISM", "record")
+    with pytest.raises(UnsupportedError, match="0x51c of driver API version 13000 is refuted"):
+        TpcBackend(_h100()).open(SMSplit(decode=16))
+
+
+def test_thread_mask_and_size_word_high_half(native):
+    native.hook_reset_stats()
+    launch = FakeLaunch({72: 0x40}, size=0x7FFF00000058)  # driver 580: stack bytes above the size
+    native.set_thread_mask(MASK.disabled_words())
+    try:
+        launch.fire(native)
+    finally:
+        native.set_thread_mask(None)
+    assert launch.u32(304) == MASK.disabled_words()[0] and launch.u32(0) >> 31 == 1
+    stats = native.hook_stats()
+    assert stats["last_params_size"] == 0x58 and stats["thread_writes"] == 1
+    again = FakeLaunch({72: 0x40}, size=88)
+    again.fire(native)  # cleared: untouched
+    assert again.u32(304) == 0
+
+
+def test_trace_records_params_and_what_they_point_at(native):
+    target = (ctypes.c_uint64 * 4)(7, 8, 9, 10)
+    params = (ctypes.c_uint64 * 6)(48, ctypes.addressof(target), 2, 3, 4, 5)
+    native.trace_start(2)
+    native.hook_callback(0x7, 0x1, ctypes.addressof(params))  # another domain: traced, no descriptor read
+    native.trace_start(0)
+    (rec,) = native.trace_read()
+    assert rec["size"] == 48 and rec["words"][1:] == [ctypes.addressof(target), 2, 3, 4, 5]
+    assert rec["deref"][1][:4] == [7, 8, 9, 10] and 2 not in rec["deref"]  # 2 is no address
+    assert native.peek(ctypes.addressof(target), 8) == (7).to_bytes(8, "little")
+    assert native.peek(16, 8) is None

@@ -60,6 +60,7 @@ class PartitionSet:
         lanes: dict[str, Lane],
         release: Callable[[], None] = lambda: None,
         disjoint: bool = True,
+        scope: Callable[[str], Any] | None = None,
     ):
         self.backend = backend
         self.split = split
@@ -67,6 +68,7 @@ class PartitionSet:
         self._lanes = lanes
         self._release = release
         self.disjoint = disjoint
+        self._scope = scope
         self._closed = False
 
     def _check_open(self) -> None:
@@ -96,6 +98,23 @@ class PartitionSet:
     def stream(self, name: str):
         return self.lane(name).stream
 
+    @property
+    def needs_scope(self) -> bool:
+        """True where the lane's stream alone does not restrict SMs: work must run inside
+        :meth:`use` / :meth:`lane_scope` (the tpc backend's launch-hook mechanism)."""
+        return self._scope is not None
+
+    def lane_scope(self, name: str):
+        """Context in which kernels launched from this thread run on lane ``name``'s SMs.
+
+        A no-op for backends whose streams carry the restriction (green contexts, driver stream
+        masks). The tpc launch hook masks by launching thread, not by stream, so there the
+        restriction holds only inside this block (graph replays included: the hook masks each
+        launch as it happens).
+        """
+        self.lane(name)
+        return self._scope(name) if self._scope is not None else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def use(self, name: str, join: bool = True):
         """Make lane ``name``'s stream current (a no-op where there is no GPU).
@@ -113,7 +132,7 @@ class PartitionSet:
 
         caller = torch.cuda.current_stream(stream.device)
         stream.wait_stream(caller)
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), self.lane_scope(name):
             yield stream
         if join:
             caller.wait_stream(stream)

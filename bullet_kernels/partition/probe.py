@@ -131,3 +131,21 @@ def sms_written(out) -> frozenset[int]:
     if min(ids) < 0:
         raise RuntimeError(f"probe kernel did not write all {len(ids)} blocks; the launch did not complete")
     return frozenset(ids)
+
+
+def observed_sms_next_launch(lib, stream, sm_count: int, disabled_words: list[int], device_index: int = 0,
+                             waves: int = 2, spin_us: int = 5) -> frozenset[int]:
+    """SM ids a probe on ``stream`` ran on under a next-launch mask of our launch hook (``lib``:
+    the loaded libbullet_tpc). Nothing else is launched from this thread in between."""
+    import torch
+
+    handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
+    out = torch.full((max(1, waves * sm_count),), -1, dtype=torch.int32, device=f"cuda:{device_index}")
+    torch.cuda.synchronize(device_index)  # the fill must not take the next-launch mask
+    lib.set_next_mask(disabled_words)
+    try:
+        launch_probe(handle, out, spin_us, device_index)
+    finally:
+        lib.set_next_mask(None)
+    torch.cuda.synchronize(device_index)
+    return sms_written(out)

@@ -1,17 +1,26 @@
-"""TPC-mask backend: each lane is a driver stream whose private TPC mask record we set.
+"""TPC-mask backend: lanes restricted to chosen TPCs (2 SMs each) through our C library.
 
-Mechanism and facts: tpc-masks.md; the C side is csrc/tpc_mask.c (loaded by tpc_native).
-Unlike green contexts, TPC masks can overlap and are placed by us, so each lane knows its SMs
-up front (``Lane.expected_sms``) and the probe checks them. Safety rules:
+Mechanism and facts: tpc-masks.md and docs/tpc-masks-h100.md; the C side is csrc/tpc_mask.c
+(loaded by tpc_native). Two mechanisms, chosen per driver (``BULLET_TPC_MECHANISM``):
 
-* the stream-mask offset comes from the driver-version table (or the expert override
-  ``BULLET_TPC_STREAM_OFFSET``); unknown versions are refused, never guessed;
-* before the first write the record must look empty, and before every later write it must
-  still hold what we wrote (else the offset is wrong and we would corrupt driver memory);
-* every lane is verified with the ``%smid`` probe before anyone gets it.
+* ``record``: each lane is a stream of our own whose private mask record (at the driver
+  version's table offset) we set; the restriction travels with the stream, and graphs keep
+  the mask they were captured with. Unknown or refuted versions are refused, never guessed;
+  before the first write the record must look empty, and before every later write it must
+  still hold what we wrote.
+* ``hook``: our launch hook writes the mask into each launch descriptor. The callback cannot
+  see which stream a launch goes to (the handle is not among its params on driver 580), so a
+  lane's mask follows the *launching thread* inside ``PartitionSet.use`` / ``lane_scope``,
+  graph replays included (the hook runs for every kernel of a replay). The descriptor's bits
+  are physical TPC ids with floorswept gaps, so the bit -> SM map is probed, never assumed.
+
+``auto`` (default) takes ``record`` where the table offset holds and ``hook`` elsewhere (on
+driver 13000 the table offset was refuted on our H100). Either way every lane is verified
+with the ``%smid`` probe before anyone gets it, and TPC masks can overlap, so each lane knows
+its SMs up front (``Lane.expected_sms``).
 
 Lane streams are created with cuStreamCreate, not taken from torch's stream pool: pooled
-streams are handed out again to other code, which would silently inherit our mask.
+streams are handed out again to other code, which would silently inherit a record mask.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from .config import SMSplit, grant_tpc
 from .tpc_mask import TpcMap, TpcMapError, TpcMask, load_cached, place_lanes, probe_map, save_cached
 
 OFFSET_ENV = "BULLET_TPC_STREAM_OFFSET"
+MECHANISM_ENV = "BULLET_TPC_MECHANISM"
+MECHANISMS = ("auto", "record", "hook")
 
 # Table offsets our own measurements refuted: never written without the expert override.
 REFUTED_OFFSETS = {
@@ -64,6 +75,19 @@ def stream_offset(lib: tpc_native.NativeLib, driver_api_version: int) -> tuple[i
             f"set {OFFSET_ENV} to override at your own risk (still verified)"
         )
     return offset, ""
+
+
+def choose_mechanism(lib: tpc_native.NativeLib, driver_api_version: int) -> tuple[str | None, str]:
+    """``("record" | "hook", "")`` for this driver, or ``(None, why not)``."""
+    want = os.environ.get(MECHANISM_ENV, "").strip().lower() or "auto"
+    if want not in MECHANISMS:
+        return None, f"{MECHANISM_ENV}={want!r} is not one of {', '.join(MECHANISMS)}"
+    offset, why = stream_offset(lib, driver_api_version)
+    if want == "record" and offset is None:
+        return None, f"{MECHANISM_ENV}=record: {why}"
+    if want == "auto":
+        return ("record" if offset is not None else "hook"), ""
+    return want, ""
 
 
 @contextlib.contextmanager
@@ -154,14 +178,22 @@ class MaskedStream:
             self.handle = None
 
 
+class _ThreadMasks(threading.local):
+    """The lane masks this thread is inside (innermost last), mirrored into the C library."""
+
+    def __init__(self):
+        self.stack: list[TpcMask] = []
+
+
 class TpcBackend(Backend):
     name = "tpc"
 
     def __init__(self, device: DeviceInfo | None):
         super().__init__(device)
-        self._map: TpcMap | None = None
+        self._maps: dict[str, TpcMap] = {}
         self._lock = threading.RLock()
         self._global: TpcMask | None = None
+        self._thread = _ThreadMasks()
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo | None) -> str:
@@ -173,13 +205,21 @@ class TpcBackend(Backend):
         why = tpc_native.unavailable_reason()
         if why:
             return why
-        return stream_offset(tpc_native.load(), device.driver_api_version)[1]
+        return choose_mechanism(tpc_native.load(), device.driver_api_version)[1]
 
     def _require_device(self) -> DeviceInfo:
         reason = self.unavailable_reason(self.device)
         if reason:
             raise UnsupportedError(f"tpc backend unavailable: {reason}; try backend='green'")
         return self.device
+
+    @property
+    def mechanism(self) -> str:
+        """``"record"`` (driver stream records) or ``"hook"`` (launch hook, thread-scoped)."""
+        mech, why = choose_mechanism(tpc_native.load(), self._require_device().driver_api_version)
+        if mech is None:
+            raise UnsupportedError(f"tpc backend unavailable: {why}")
+        return mech
 
     def _offset(self) -> int:
         offset, why = stream_offset(tpc_native.load(), self._require_device().driver_api_version)
@@ -188,38 +228,57 @@ class TpcBackend(Backend):
         return offset
 
     def new_stream(self) -> MaskedStream:
-        """An unmasked stream of our own that can be masked (tests and experiments)."""
+        """An unmasked stream of our own whose record can be masked (record mechanism)."""
         return MaskedStream(tpc_native.load(), self._offset(), self._require_device())
 
-    # -- the bit -> SM map -------------------------------------------------------------------
+    # -- the bit -> SM maps ------------------------------------------------------------------
 
     def tpc_map(self) -> TpcMap:
-        """Which SMs each mask bit reaches: from the cache, else probed once and cached."""
-        with self._lock:
-            if self._map is None:
-                self._map = self._load_or_probe_map()
-            return self._map
+        """Which SMs each mask bit of the lane mechanism reaches (cached per GPU and driver)."""
+        return self._map(self.mechanism)
 
-    def _load_or_probe_map(self) -> TpcMap:
+    def descriptor_map(self) -> TpcMap:
+        """The map of launch-descriptor bits (next-launch, thread and global masks)."""
+        return self._map("hook")
+
+    def _map(self, mechanism: str) -> TpcMap:
+        with self._lock:
+            if mechanism not in self._maps:
+                self._maps[mechanism] = self._load_or_probe_map(mechanism)
+            return self._maps[mechanism]
+
+    def _load_or_probe_map(self, mechanism: str) -> TpcMap:
         d = self._require_device()
-        driver = f"{d.driver_api_version}/{d.kernel_driver or 'unknown'}"
+        # Record bits and descriptor bits differ (logical vs physical TPC ids on our H100).
+        driver = f"{d.driver_api_version}/{d.kernel_driver or 'unknown'}/{mechanism}"
         tmap, _ = load_cached(d.uuid, driver, d.sm_count)
         if tmap is not None:
             return tmap
-        tmap = self._probe_map(driver)
+        tmap = self._probe_map(driver, mechanism)
         try:
             save_cached(tmap)
         except OSError as exc:  # a read-only home only costs a re-probe next time
             warnings.warn(f"could not cache the TPC map ({exc}); set BULLET_CACHE_DIR to a writable directory")
         return tmap
 
-    def _probe_map(self, driver: str) -> TpcMap:
+    def _probe_map(self, driver: str, mechanism: str) -> TpcMap:
         d = self.device
-        ms = self.new_stream()
+        if mechanism == "record":
+            ms = self.new_stream()
 
-        def observe(mask: TpcMask) -> frozenset[int]:
-            ms.set(mask)
-            return probe.observed_sms(ms.stream, d.sm_count, d.index, waves=2, spin_us=5)
+            def observe(mask: TpcMask) -> frozenset[int]:
+                ms.set(mask)
+                return probe.observed_sms(ms.stream, d.sm_count, d.index, waves=2, spin_us=5)
+
+            close = ms.close
+        else:
+            lib, (handle, _) = self._hook(), _create_stream(d.index)
+
+            def observe(mask: TpcMask) -> frozenset[int]:
+                return probe.observed_sms_next_launch(lib, handle, d.sm_count, mask.disabled_words(), d.index)
+
+            def close() -> None:
+                _destroy_stream(d.index, handle)
 
         def build() -> TpcMap:
             return probe_map(observe, d.sm_count, uuid=d.uuid, driver=driver)
@@ -233,11 +292,12 @@ class TpcBackend(Backend):
                 return build()
             except TpcMapError as exc:
                 raise PartitionVerificationError(
-                    f"tpc backend could not map mask bits to SMs on driver {d.driver_api_version_str} "
-                    f"({d.kernel_driver or 'unknown'}): {exc}. Refusing to run; try backend='green'"
+                    f"tpc backend ({mechanism}) could not map mask bits to SMs on driver "
+                    f"{d.driver_api_version_str} ({d.kernel_driver or 'unknown'}): {exc}. Refusing to run; "
+                    "try backend='green'"
                 ) from exc
         finally:
-            ms.close()
+            close()
 
     # -- partitions ------------------------------------------------------------------------------
 
@@ -252,7 +312,20 @@ class TpcBackend(Backend):
 
     def open(self, split: SMSplit, verify: bool = True) -> PartitionSet:
         d = self._require_device()
+        mechanism = self.mechanism
         granted, masks, tmap = self.grant(split), self.lane_masks(split), self.tpc_map()
+        for name in split.names:
+            if len(tmap.sms(masks[name])) != granted[name]:
+                raise UnsupportedError(
+                    f"lane {name!r}: TPCs {masks[name]} reach {len(tmap.sms(masks[name]))} SMs, not the "
+                    f"{granted[name]} granted (this GPU has TPCs with a single SM); ask for other counts"
+                )
+        if mechanism == "record":
+            return self._open_record(split, granted, masks, tmap, verify)
+        return self._open_hook(split, granted, masks, tmap, verify)
+
+    def _open_record(self, split, granted, masks, tmap, verify) -> PartitionSet:
+        d = self.device
         streams: list[MaskedStream] = []
 
         def release() -> None:  # the streams stay alive until here: lanes use them
@@ -262,15 +335,9 @@ class TpcBackend(Backend):
         try:
             lanes = {}
             for name in split.names:
-                expected = tmap.sms(masks[name])
-                if len(expected) != granted[name]:
-                    raise UnsupportedError(
-                        f"lane {name!r}: TPCs {masks[name]} reach {len(expected)} SMs, not the "
-                        f"{granted[name]} granted (this GPU has TPCs with a single SM); ask for other counts"
-                    )
                 streams.append(self.new_stream())
                 streams[-1].set(masks[name])
-                lanes[name] = Lane(name, split[name], granted[name], streams[-1].stream, expected_sms=expected,
+                lanes[name] = Lane(name, split[name], granted[name], streams[-1].stream, expected_sms=tmap.sms(masks[name]),
                                    whole_gpu=granted[name] == d.sm_count)
             pset = PartitionSet(self.name, split, d, lanes, release, disjoint=not split.overlap)
             if verify:
@@ -280,8 +347,32 @@ class TpcBackend(Backend):
             release()
             raise
 
+    def _open_hook(self, split, granted, masks, tmap, verify) -> PartitionSet:
+        d = self.device
+        self._hook()
+        handles: list[int] = []
 
-    # -- launch hook (experiments; graph replays ignore it, see tpc-masks.md) ---------------------
+        def release() -> None:
+            while handles:
+                _destroy_stream(d.index, handles.pop())
+
+        try:
+            lanes = {}
+            for name in split.names:
+                handle, stream = _create_stream(d.index)
+                handles.append(handle)
+                lanes[name] = Lane(name, split[name], granted[name], stream, expected_sms=tmap.sms(masks[name]),
+                                   whole_gpu=granted[name] == d.sm_count)
+            pset = PartitionSet(self.name, split, d, lanes, release, disjoint=not split.overlap,
+                                scope=lambda name: self.thread_mask(masks[name]))
+            if verify:
+                verification.probe_and_check(pset)
+            return pset
+        except BaseException:
+            release()
+            raise
+
+    # -- launch hook ------------------------------------------------------------------------------
 
     def _hook(self) -> tpc_native.NativeLib:
         import torch
@@ -293,12 +384,27 @@ class TpcBackend(Backend):
         return lib
 
     def _check_runs_somewhere(self, mask: TpcMask) -> None:
-        live = self.tpc_map().live
+        live = self.descriptor_map().live
         if not mask & live:
             raise InvalidSplitError(
                 f"{mask!r} enables no live TPC, so a kernel launched with it would never finish; "
-                f"live TPC bits: {live}"
+                f"live descriptor TPC bits: {live}"
             )
+
+    @contextlib.contextmanager
+    def thread_mask(self, mask: TpcMask):
+        """Inside the block, every kernel launched from this thread (graph replays included)
+        runs on ``mask`` (descriptor bits) only. Nested blocks: the innermost wins."""
+        self._check_runs_somewhere(mask)
+        lib = self._hook()
+        stack = self._thread.stack
+        stack.append(mask)
+        lib.set_thread_mask(mask.disabled_words())
+        try:
+            yield
+        finally:
+            stack.pop()
+            lib.set_thread_mask(stack[-1].disabled_words() if stack else None)
 
     @contextlib.contextmanager
     def next_launch_mask(self, mask: TpcMask):
@@ -309,11 +415,11 @@ class TpcBackend(Backend):
         try:
             yield
         finally:
-            lib.set_next_mask(None)  # graph replays do not consume it: never let it leak
+            lib.set_next_mask(None)  # never let an unconsumed mask leak past the block
 
     @contextlib.contextmanager
     def global_mask(self, mask: TpcMask):
-        """Inside the block, launches on streams without a stream mask run on ``mask`` only."""
+        """Inside the block, launches that no lane, thread or record mask covers run on ``mask``."""
         self._check_runs_somewhere(mask)
         lib = self._hook()
         with self._lock:

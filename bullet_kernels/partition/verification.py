@@ -50,5 +50,6 @@ def probe_and_check(pset: PartitionSet) -> None:
     """Run the %smid probe on every lane of ``pset``, record what it saw, and check the promises."""
     d = pset.device
     for lane in pset.lanes.values():
-        lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
+        with pset.lane_scope(lane.name):
+            lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
     check_lanes(pset.lanes, d.sm_count, pset.disjoint, pset.backend, d.driver_api_version_str)
