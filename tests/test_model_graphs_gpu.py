@@ -5,13 +5,15 @@ import torch
 
 from bullet_kernels.batch import SeqChunk, plan_decode, plan_prefill
 from bullet_kernels.graph_bank import GraphBank
+from bullet_kernels.kernels.sizing import sm_budget
 from bullet_kernels.kv_cache import PagedKVCache
 from bullet_kernels.model_graphs import ModelGraphs, layer_groups
 from bullet_kernels.models.presets import random_model
 from bullet_kernels.partition import Partitioner, SMSplit
 
-# bf16 weights and activations; graphs on a partition may pick other split-KV counts and
-# cuBLAS algorithms than the eager full-GPU run, so sums happen in another order.
+# bf16 weights and activations. Each lane's graphs are compared with an eager run sized for
+# the same SM budget (same split-KV counts); cuBLAS may still pick other algorithms on a
+# partition, so sums can happen in another order.
 REL_TOL = 1e-2
 
 
@@ -42,9 +44,15 @@ def test_graph_replay_under_every_split_matches_eager():
     pre_ids = torch.randint(0, cfg.vocab_size, (512,))
     dec = plan_decode([SeqChunk(kv.pages(r), n, 1) for r, n in prompts.items()], page_size=page, max_pages=max_pages, batch_size=8)
     dec_ids = torch.randint(0, cfg.vocab_size, (8,))
-    with torch.no_grad():
-        ref_pre = model(pre_ids.cuda(), pre.to("cuda"))[:2]
-        ref_dec = model(dec_ids.cuda(), dec.to("cuda"))[:2]
+    refs = {}  # eager references sized for each SM budget: the same split-KV counts as the graphs
+
+    def reference(sms: int):
+        if sms not in refs:
+            with torch.no_grad(), sm_budget(sms):
+                refs[sms] = (model(pre_ids.cuda(), pre.to("cuda"))[:2], model(dec_ids.cuda(), dec.to("cuda"))[:2])
+        return refs[sms]
+
+    ref_pre, ref_dec = reference(torch.cuda.get_device_properties(0).multi_processor_count)
 
     placements = [(SMSplit(prefill=96, decode=36), "prefill"), (SMSplit(prefill=96, decode=36), "decode"),
                   (SMSplit(prefill=104, decode=28), "decode"), (None, "main")]
@@ -55,14 +63,16 @@ def test_graph_replay_under_every_split_matches_eager():
             graphs.capture(split, lane)
         other = torch.cuda.Stream()
         for split, lane in placements:
+            sms = parts.get(split).lane(lane).granted if split else torch.cuda.get_device_properties(0).multi_processor_count
+            lane_pre, lane_dec = reference(sms)
             graphs.load("prefill", pre_ids.cuda(), pre.to("cuda"))
             out = graphs.run_prefill(512, (split, lane), stream=other)
             other.synchronize()
-            assert rel_err(out[:2], ref_pre) < REL_TOL, (split, lane)
+            assert rel_err(out[:2], lane_pre) < REL_TOL, (split, lane)
             graphs.load("decode", dec_ids.cuda(), dec.to("cuda"))
             out = graphs.run_decode(8, split, lane, stream=other)
             other.synchronize()
-            assert rel_err(out[:2], ref_dec) < REL_TOL, (split, lane)
+            assert rel_err(out[:2], lane_dec) < REL_TOL, (split, lane)
         # the split may change between layer groups of one prefill
         mixed = [(SMSplit(prefill=96, decode=36), "prefill"), (None, "main"), (SMSplit(prefill=96, decode=36), "decode")]
         graphs.load("prefill", pre_ids.cuda(), pre.to("cuda"))
