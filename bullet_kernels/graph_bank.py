@@ -54,7 +54,8 @@ def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int
 
     Returns ``(graph, output)``. The warm-up runs on the same stream, outside the capture, so
     Triton/Inductor compile and allocate there; the stream first waits for the caller's, so
-    inputs made just before are ready.
+    inputs made just before are ready. The executable graph is then uploaded on ``stream``
+    (:func:`upload_graph`), still inside the caller's lane scope.
     """
     import torch
 
@@ -69,8 +70,29 @@ def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             output = fn()
+        upload_graph(graph, stream)
     stream.synchronize()
     return graph, output
+
+
+def upload_graph(graph, stream) -> bool:
+    """Upload a captured graph's executable on ``stream`` now, not at its first replay.
+
+    Two reasons: the first replay then costs what every replay costs, and the tpc backend's
+    launch hook writes each kernel's TPC mask when the executable is uploaded; a graph
+    uploaded inside a lane's scope keeps that lane's SMs on every later replay, on any stream
+    (measured on the H100, driver 580: docs/tpc-masks-h100.md). Returns False where torch
+    does not expose the executable (the first replay uploads it then).
+    """
+    from .device import check, driver_module
+
+    raw = getattr(graph, "raw_cuda_graph_exec", None)
+    if raw is None:
+        return False
+    drv = driver_module()
+    handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
+    check(drv.cuGraphUpload(drv.CUgraphExec(int(raw())), drv.CUstream(handle)), "cuGraphUpload")
+    return True
 
 
 def pick_bucket(buckets: Iterable[int], n: int, what: str) -> int:

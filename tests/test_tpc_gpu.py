@@ -121,39 +121,38 @@ def test_hook_lanes_mask_the_launching_thread_not_the_stream(backend, sm_count):
             assert probe.observed_sms(torch.cuda.Stream(), sm_count) == lane.expected_sms
 
 
-def test_hook_masks_apply_when_a_graph_is_replayed_not_when_captured(backend, sm_count):
-    _hook_only(backend)
-    everything = frozenset(range(sm_count))
+def _capture_in_lane(pset, name, out) -> torch.cuda.CUDAGraph:
+    """Capture a probe launch the way the graph bank does: on the lane's stream, in its scope, uploaded there."""
+    from bullet_kernels.graph_bank import capture_on_stream
+
+    lane = pset.lane(name)
+    with pset.lane_scope(name):
+        graph, _ = capture_on_stream(lambda: probe.launch_probe(lane.stream, out), lane.stream, lane.granted, None, warmup=0)
+    return graph
+
+
+def test_graph_captured_on_a_lane_keeps_it_on_a_full_gpu_stream(backend, sm_count):
     with backend.open(SMSplit(prefill=96, decode=36)) as pset:
         lane = pset.lane("decode")
         out = _probe_out(sm_count)
-        with pset.lane_scope("decode"):
-            graph = _capture_probe(lane.stream, out)
-        # measured on driver 580: the hook runs for every kernel of a replay, with the mask in force then
-        assert _replay_sms(graph, torch.cuda.Stream(), out) == everything
-        with pset.lane_scope("decode"):
-            assert _replay_sms(graph, torch.cuda.Stream(), out) == lane.expected_sms
-        with pset.lane_scope("prefill"):
-            assert _replay_sms(graph, lane.stream, out) == pset.lane("prefill").expected_sms
-
-
-def test_record_graph_captured_on_a_masked_lane_keeps_it_on_a_full_gpu_stream(backend, sm_count):
-    _record_only(backend)
-    with backend.open(SMSplit(prefill=96, decode=36)) as pset:
-        lane = pset.lane("decode")
-        out = _probe_out(sm_count)
-        graph = _capture_probe(lane.stream, out)
+        graph = _capture_in_lane(pset, "decode", out)
         assert _replay_sms(graph, torch.cuda.Stream(), out) == lane.expected_sms
+        with pset.lane_scope("prefill"):  # measured (hook): the mask written at upload sticks
+            assert _replay_sms(graph, pset.stream("prefill"), out) == lane.expected_sms
 
 
-def test_record_graph_captured_unmasked_ignores_the_replay_stream_mask(backend, sm_count):
-    _record_only(backend)
+def test_graph_captured_unmasked_ignores_the_lane_it_is_replayed_on(backend, sm_count):
+    from bullet_kernels.graph_bank import capture_on_stream
+
+    everything = frozenset(range(sm_count))
     plain = torch.cuda.Stream()
     out = _probe_out(sm_count)
-    graph = _capture_probe(plain, out)
+    graph, _ = capture_on_stream(lambda: probe.launch_probe(plain, out), plain, sm_count, None, warmup=0)
     with backend.open(SMSplit(decode=16)) as pset:
-        # tpc-masks.md: the mask of the stream a graph is replayed on is ignored
-        assert _replay_sms(graph, pset.stream("decode"), out) == frozenset(range(sm_count))
+        # record: the replay stream's mask is ignored (tpc-masks.md); hook: the unmasked
+        # descriptors written at upload stick (docs/tpc-masks-h100.md)
+        with pset.use("decode"):
+            assert _replay_sms(graph, pset.stream("decode"), out) == everything
 
 
 def test_next_launch_mask_restricts_one_launch_and_counts_a_write(backend, sm_count):
