@@ -431,6 +431,8 @@ static const unsigned char CALLBACK_TABLE_UUID[16] = {0x2c, 0x8e, 0x0a, 0xd8, 0x
 enum { TABLE_SUBSCRIBE = 3, TABLE_ENABLE = 6 };
 
 static pthread_mutex_t install_lock = PTHREAD_MUTEX_INITIALIZER;
+static enable_fn hook_enable_fn; /* kept to turn the callback off and on again */
+static uint32_t hook_handle;
 
 /* libcuda.so.1, preferring the copy the process already has (torch loaded it). Never
  * closed: the driver keeps calling into this library once the hook is installed. */
@@ -464,9 +466,24 @@ static int install_locked(void) {
   rc = subscribe(handle, bullet_tpc_hook_callback, NULL);
   if (rc != 0) return fail(BULLET_TPC_E_CUDA, "callback subscribe failed: CUresult %d", rc);
   rc = enable(1, handle[0], HOOK_DOMAIN, HOOK_CBID);
+  hook_enable_fn = enable;
+  hook_handle = handle[0];
   if (rc != 0) return fail(BULLET_TPC_E_CUDA, "enabling the launch callback (domain 0x%x, id 0x%x) failed: CUresult %d", HOOK_DOMAIN, HOOK_CBID, rc);
   atomic_store(&st_installed, 1);
   return BULLET_TPC_OK;
+}
+
+EXPORT int bullet_tpc_hook_enable(int on) {
+  pthread_mutex_lock(&install_lock);
+  int rc = BULLET_TPC_OK;
+  if (!atomic_load(&st_installed)) {
+    rc = fail(BULLET_TPC_E_ARG, "hook_enable: the hook is not installed");
+  } else {
+    int r = hook_enable_fn(on ? 1 : 0, hook_handle, HOOK_DOMAIN, HOOK_CBID);
+    if (r != 0) rc = fail(BULLET_TPC_E_CUDA, "hook_enable(%d) failed: CUresult %d", on, r);
+  }
+  pthread_mutex_unlock(&install_lock);
+  return rc;
 }
 
 EXPORT int bullet_tpc_hook_install(void) {

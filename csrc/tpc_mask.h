@@ -66,6 +66,9 @@ int bullet_tpc_clear_stream_mask(void* stream, int offset);
  * next-launch mask is set, the callback only counts calls. */
 int bullet_tpc_hook_install(void);
 
+/* Turn the installed callback off (0) or on again (1); the subscription stays. */
+int bullet_tpc_hook_enable(int on);
+
 /* Mask applied to every launch whose descriptor carries no mask yet (i.e. launches on
  * streams without a stream mask); `enable` = 0 turns it off (`disabled` may then be NULL). */
 int bullet_tpc_set_global_mask(const uint32_t disabled[4], int enable);
