@@ -726,3 +726,12 @@ def test_trace_records_params_and_what_they_point_at(native):
     assert rec["deref"][1][:4] == [7, 8, 9, 10] and 2 not in rec["deref"]  # 2 is no address
     assert native.peek(ctypes.addressof(target), 8) == (7).to_bytes(8, "little")
     assert native.peek(16, 8) is None
+
+
+def test_green_refuses_new_contexts_once_the_hook_is_installed(monkeypatch):
+    from bullet_kernels.errors import UnsupportedError
+    from bullet_kernels.partition.green import GreenBackend
+
+    monkeypatch.setattr(tpc_native, "_hook_installed", True)
+    with pytest.raises(UnsupportedError, match="launch hook is installed .* CUDA_ERROR_NOT_SUPPORTED"):
+        GreenBackend(_h100()).open(SMSplit(prefill=96, decode=36))

@@ -39,8 +39,18 @@ class GreenBackend(Backend):
     def open(self, split: SMSplit, verify: bool = True) -> PartitionSet:
         import torch
 
+        from . import tpc_native
+
         d = self._require_device()
         granted = self.grant(split)
+        if tpc_native.hook_installed() and not (len(granted) == 1 and next(iter(granted.values())) == d.sm_count):
+            # Measured on the H100 (driver 580, bench/green_vs_hook.py): once a launch callback is
+            # subscribed, cuGreenCtxCreate fails with CUDA_ERROR_NOT_SUPPORTED; sets opened before keep working.
+            raise UnsupportedError(
+                "green contexts cannot be created in a process where the tpc backend's launch hook is "
+                f"installed (driver {d.driver_api_version_str} refuses them: CUDA_ERROR_NOT_SUPPORTED). Open the "
+                "green partitions you need before using backend='tpc', or use one backend per process"
+            )
         drv = driver_module()
         dev = check(drv.cuDeviceGet(d.index), "cuDeviceGet")
         torch.cuda.init()  # the primary context must exist before green contexts (driver advice)

@@ -380,6 +380,12 @@ class TpcBackend(Backend):
         self._require_device()
         torch.cuda.init()  # the callback table needs an initialised driver
         lib = tpc_native.load()
+        if not tpc_native.hook_installed():
+            warnings.warn(
+                "bullet_kernels: installing the tpc launch hook; from now on this process cannot create "
+                "green contexts (the driver refuses them while a launch callback is subscribed)",
+                RuntimeWarning, stacklevel=3,
+            )
         lib.hook_install()
         return lib
 

@@ -88,6 +88,14 @@ def candidates() -> list[Path]:
     return list(dict.fromkeys(found))
 
 
+_hook_installed = False
+
+
+def hook_installed() -> bool:
+    """Whether this process installed the launch hook (it cannot be removed again)."""
+    return _hook_installed
+
+
 class NativeLib:
     """One loaded copy of the library, with typed wrappers that raise TpcNativeError."""
 
@@ -148,7 +156,9 @@ class NativeLib:
 
     # -- launch hook --
     def hook_install(self) -> None:
+        global _hook_installed
         self._check(self._lib.bullet_tpc_hook_install(), "installing the launch hook")
+        _hook_installed = True
 
     def set_next_mask(self, disabled: list[int] | None) -> None:
         self._check(self._lib.bullet_tpc_set_next_mask(None if disabled is None else Words4(*disabled)), "next-launch mask")
