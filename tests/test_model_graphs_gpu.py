@@ -80,8 +80,11 @@ def test_graph_replay_under_every_split_matches_eager():
         assert rel_err(out[:2], ref_pre) < REL_TOL
 
         # lazy: nothing captured up front; the first replay captures exactly the graph it needs.
-        # The mixed prefill above rewrote the KV cache with other sums: redo the eager reference.
-        ref_pre, ref_dec = eager()
+        # Reference: eager on the same lane (full-GPU eager differs by ~1.3% after 30 bf16 layers
+        # with 1 vs 4 KV splits), which also rewrites the KV cache the mixed prefill left.
+        small = parts.get(SMSplit(prefill=104, decode=28))
+        with small.use("decode"), sm_budget(small.lane("decode").granted):
+            _, ref_dec = eager()
         lazy = ModelGraphs(model, GraphBank(parts), decode_buckets=[8], prefill_buckets=[512],
                            prefill_max_seqs=4, groups=3, max_pages=max_pages, page_size=page, lazy=True)
         lazy.load("decode", dec_ids.cuda(), dec.to("cuda"))
