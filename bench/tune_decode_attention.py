@@ -28,9 +28,10 @@ from bullet_kernels.partition import Partitioner, SMSplit  # noqa: E402
 # (bench/results/tune-decode-attention-h100-20261126.json, commit 79c29fb): carrying the next
 # K/V tile in registers ("prefetch") reached only 28-61% of the copy on 16-56 SMs, against
 # 58-97% for Triton's own cp.async pipeline, and is gone from the kernel.
-# Second round (commit e5955ff): (64, 3, 4) won, limited by occupancy (3 programs of 4 warps
-# per SM: 144 registers, 72 KB shared). This round tries smaller tiles and register caps.
-VARIANTS = ((64, 3, 4, None), (64, 2, 4, None), (64, 2, 4, 96), (64, 3, 4, 128), (64, 3, 8, None),
+# Round 2 (commit e5955ff): (64, 3, 4) won, limited by occupancy (3 programs of 4 warps per SM:
+# 144 registers, 72 KB shared). Round 3 tried smaller tiles and register caps; round 4
+# (2bfd717, --variants) found one-warp programs, now the default (first here).
+VARIANTS = ((32, 3, 1, None), (64, 3, 4, None), (64, 2, 4, None), (64, 2, 4, 96), (64, 3, 4, 128), (64, 3, 8, None),
             (32, 3, 4, None), (32, 4, 4, None), (32, 5, 4, None), (32, 4, 4, 96), (32, 4, 8, None))
 KEYS = ("block_n", "num_stages", "num_warps", "maxnreg")
 SMS = (16, 32, 40, 56, 132)
@@ -69,9 +70,18 @@ def main() -> int:
     global VARIANTS
     ap = argparse.ArgumentParser(description="decode attention launch-setting sweep")
     ap.add_argument("--variants", help="block_n,num_stages,num_warps[,maxnreg] separated by ';' (first = reference)")
+    ap.add_argument("--shapes", help="batch x context pairs, e.g. 16x1024,16x4096")
+    ap.add_argument("--sms", help="SM counts, e.g. 16,32,40")
+    ap.add_argument("--splits", help="split counts to try instead of 1 and 1/2/4x the sizing's pick, e.g. 1,2,4,8")
     args = ap.parse_args()
+    global SHAPES, SMS
     if args.variants:
         VARIANTS = parse_variants(args.variants)
+    if args.shapes:
+        SHAPES = tuple(tuple(int(x) for x in p.split("x")) for p in args.shapes.split(","))
+    if args.sms:
+        SMS = tuple(int(x) for x in args.sms.split(","))
+    fixed_splits = [int(x) for x in args.splits.split(",")] if args.splits else None
     if not torch.cuda.is_available():
         print("tune_decode_attention: no GPU here")
         return 1
@@ -92,7 +102,8 @@ def main() -> int:
                 caches = [paged_kv(cfg, b, ctx) for _ in range(2)]
                 q = torch.randn(b, cfg.heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
                 base = decode_kv_splits(b, cfg.kv_heads, cfg.group, ctx, granted)
-                for (bn, st, nw, reg), splits in itertools.product(VARIANTS, sorted({1, base, 2 * base, 4 * base})):
+                candidates = fixed_splits or sorted({1, base, 2 * base, 4 * base})
+                for (bn, st, nw, reg), splits in itertools.product(VARIANTS, candidates):
                     kw = dict(block_n=bn, num_stages=st, num_warps=nw, maxnreg=reg, num_splits=splits)
                     calls = [lambda c=c: decode_attention.paged_decode_attention(q, *c, 0.088, **kw) for c in caches] * 2
                     before = compiled_kernels()
@@ -112,7 +123,7 @@ def main() -> int:
                 del caches
                 mine = [r for r in rows if r.get("batch") == b and r.get("ctx") == ctx and r["sms"] == granted and "tbps" in r]
                 best = max(mine, key=lambda r: r["tbps"])
-                dflt = next(r for r in mine if all(r[k] == v for k, v in default.items()) and r["num_splits"] == base)
+                dflt = next((r for r in mine if all(r[k] == v for k, v in default.items()) and r["num_splits"] == base), best)
                 print(f"{granted:4d} SMs b{b} ctx{ctx}: copy {copy:.2f} TB/s; default {dflt['tbps']:.2f} TB/s "
                       f"({dflt['pct_of_copy']:.0f}%); best {best['tbps']:.2f} TB/s ({best['pct_of_copy']:.0f}%) with "
                       f"block_n={best['block_n']} stages={best['num_stages']} maxnreg={best['maxnreg']} "
