@@ -437,17 +437,25 @@ class SimulatedGpu:
         return self.layout.sms(mask)
 
 
-@pytest.fixture
-def sim(native, monkeypatch, tmp_path):
+def simulate(gpu, native, monkeypatch, tmp_path):
+    """Route the tpc backend's streams, probes and library to a simulated GPU."""
     from bullet_kernels.partition import tpc
 
-    gpu = SimulatedGpu(native)
     monkeypatch.setattr(tpc_native, "_load", lambda: (native, ""))
     monkeypatch.setattr(tpc, "_create_stream", gpu.create)
     monkeypatch.setattr(tpc, "_destroy_stream", gpu.destroy)
     monkeypatch.setattr(tpc.probe, "observed_sms", gpu.observed_sms)
     monkeypatch.setenv("BULLET_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("BULLET_TPC_STREAM_OFFSET", raising=False)
+    monkeypatch.delenv("BULLET_TPC_MECHANISM", raising=False)
+    return gpu
+
+
+@pytest.fixture
+def sim(native, monkeypatch, tmp_path):
+    from bullet_kernels.partition import tpc
+
+    gpu = simulate(SimulatedGpu(native), native, monkeypatch, tmp_path)
     # The simulated driver honours the table offset (the real 13000 one was refuted on the H100).
     monkeypatch.setattr(tpc, "REFUTED_OFFSETS", {})
     return gpu
@@ -633,16 +641,9 @@ class SimulatedHookGpu:
 def hook_sim(native, monkeypatch, tmp_path):
     from bullet_kernels.partition import tpc
 
-    gpu = SimulatedHookGpu(native)
-    monkeypatch.setattr(tpc_native, "_load", lambda: (native, ""))
-    monkeypatch.setattr(tpc, "_create_stream", gpu.create)
-    monkeypatch.setattr(tpc, "_destroy_stream", gpu.destroy)
-    monkeypatch.setattr(tpc.probe, "observed_sms", gpu.observed_sms)
+    gpu = simulate(SimulatedHookGpu(native), native, monkeypatch, tmp_path)
     monkeypatch.setattr(tpc.probe, "observed_sms_next_launch", gpu.observed_sms_next_launch)
     monkeypatch.setattr(tpc.TpcBackend, "_hook", lambda self: native)  # no driver to subscribe to
-    monkeypatch.setenv("BULLET_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("BULLET_TPC_STREAM_OFFSET", raising=False)
-    monkeypatch.delenv("BULLET_TPC_MECHANISM", raising=False)
     native.hook_reset_stats()
     yield gpu
     native.set_thread_mask(None)

@@ -43,7 +43,8 @@ class GreenBackend(Backend):
 
         d = self._require_device()
         granted = self.grant(split)
-        if tpc_native.hook_installed() and not (len(granted) == 1 and next(iter(granted.values())) == d.sm_count):
+        whole = len(granted) == 1 and next(iter(granted.values())) == d.sm_count
+        if tpc_native.hook_installed() and not whole:
             # Measured on the H100 (driver 580, bench/green_vs_hook.py): once a launch callback is
             # subscribed, cuGreenCtxCreate fails with CUDA_ERROR_NOT_SUPPORTED; sets opened before keep working.
             raise UnsupportedError(
@@ -63,21 +64,15 @@ class GreenBackend(Backend):
                     check(drv.cuGreenCtxDestroy(gctx), "cuGreenCtxDestroy")
             created.clear()
 
-        lanes: dict[str, Lane] = {}
-        try:
-            whole = len(granted) == 1 and next(iter(granted.values())) == d.sm_count
+        def build() -> PartitionSet:
             if whole:
                 (name,) = granted
-                lanes[name] = Lane(name, split[name], d.sm_count, torch.cuda.Stream(d.index), whole_gpu=True)
+                lanes = {name: Lane(name, split[name], d.sm_count, torch.cuda.Stream(d.index), whole_gpu=True)}
             else:
                 lanes = self._carve(drv, dev, split, granted, created)
-            pset = PartitionSet(self.name, split, d, lanes, release, disjoint=True)
-            if verify:
-                verification.probe_and_check(pset)
-            return pset
-        except BaseException:
-            release()
-            raise
+            return PartitionSet(self.name, split, d, lanes, release, disjoint=True)
+
+        return verification.open_verified(build, release, verify)
 
     def _carve(self, drv, dev, split: SMSplit, granted: dict[str, int], created: list) -> dict[str, Lane]:
         import torch

@@ -321,56 +321,43 @@ class TpcBackend(Backend):
                     f"{granted[name]} granted (this GPU has TPCs with a single SM); ask for other counts"
                 )
         if mechanism == "record":
-            return self._open_record(split, granted, masks, tmap, verify)
-        return self._open_hook(split, granted, masks, tmap, verify)
 
-    def _open_record(self, split, granted, masks, tmap, verify) -> PartitionSet:
-        d = self.device
-        streams: list[MaskedStream] = []
+            def new_lane_stream(name: str):
+                ms = self.new_stream()
+                try:
+                    ms.set(masks[name])
+                except BaseException:
+                    ms.close()
+                    raise
+                return ms.stream, ms.close
+
+            scope = None
+        else:
+            self._hook()
+
+            def new_lane_stream(name: str):
+                handle, stream = _create_stream(d.index)
+                return stream, lambda: _destroy_stream(d.index, handle)
+
+            def scope(name: str):
+                return self.thread_mask(masks[name])
+
+        closers: list = []
 
         def release() -> None:  # the streams stay alive until here: lanes use them
-            while streams:
-                streams.pop().close()
+            while closers:
+                closers.pop()()
 
-        try:
+        def build() -> PartitionSet:
             lanes = {}
             for name in split.names:
-                streams.append(self.new_stream())
-                streams[-1].set(masks[name])
-                lanes[name] = Lane(name, split[name], granted[name], streams[-1].stream, expected_sms=tmap.sms(masks[name]),
-                                   whole_gpu=granted[name] == d.sm_count)
-            pset = PartitionSet(self.name, split, d, lanes, release, disjoint=not split.overlap)
-            if verify:
-                verification.probe_and_check(pset)
-            return pset
-        except BaseException:
-            release()
-            raise
-
-    def _open_hook(self, split, granted, masks, tmap, verify) -> PartitionSet:
-        d = self.device
-        self._hook()
-        handles: list[int] = []
-
-        def release() -> None:
-            while handles:
-                _destroy_stream(d.index, handles.pop())
-
-        try:
-            lanes = {}
-            for name in split.names:
-                handle, stream = _create_stream(d.index)
-                handles.append(handle)
+                stream, close = new_lane_stream(name)
+                closers.append(close)
                 lanes[name] = Lane(name, split[name], granted[name], stream, expected_sms=tmap.sms(masks[name]),
                                    whole_gpu=granted[name] == d.sm_count)
-            pset = PartitionSet(self.name, split, d, lanes, release, disjoint=not split.overlap,
-                                scope=lambda name: self.thread_mask(masks[name]))
-            if verify:
-                verification.probe_and_check(pset)
-            return pset
-        except BaseException:
-            release()
-            raise
+            return PartitionSet(self.name, split, d, lanes, release, disjoint=not split.overlap, scope=scope)
+
+        return verification.open_verified(build, release, verify)
 
     # -- launch hook ------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ version and what the probe saw.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..errors import PartitionVerificationError
 from . import probe
 from .base import Lane, PartitionSet, _ranges
@@ -53,3 +55,16 @@ def probe_and_check(pset: PartitionSet) -> None:
         with pset.lane_scope(lane.name):
             lane.observed_sms = probe.observed_sms(lane.stream, d.sm_count, d.index)
     check_lanes(pset.lanes, d.sm_count, pset.disjoint, pset.backend, d.driver_api_version_str)
+
+
+def open_verified(build: Callable[[], PartitionSet], release: Callable[[], None], verify: bool = True) -> PartitionSet:
+    """``build()`` a PartitionSet and (by default) probe it; on any failure ``release()`` what
+    was created before re-raising, so a refused partition leaves no streams or contexts behind."""
+    try:
+        pset = build()
+        if verify:
+            probe_and_check(pset)
+        return pset
+    except BaseException:
+        release()
+        raise
