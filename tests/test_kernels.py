@@ -107,6 +107,13 @@ def test_sm_budget_nests_and_restores():
                 pass
 
 
+def test_int64_offsets_follow_what_a_view_can_address():
+    dense = torch.empty(4, 16, 2, 64)
+    assert decode_attention._extent(dense) == dense.numel()
+    k_of_kv = torch.empty(4, 2, 16, 2, 64)[:, 0]  # K interleaved with V: strided beyond its numel
+    assert decode_attention._extent(k_of_kv) == dense.numel() + (16 * 2 * 64) * 3
+
+
 def test_decode_splits_follow_budget_not_lengths():
     small = sizing.decode_kv_splits(16, 8, 4, 4096, sms=16)
     large = sizing.decode_kv_splits(16, 8, 4, 4096, sms=132)

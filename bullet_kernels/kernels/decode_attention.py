@@ -20,7 +20,7 @@ from .common import INTERPRET, dot_flags, mma
 from .sizing import decode_kv_splits
 
 LOG2E = 1.4426950408889634
-# Offsets are int32 (fewer address instructions) unless a cache or page table could overflow them.
+# K/V offsets are int32 (fewer address instructions) unless a cache view could overflow them.
 OFFS64_FROM = 2**31 - 1
 
 
@@ -167,6 +167,11 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty))
 
 
+def _extent(t: torch.Tensor) -> int:
+    """One past the largest element offset a view can address (its numel when contiguous)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
 def _check(q, k_cache, v_cache, page_table, seq_lens):
     B, Hq, D = q.shape
     _, page_size, Hkv, Dk = k_cache.shape
@@ -228,7 +233,7 @@ def paged_decode_attention(
         page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
-        OFFS64=max(k_cache.numel(), v_cache.numel(), page_table.numel()) >= OFFS64_FROM, PAGE_ASM=not INTERPRET,
+        OFFS64=max(_extent(k_cache), _extent(v_cache)) >= OFFS64_FROM, PAGE_ASM=not INTERPRET,
         **dot_flags(k_cache.dtype),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
