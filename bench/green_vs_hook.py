@@ -32,8 +32,8 @@ def main() -> int:
         from bullet_kernels.partition import probe
 
         print("green set opened before the hook still holds:", len(probe.observed_sms(lane.stream, 132)), "SMs", flush=True)
-    rc = lib._lib.bullet_tpc_hook_enable(0) if hasattr(lib._lib, "bullet_tpc_hook_enable") else None
-    print("hook disabled:", rc, flush=True)
+    lib.hook_enable(False)
+    print("hook callback disabled (still subscribed)", flush=True)
     try_green("after hook disable")
     return 0
 

@@ -736,3 +736,10 @@ def test_green_refuses_new_contexts_once_the_hook_is_installed(monkeypatch):
     monkeypatch.setattr(tpc_native, "_hook_installed", True)
     with pytest.raises(UnsupportedError, match="launch hook is installed .* CUDA_ERROR_NOT_SUPPORTED"):
         GreenBackend(_h100()).open(SMSplit(prefill=96, decode=36))
+
+
+def test_hook_enable_needs_an_installed_hook(native):
+    if native.hook_stats()["installed"]:
+        pytest.skip("this process installed the real hook")
+    with pytest.raises(tpc_native.TpcNativeError, match="hook is not installed"):
+        native.hook_enable(False)

@@ -113,6 +113,7 @@ class NativeLib:
         lib.bullet_tpc_set_global_mask.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.bullet_tpc_set_next_mask.argtypes = [ctypes.c_void_p]
         lib.bullet_tpc_set_thread_mask.argtypes = [ctypes.c_void_p]
+        lib.bullet_tpc_hook_enable.argtypes = [ctypes.c_int]
         lib.bullet_tpc_hook_set_stream_word.argtypes = [ctypes.c_int]
         lib.bullet_tpc_hook_set_stream_mask.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.bullet_tpc_hook_trace_start.argtypes = [ctypes.c_int]
@@ -159,6 +160,10 @@ class NativeLib:
         global _hook_installed
         self._check(self._lib.bullet_tpc_hook_install(), "installing the launch hook")
         _hook_installed = True
+
+    def hook_enable(self, on: bool) -> None:
+        """Turn the installed callback off or on again (the subscription stays)."""
+        self._check(self._lib.bullet_tpc_hook_enable(int(bool(on))), "switching the launch hook")
 
     def set_next_mask(self, disabled: list[int] | None) -> None:
         self._check(self._lib.bullet_tpc_set_next_mask(None if disabled is None else Words4(*disabled)), "next-launch mask")
