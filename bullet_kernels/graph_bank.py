@@ -75,24 +75,20 @@ def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int
     return graph, output
 
 
-def upload_graph(graph, stream) -> bool:
+def upload_graph(graph, stream) -> None:
     """Upload a captured graph's executable on ``stream`` now, not at its first replay.
 
     Two reasons: the first replay then costs what every replay costs, and the tpc backend's
     launch hook writes each kernel's TPC mask when the executable is uploaded; a graph
     uploaded inside a lane's scope keeps that lane's SMs on every later replay, on any stream
-    (measured on the H100, driver 580: docs/tpc-masks-h100.md). Returns False where torch
-    does not expose the executable (the first replay uploads it then).
+    (measured on the H100, driver 580: docs/tpc-masks-h100.md), so replays need no scope.
     """
     from .device import check, driver_module
 
-    raw = getattr(graph, "raw_cuda_graph_exec", None)
-    if raw is None:
-        return False
     drv = driver_module()
     handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
-    check(drv.cuGraphUpload(drv.CUgraphExec(int(raw())), drv.CUstream(handle)), "cuGraphUpload")
-    return True
+    exec_handle = drv.CUgraphExec(int(graph.raw_cuda_graph_exec()))  # torch >= 2.11, our floor
+    check(drv.cuGraphUpload(exec_handle, drv.CUstream(handle)), "cuGraphUpload")
 
 
 def pick_bucket(buckets: Iterable[int], n: int, what: str) -> int:
@@ -175,7 +171,9 @@ class GraphBank:
             return self._graphs[key]
         start = time.perf_counter()
         try:
-            with self.scope_for(key):  # warm-up on the lane's SMs (tpc hook lanes need the scope)
+            # In the lane's scope: the warm-up runs on the lane's SMs and, for tpc hook lanes,
+            # the upload writes the lane's mask into the graph for good.
+            with self._scope_for(key):
                 graph, output = capture_on_stream(
                     fn, self.stream_for(key), self.granted_sms(key), self._pool(pool_key or key.phase), warmup
                 )
@@ -203,24 +201,21 @@ class GraphBank:
             near = [str(k) for k in self._graphs if k.phase == key.phase][:8]
             raise KeyError(f"no graph captured for {key}; captured for this phase: {near or 'none'}") from None
 
-    def scope_for(self, key: GraphKey):
-        """The lane scope a key's graph must be replayed in (see PartitionSet.lane_scope)."""
+    def _scope_for(self, key: GraphKey):
+        """The lane scope a key's graph is captured in (see PartitionSet.lane_scope)."""
         if key.split is None or self.partitioner is None:
             return contextlib.nullcontext()
         return self.partitioner.get(key.split).lane_scope(key.lane)
 
     def replay(self, key: GraphKey, stream=None):
-        """Replay on ``stream`` (default: the current stream) in the key's lane scope.
-
-        Returns the static output."""
+        """Replay on ``stream`` (default: the current stream). Returns the static output."""
         import torch
 
         g = self.get(key)
-        with self.scope_for(key):
-            if stream is None:
-                return g.replay()
-            with torch.cuda.stream(stream):
-                return g.replay()
+        if stream is None:
+            return g.replay()
+        with torch.cuda.stream(stream):
+            return g.replay()
 
     def keys(self) -> list[GraphKey]:
         return list(self._graphs)

@@ -333,14 +333,16 @@ class TpcBackend(Backend):
 
             scope = None
         else:
-            self._hook()
+            lib = self._hook()
+            for name in split.names:
+                self._check_runs_somewhere(masks[name])
 
             def new_lane_stream(name: str):
                 handle, stream = _create_stream(d.index)
                 return stream, lambda: _destroy_stream(d.index, handle)
 
             def scope(name: str):
-                return self.thread_mask(masks[name])
+                return self._thread_scope(lib, masks[name])
 
         closers: list = []
 
@@ -384,12 +386,16 @@ class TpcBackend(Backend):
                 f"live descriptor TPC bits: {live}"
             )
 
-    @contextlib.contextmanager
     def thread_mask(self, mask: TpcMask):
         """Inside the block, every kernel launched from this thread (graph replays included)
         runs on ``mask`` (descriptor bits) only. Nested blocks: the innermost wins."""
         self._check_runs_somewhere(mask)
-        lib = self._hook()
+        return self._thread_scope(self._hook(), mask)
+
+    @contextlib.contextmanager
+    def _thread_scope(self, lib: tpc_native.NativeLib, mask: TpcMask):
+        """thread_mask without its checks: for lane scopes, whose masks open() already checked
+        and verified (entered on every ``use(lane)``, so kept to the two library calls)."""
         stack = self._thread.stack
         stack.append(mask)
         lib.set_thread_mask(mask.disabled_words())
