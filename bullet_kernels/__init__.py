@@ -14,7 +14,7 @@ from .errors import (  # noqa: F401
     UnsupportedError,
 )
 from .partition import Partitioner, PartitionSet, SMSplit  # noqa: F401
-from .lanes import on_lane, set_default_split  # noqa: F401, E402
+from .compile.lanes import on_lane, set_default_split  # noqa: F401, E402
 
 
 def _register_compile_backend() -> None:
@@ -26,7 +26,7 @@ def _register_compile_backend() -> None:
     if "bullet" in entry_points(group="torch_dynamo_backends").names:
         return
     try:
-        from .compile_backend import register
+        from .compile.backend import register
     except ImportError:  # torch without dynamo
         return
     register()

@@ -1,35 +1,154 @@
-"""``bullet`` command line: ``bullet info`` (device, backends, verified partition table) and
-``bullet sweep`` (prefill/decode latency against SM count; the main job until the orchestrator lands).
+"""bullet: run LLM prefill and decode at the same time on one GPU, each on its own share of the SMs.
+
+commands:
+  bullet info    this machine: GPU, driver, green-context support, the partition backends and
+                 how each restricts kernels, and partitions opened and verified on the GPU by a
+                 probe kernel that records which SM each of its blocks ran on
+  bullet bench   the main job. On a GPU it runs the quick SM sweep of the embedded llama-3.1-8b
+                 preset (random weights; a real measurement). Without a GPU it prints the device
+                 report and what it would run, and exits 0.
+  bullet sweep   prefill throughput and decode step latency of a preset against the number of
+                 SMs of its partition; JSON and PNG into --out (needs a GPU)
+
+Arguments are checked before anything touches the GPU: a bad value exits with status 2 and says
+what is allowed. Exit status: 0 done, 1 could not run (e.g. `bullet sweep` without a GPU),
+2 bad arguments or a request the GPU or driver refused.
+
+examples:
+  bullet info --split prefill=96,decode=36 --json info.json
+  bullet bench
+  bullet sweep --quick --backend tpc --out results/h200
+  bullet <command> --help        every option of a command, with its default
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
+import collections.abc
+import functools
 import json
+import os
 import sys
+import warnings
+from pathlib import Path
 
 from . import __version__
 from .device import describe_state
-from .errors import BulletError
+from .errors import BulletError, InvalidSplitError
+from .partition import BACKENDS, DEFAULT_BACKEND, SMSplit
 
 DEFAULT_INFO_SPLITS = ("prefill=96,decode=36", "prefill=104,decode=28", "decode=16")
+DEFAULT_PRESET = "llama-3.1-8b"
+DEFAULT_OUT = "bench/results"
+
+
+# -- argument types: each refuses a bad value with what is allowed (argparse exits 2) ------------
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a whole number of at least 1")
+    return value
+
+
+def device_index(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU index: give 0, 1, ...")
+    return value
+
+
+def split_arg(text: str) -> SMSplit:
+    try:
+        return SMSplit.parse(text)
+    except InvalidSplitError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def json_file_arg(text: str) -> Path:
+    """A file to write. Its folder must exist: a typo in a path should not create folders."""
+    path = Path(text)
+    folder = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name, e.g. {path / 'info.json'}")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text}: folder {folder} does not exist (create it first, or write elsewhere)"
+        )
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} is not writable")
+    return path
+
+
+def out_dir_arg(text: str) -> str:
+    """A results folder. Created when results are written (with parents), so it may be new,
+    but it must be creatable: checked now, not after minutes of GPU work."""
+    path = Path(text)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot use {text} as the results folder: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot create or write {text}: {existing} is not writable")
+    return text
+
+
+class PresetNames(collections.abc.Sequence):
+    """The model presets, looked up on first use: models import torch, which `bullet info` and
+    `bullet --help` do not need (argparse reads choices only to check a given value or show help)."""
+
+    def _names(self) -> list[str]:
+        from .models.presets import PRESETS
+
+        return list(PRESETS)
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written (line breaks kept); every option's help ends with its default.
+    Options without a default value use ``default=argparse.SUPPRESS`` and say in their help
+    what happens when they are left out."""
+
+
+# -- bullet info -------------------------------------------------------------------------------------
 
 
 def _native_state() -> str:
+    from .partition.tpc import native
+
+    reason = native.unavailable_reason()
+    return f"missing: {reason}" if reason else f"loaded ({native.load().path})"
+
+
+def _mechanism(name: str, device_index: int) -> str:
+    """What the backend says about how it restricts lanes; "" where it says nothing."""
+    from .partition import get_backend
+
     try:
-        from .partition import tpc_native
-
-        lib = tpc_native.load()
-        return f"loaded ({lib.path})"
-    except Exception as exc:  # ImportError, or the loader's own reason
-        return f"missing: {exc}"
+        backend = get_backend(name, device_index)
+        return getattr(backend, "describe", lambda: "")() or ""
+    except BulletError as exc:
+        return f"(cannot describe: {exc})"
 
 
-def info(args: argparse.Namespace) -> int:
-    from .partition import Partitioner, SMSplit, available_backends
+def device_report(index: int) -> tuple:
+    """Print GPU, native library and backends (with their mechanism); return (device, report)."""
+    from .partition import available_backends
 
-    device, reason = describe_state(args.device)
+    device, reason = describe_state(index)
     report: dict = {"bullet_kernels": __version__, "native_tpc_library": _native_state()}
     print(f"bullet_kernels {__version__}")
     print(f"native TPC-mask library: {report['native_tpc_library']}")
@@ -54,38 +173,62 @@ def info(args: argparse.Namespace) -> int:
             print(f"green contexts: no ({device.green_unavailable_reason})")
     backends = available_backends(device)
     report["backends"] = backends
+    report["mechanisms"] = {}
     print("backends:")
     for name, why in backends.items():
-        print(f"  {name:6s} {'available' if not why else 'unavailable: ' + why}")
+        if why:
+            print(f"  {name:6s} unavailable: {why}")
+            continue
+        mechanism = report["mechanisms"][name] = _mechanism(name, index)
+        print(f"  {name:6s} available" + (f": {mechanism}" if mechanism else ""))
+    return device, report
+
+
+def _verified_partitions(device, backends: dict, splits: list[SMSplit]) -> list[dict]:
+    from .partition import Partitioner
+
+    rows_out = []
+    print("verified partitions (asked / granted / observed SMs by the %smid probe):")
+    print(f"  {'backend':7s} {'split':28s} {'lane':8s} {'asked':>5s} {'granted':>7s} {'observed':>8s}  SM ids")
+    for name in [b for b, why in backends.items() if not why and b != "none"]:
+        for split in splits:
+            try:
+                # green runs before tpc (BACKENDS order): tpc's launch hook, once installed,
+                # stops green contexts from being created, which is expected here, not news.
+                with warnings.catch_warnings(), Partitioner(name, device.index) as parts:
+                    warnings.filterwarnings("ignore", message=".*tpc launch hook.*")
+                    rows = parts.get(split).table()
+            except BulletError as exc:
+                print(f"  {name:7s} {split.key:28s} refused: {exc}")
+                rows_out.append({"backend": name, "split": split.key, "error": str(exc)})
+                continue
+            for row in rows:
+                print(
+                    f"  {name:7s} {split.key:28s} {row['lane']:8s} {row['asked']:5d} {row['granted']:7d} "
+                    f"{row['observed']:8d}  {row['sm_ids']}"
+                )
+                rows_out.append({"backend": name, "split": split.key, **row})
+    return rows_out
+
+
+def info(args: argparse.Namespace) -> int:
+    device, report = device_report(args.device)
     report["partitions"] = []
     if device is not None and not args.no_verify:
-        splits = args.split or list(DEFAULT_INFO_SPLITS)
-        print("verified partitions (asked / granted / observed SMs by the %smid probe):")
-        print(f"  {'backend':7s} {'split':28s} {'lane':8s} {'asked':>5s} {'granted':>7s} {'observed':>8s}  SM ids")
-        for name in [b for b, why in backends.items() if not why and b != "none"]:
-            for text in splits:
-                split = SMSplit.parse(text)
-                try:
-                    # green runs before tpc (BACKENDS order): tpc's launch hook, once installed,
-                    # stops green contexts from being created, which is expected here, not news.
-                    with warnings.catch_warnings(), Partitioner(name, device.index) as parts:
-                        warnings.filterwarnings("ignore", message=".*tpc launch hook.*")
-                        pset = parts.get(split)
-                        rows = pset.table()
-                except BulletError as exc:
-                    print(f"  {name:7s} {split.key:28s} refused: {exc}")
-                    report["partitions"].append({"backend": name, "split": split.key, "error": str(exc)})
-                    continue
-                for row in rows:
-                    print(
-                        f"  {name:7s} {split.key:28s} {row['lane']:8s} {row['asked']:5d} {row['granted']:7d} "
-                        f"{row['observed']:8d}  {row['sm_ids']}"
-                    )
-                    report["partitions"].append({"backend": name, "split": split.key, **row})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        splits = getattr(args, "split", None) or [SMSplit.parse(s) for s in DEFAULT_INFO_SPLITS]
+        report["partitions"] = _verified_partitions(device, report["backends"], splits)
+    path = getattr(args, "json", None)
+    if path is not None:
+        try:
+            path.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            print(f"bullet info: error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        print(f"report: {path}")
     return 0
+
+
+# -- bullet sweep and bullet bench -----------------------------------------------------------------
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -94,31 +237,136 @@ def sweep(args: argparse.Namespace) -> int:
     return sweep_main(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bullet", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="device facts, backends and a verified partition table")
-    p_info.add_argument("--device", type=int, default=0)
-    p_info.add_argument("--split", action="append", help="lane=SMS,... to verify (repeatable)")
-    p_info.add_argument("--no-verify", action="store_true", help="skip creating partitions")
-    p_info.add_argument("--json", help="also write the report as JSON to this path")
+def _check_sweep_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Cross-argument checks against the preset (argparse checks each value alone)."""
+    from .models.presets import preset_config
+
+    config = preset_config(args.preset)
+    if args.groups > config.num_layers:
+        parser.error(
+            f"--groups {args.groups}: {args.preset} has {config.num_layers} layers; give at most that many groups"
+        )
+    longest = max(args.prompt, args.context + 1)
+    if longest > config.max_position_embeddings:
+        parser.error(
+            f"--prompt/--context ask for {longest} positions; {args.preset} allows {config.max_position_embeddings}"
+        )
+
+
+BENCH_PLAN = """\
+bullet bench: no GPU here (see above), so nothing was measured.
+
+On a GPU, `bullet bench` runs today the quick SM sweep (`bullet sweep --quick`), a real measurement:
+  {preset}, random bf16 weights, {backend} partitions; one {prompt}-token prefill as {groups} layer-group
+  graphs and decode steps at batch {batches} with {context} tokens of context, captured and replayed on
+  a few partition sizes and on the whole GPU; JSON and PNG into {out}/.
+Planned (the orchestrator): the co-location mixes on the full 32-layer llama-3.1-8b,
+  A: a 4096-token prompt beside decode batch 128 at 2048 tokens of context,
+  B: a 2048-token prompt beside decode batch 32 at 1024 tokens of context,
+  each run sequential, with chunked prefill, on the best static SM split and orchestrated, in one run.
+  Without a GPU it will replay those schedules through the latency estimator on a shipped
+  profile and say that it is a simulation."""
+
+
+def bench(args: argparse.Namespace) -> int:
+    sweep_args = args.sweep_parser.parse_args(
+        ["--quick", "--preset", args.preset, "--backend", args.backend, "--out", args.out]
+    )
+    _check_sweep_shapes(args.sweep_parser, sweep_args)
+    device, _ = describe_state()
+    if device is None:
+        device_report(0)
+        print()
+        print(BENCH_PLAN.format(
+            preset=sweep_args.preset, backend=sweep_args.backend, prompt=sweep_args.prompt,
+            groups=sweep_args.groups, batches=" and ".join(map(str, sweep_args.decode_batch)),
+            context=sweep_args.context, out=sweep_args.out,
+        ))
+        return 0
+    print("bullet bench: the co-location benchmark is not built yet; running the quick SM sweep on "
+          f"{device.name} ({device.sm_count} SMs)", flush=True)
+    return sweep(sweep_args)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PresetNames(), metavar="PRESET",
+                   help="model shape with random weights (nothing is downloaded); one of: %(choices)s")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS,
+                   help="SM partition backend: green contexts, TPC masks, or none (whole GPU)")
+    p.add_argument("--out", type=out_dir_arg, default=DEFAULT_OUT,
+                   help="folder for the result JSON and PNG (created if missing)")
+
+
+def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    _add_model_arguments(p)
+    p.add_argument("--quick", action="store_true", help="fewer SM counts (a few partition sizes and the whole GPU)")
+    p.add_argument("--prompt", type=positive_int, default=2048, metavar="TOKENS",
+                   help="prefill tokens (one prompt)")
+    p.add_argument("--decode-batch", type=positive_int, nargs="+", default=[32, 128], metavar="BATCH",
+                   help="decode batch sizes (sequences per step)")
+    p.add_argument("--context", type=positive_int, default=1024, metavar="TOKENS",
+                   help="KV tokens per decode sequence")
+    p.add_argument("--groups", type=positive_int, default=4,
+                   help="prefill layer groups (one graph each; at most the preset's layers)")
+    p.add_argument("--reps", type=positive_int, default=5,
+                   help="timed replays per measured point")
+
+
+# -- the parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bullet", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"bullet_kernels {__version__}")
+    sub = parser.add_subparsers(title="subcommands", dest="command", required=True, metavar="{info,bench,sweep}")
+
+    p_info = sub.add_parser(
+        "info", help="device facts, backends and a verified partition table", formatter_class=HelpFormatter,
+        description="GPU and driver facts, the partition backends and how each restricts kernels; then\n"
+        "each --split opened on every available backend and verified by the %smid probe kernel\n"
+        "(asked / granted / observed SMs per lane). Without a GPU: the facts that can be known.",
+    )
+    p_info.add_argument("--device", type=device_index, default=0, help="GPU index")
+    p_info.add_argument("--split", type=split_arg, action="append", metavar="LANE=SMS,...", default=argparse.SUPPRESS,
+                        help="a split to open and verify, e.g. prefill=96,decode=36 (append +overlap to let "
+                        "tpc lanes share SMs); repeatable. Default: " + ", ".join(DEFAULT_INFO_SPLITS))
+    p_info.add_argument("--no-verify", action="store_true", help="skip opening and verifying partitions")
+    p_info.add_argument("--json", type=json_file_arg, metavar="FILE", default=argparse.SUPPRESS,
+                        help="also write the report as JSON to FILE (its folder must exist); "
+                        "without it, the report is only printed")
     p_info.set_defaults(func=info)
 
-    p_sweep = sub.add_parser("sweep", help="prefill/decode latency against SM count (needs a GPU)")
-    p_sweep.add_argument("--preset", default="llama-3.1-8b")
-    p_sweep.add_argument("--quick", action="store_true", help="fewer SM counts and shapes")
-    p_sweep.add_argument("--out", default="bench/results", help="folder for the JSON and PNG")
-    p_sweep.add_argument("--backend", default="green")
-    from .sweep import add_arguments
+    p_bench = sub.add_parser(
+        "bench", help="the main job: a real measurement on a GPU, a plain report without one",
+        formatter_class=HelpFormatter,
+        description="On a GPU: the quick SM sweep (`bullet sweep --quick`), until the co-location\n"
+        "benchmark (orchestrated prefill beside decode, mixes A and B) exists.\n"
+        "Without a GPU: the device report and what it would run; exit status 0.",
+    )
+    _add_model_arguments(p_bench)
 
-    add_arguments(p_sweep)
-    p_sweep.set_defaults(func=sweep)
+    p_sweep = sub.add_parser(
+        "sweep", help="prefill/decode latency against SM count (needs a GPU)", formatter_class=HelpFormatter,
+        description="Captures the preset's prefill (per layer group) and decode graphs on a verified\n"
+        "partition of each SM count and replays them there: prefill tokens/s and MFU, decode step\n"
+        "latency and HBM bandwidth, against peaks measured in the same run on the whole GPU.",
+    )
+    _add_sweep_arguments(p_sweep)
+    p_sweep.set_defaults(func=sweep, check=functools.partial(_check_sweep_shapes, p_sweep))
 
+    p_bench.set_defaults(func=bench, sweep_parser=p_sweep)  # bench runs sweep's quick path on a GPU
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "check", None) is not None:
+        args.check(args)  # cross-argument checks; parser.error exits 2
     try:
         return args.func(args)
     except BulletError as exc:
-        print(f"bullet: error: {exc}", file=sys.stderr)
+        print(f"bullet {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

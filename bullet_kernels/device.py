@@ -138,7 +138,7 @@ def _green_facts(drv, dev) -> tuple[bool, str, int, int]:
     except RuntimeError as exc:
         return False, str(exc), 0, 0
     sm = res.sm
-    # Older drivers leave these fields zero; 8/8 is what Hopper reports (tpc-masks.md).
+    # Older drivers leave these fields zero; 8/8 is what Hopper reports (docs/tpc-masks.md).
     min_sms = int(getattr(sm, "minSmPartitionSize", 0) or 8)
     align = int(getattr(sm, "smCoscheduledAlignment", 0) or 8)
     return True, "", min_sms, align

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import bullet_kernels
-from bullet_kernels import compile_backend
-from bullet_kernels.compile_backend import why_not_capturable
+from bullet_kernels.compile import backend as compile_backend
+from bullet_kernels.compile.backend import why_not_capturable
+from bullet_kernels.engine import forget_warnings
 
 
 class TinyMLP(torch.nn.Module):
@@ -43,7 +44,7 @@ def test_registered_on_import():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cpu_compile_equals_eager_and_warns_once_why_there_are_no_graphs():
     torch._dynamo.reset()
-    compile_backend._warned.clear()
+    forget_warnings()
     model = TinyMLP().eval()
     x = torch.randn(4, 32)
     compiled = torch.compile(model, backend="bullet", dynamic=False)
@@ -61,7 +62,7 @@ def _gm(fn, *inputs):
     return torch.fx.symbolic_trace(fn), list(inputs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the capturability checks run after the GPU check")
+@pytest.mark.gpu
 def test_capturability_checks_name_the_reason_gpu():
     cuda_x = torch.randn(4, device="cuda")
     assert why_not_capturable(*_gm(lambda x: x * 2, cuda_x)) == ""
@@ -147,10 +148,10 @@ def test_gpu_compiled_graph_for_a_split_runs_only_on_its_sms():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-partition fallback")
 def test_on_lane_without_a_partition_backend_warns_and_runs_on_the_whole_device():
-    from bullet_kernels import lanes
+    from bullet_kernels.compile import lanes
     from bullet_kernels.errors import UnsupportedError
 
-    lanes._warned.clear()
+    forget_warnings()
     with pytest.warns(RuntimeWarning, match="green.*unavailable.*running lane 'decode' on the whole device"):
         with bullet_kernels.on_lane("decode", "prefill=96,decode=36") as sel:
             assert sel is None and lanes.current() is None

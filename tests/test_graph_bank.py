@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bullet_kernels.errors import CaptureError, NoBucketError
-from bullet_kernels.graph_bank import GraphBank, GraphKey, default_buckets, pick_bucket
+from bullet_kernels.engine.graph_bank import GraphBank, GraphKey, default_buckets, pick_bucket
 from bullet_kernels.partition import Partitioner, SMSplit, probe
 
 

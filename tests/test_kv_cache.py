@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bullet_kernels.errors import BulletError
-from bullet_kernels.kv_cache import KVCacheExhausted, PagedKVCache, kv_bytes_per_page, pages_for_budget
+from bullet_kernels.engine.kv_cache import KVCacheExhausted, PagedKVCache, kv_bytes_per_page, pages_for_budget
 from bullet_kernels.models import preset_config
 
 

@@ -13,7 +13,7 @@ from conftest import rel_err
 
 
 from bullet_kernels.engine import ModelRunner
-from bullet_kernels.kv_cache import PagedKVCache
+from bullet_kernels.config import EngineConfig
 from bullet_kernels.models import (
     PRESETS,
     LlamaModel,
@@ -53,8 +53,7 @@ def hf_last_logits(model, sequences: list[list[int]]) -> torch.Tensor:
 
 
 def make_runner(model: LlamaModel, num_pages: int = 64, page_size: int = 4) -> ModelRunner:
-    cache = PagedKVCache.for_model(model.config, num_pages=num_pages, page_size=page_size, dtype=model.dtype)
-    return ModelRunner(model, cache)
+    return ModelRunner(model, EngineConfig(kv_num_pages=num_pages, page_size=page_size))
 
 
 # -- numerics against transformers --------------------------------------------------------
@@ -161,11 +160,12 @@ def test_config_round_trips_through_hf_dict_and_transformers(preset):
     )
 
 
-def test_llama31_preset_equals_the_shared_dummy_config():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "llama-3.1-8b-dummy")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        pytest.skip("../shared/models/llama-3.1-8b-dummy is not checked out here")
-    assert ModelConfig.from_hf(path) == preset_config("llama-3.1-8b")
+def test_llama31_preset_equals_the_config_it_ships():
+    from bullet_kernels.models.presets import shipped_config
+
+    shipped = shipped_config("llama-3.1-8b")  # the full config.json, shipped as package data
+    assert ModelConfig.from_hf(shipped) == preset_config("llama-3.1-8b")
+    assert (shipped["hidden_act"], shipped["attention_bias"], shipped["mlp_bias"]) == ("silu", False, False)
 
 
 def test_unknown_architecture_names_the_supported_ones():

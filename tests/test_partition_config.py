@@ -37,6 +37,13 @@ def test_parse_round_trips_and_rejects_garbage():
         SMSplit(prefill=8)["decode"]
 
 
+def test_parse_refuses_a_lane_named_twice():
+    with pytest.raises(InvalidSplitError, match="lane 'prefill' appears twice in split 'prefill=96,prefill=10'"):
+        SMSplit.parse("prefill=96,prefill=10")
+    with pytest.raises(InvalidSplitError, match="appears twice"):
+        SMSplit.parse("decode=8, decode =8+overlap")
+
+
 def test_green_rounds_to_eight_and_gives_the_remainder():
     assert grant_green(SMSplit(prefill=96, decode=36), 132) == {"prefill": 96, "decode": 36}
     assert grant_green(SMSplit(decode=16, prefill=116), 132) == {"decode": 16, "prefill": 116}

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from bullet_kernels.errors import ClosedError, InvalidSplitError, PartitionVerificationError, UnsupportedError
-from bullet_kernels.partition import Partitioner, SMSplit, available_backends, get_backend
-from bullet_kernels.partition.base import Lane
+from bullet_kernels.partition import Partitioner, SMSplit, available_backends, backend_class, get_backend
+from bullet_kernels.partition.base import Backend, Lane, format_ranges
 from bullet_kernels.partition.verification import check_lanes
 
 requires_no_gpu = pytest.mark.skipif(
@@ -18,6 +18,29 @@ requires_no_gpu = pytest.mark.skipif(
 
 def _lane(name, granted, observed, expected=None, whole=False):
     return Lane(name, granted, granted, None, frozenset(expected) if expected else None, frozenset(observed), whole)
+
+
+def test_format_ranges_writes_inclusive_runs():
+    assert format_ranges([0, 1, 2, 5, 6, 9]) == "0-2,5-6,9"
+    assert format_ranges([]) == ""
+
+
+def test_backends_describe_themselves_and_the_default_is_empty():
+    class Minimal(Backend):
+        name = "minimal"
+
+        @classmethod
+        def unavailable_reason(cls, device):
+            return ""
+
+        def grant(self, split):
+            return {}
+
+        def open(self, split, verify=True):
+            raise NotImplementedError
+
+    assert Minimal(None).describe() == ""
+    assert backend_class("green")(None).describe().startswith("green contexts")
 
 
 def test_verification_accepts_exact_disjoint_lanes():

@@ -46,7 +46,7 @@ def test_graph_captured_on_a_green_lane_keeps_its_sms_on_a_full_gpu_stream(green
     assert replayed <= lane.observed_sms and len(replayed) == lane.granted == 36
 
 
-def _gemm_tflops(stream, n=8192, reps=10):
+def gemm_tflops(stream, n=8192, reps=10):
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     stream.wait_stream(torch.cuda.current_stream())
@@ -62,7 +62,7 @@ def _gemm_tflops(stream, n=8192, reps=10):
 
 
 def test_gemm_throughput_rises_with_partition_size(green):
-    rates = [_gemm_tflops(green.get(SMSplit(decode=sms)).stream("decode")) for sms in (16, 64, 132)]
+    rates = [gemm_tflops(green.get(SMSplit(decode=sms)).stream("decode")) for sms in (16, 64, 132)]
     # 8x more SMs should give far more than 2x; a partition that did not hold would be flat.
     assert rates[0] * 2 < rates[1] < rates[2] * 1.05, rates
 

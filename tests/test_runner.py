@@ -6,9 +6,11 @@ import pytest
 import torch
 from conftest import rel_err
 
-from bullet_kernels.batch import Bucket, ForwardBatch, SeqChunk, plan_decode, plan_prefill
-from bullet_kernels.engine import ContextTooLong, ModelRunner
-from bullet_kernels.kv_cache import KVCacheExhausted, PagedKVCache
+from bullet_kernels.config import EngineConfig
+from bullet_kernels.engine import (
+    Bucket, ContextTooLong, ForwardBatch, KVCacheExhausted, ModelRunner, SeqChunk, pad_input_ids, plan_decode,
+    plan_prefill,
+)
 from bullet_kernels.models import random_model
 
 PROMPT = [(7 * i + 3) % 256 for i in range(23)]
@@ -17,8 +19,7 @@ OTHER = [(5 * i + 1) % 256 for i in range(9)]
 
 def make_runner(preset="tiny-llama3", num_pages=64, page_size=4, max_context=None) -> ModelRunner:
     model = random_model(preset, seed=0, dtype=torch.float32)
-    cache = PagedKVCache.for_model(model.config, num_pages=num_pages, page_size=page_size, dtype=torch.float32)
-    return ModelRunner(model, cache, max_context=max_context)
+    return ModelRunner(model, EngineConfig(kv_num_pages=num_pages, page_size=page_size, max_context=max_context))
 
 
 # -- planning ------------------------------------------------------------------------------
@@ -81,12 +82,14 @@ def test_padding_rows_do_not_change_real_rows():
     for runner in (exact, padded):
         runner.reserve(requests)
     want = exact.run(*exact.plan_prefill(requests))
-    got = padded.run(*padded.plan_prefill(requests, num_tokens=48, batch_size=4))
+    ids, batch = padded.plan_prefill(requests)
+    got = padded.run(pad_input_ids(ids, 48), batch.pad_to(48, 4))
     assert got.shape[0] == 4 and rel_err(got[:2], want) < 1e-6
     for runner in (exact, padded):
         runner.reserve([("a", [1]), ("b", [2])])
     want = exact.run(*exact.plan_decode(["a", "b"], [1, 2]))
-    got = padded.run(*padded.plan_decode(["a", "b"], [1, 2], batch_size=8))
+    ids, batch = padded.plan_decode(["a", "b"], [1, 2])
+    got = padded.run(pad_input_ids(ids, 8), batch.pad_to(8, 8))
     assert got.shape[0] == 8 and rel_err(got[:2], want) < 1e-6
     # padding wrote no KV: pages nobody owns are still zero
     owned = set(padded.kv_cache.pages("a") + padded.kv_cache.pages("b"))
@@ -137,7 +140,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="call reserve\\(\\) first"):
         runner.plan_prefill([("a", [1, 2])])
     with pytest.raises(ValueError, match="max_context 9999 must be in 1..512"):
-        ModelRunner(runner.model, runner.kv_cache, max_context=9999)
+        ModelRunner(runner.model, EngineConfig(kv_num_pages=64, max_context=9999))
 
 
 @pytest.mark.gpu
@@ -146,11 +149,10 @@ def test_llama31_8b_random_bf16_on_gpu_is_finite_and_close_to_fp32():
     logits = {}
     for dtype in (torch.bfloat16, torch.float32):
         model = random_model("llama-3.1-8b", seed=0, dtype=dtype, device=device, max_context=1024)
-        cache = PagedKVCache.for_model(model.config, num_pages=64, dtype=dtype, device=device)
-        runner = ModelRunner(model, cache)
+        runner = ModelRunner(model, EngineConfig(kv_num_pages=64))
         prefill = runner.prefill([("a", list(range(100, 400))), ("b", list(range(5000, 5070)))])
         logits[dtype] = torch.cat([prefill, runner.decode(["a", "b"], [11, 12])])
-        del model, cache, runner
+        del model, runner
         torch.cuda.empty_cache()
     assert torch.isfinite(logits[torch.bfloat16]).all()
     # 32 layers of bf16 rounding on near-uniform random logits: 0.07 on H100; a blow-up is >> 1
@@ -161,13 +163,14 @@ def test_llama31_8b_random_bf16_on_gpu_is_finite_and_close_to_fp32():
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "smollm2-135m"])
 def test_cuda_graph_replay_matches_eager_reference_kernels(preset, monkeypatch):
     model = random_model(preset, seed=0, dtype=torch.bfloat16, device="cuda", max_context=256)
-    cache = PagedKVCache.for_model(model.config, num_pages=64, dtype=torch.bfloat16, device="cuda")
-    runner = ModelRunner(model, cache)
+    runner = ModelRunner(model, EngineConfig(kv_num_pages=64))
     requests = [("a", list(range(1, 40))), ("b", list(range(50, 57)))]
     runner.reserve(requests)
-    steps = [runner.plan_prefill(requests, num_tokens=64, batch_size=4)]
+    ids, batch = runner.plan_prefill(requests)
+    steps = [(pad_input_ids(ids, 64), batch.pad_to(64, 4))]
     runner.reserve([("a", [7]), ("b", [8])])
-    steps.append(runner.plan_decode(["a", "b"], [7, 8], batch_size=4))
+    ids, batch = runner.plan_decode(["a", "b"], [7, 8])
+    steps.append((pad_input_ids(ids, 4), batch.pad_to(4, 4)))
     for input_ids, batch in steps:  # prefill, then decode on the prefill's KV
         static_ids, static = input_ids.cuda(), ForwardBatch.padding(batch.bucket, "cuda")
         batch.copy_into(static)

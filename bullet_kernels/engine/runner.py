@@ -1,22 +1,42 @@
-"""Eager model runner over a paged KV cache: reserve -> plan (CPU) -> run (graph-safe forward).
+"""The model runner: from requests to logits over a paged KV cache, on graphs where they fit.
 
-The three steps are public so a graph bank can capture :meth:`ModelRunner.run` per bucket and
-replay it: ``reserve`` takes KV pages for the step's tokens, ``plan_prefill``/``plan_decode``
-build the padded ``(input_ids, ForwardBatch)`` on the CPU, ``run`` is the model forward.
-``prefill``, ``decode`` and ``generate`` chain them for eager use.
+One object owns the request path: the KV cache (sized by :mod:`.memory`), the page geometry
+(``page_size``, ``max_context``, ``max_pages``, derived once from the config), and the model's
+captured graphs (:class:`ModelGraphs`, created on first use where there is a GPU).
+
+    runner = ModelRunner(model, EngineConfig(...))
+    runner.capture(Placement(split, "decode"), phases=("decode",))
+    runner.reserve([(rid, tokens)])                       # KV pages for the step's tokens
+    ids, batch = runner.plan_decode([rid], [token])      # exact CPU batch
+    logits = runner.forward(ids, batch, Placement(split, "decode"))
+
+:meth:`prepare` picks the bucket, pads and copies into the graph's static buffers and returns a
+:class:`~.step.Step` to launch (the orchestrator's path); :meth:`forward` is prepare + launch.
+Where no graph fits (no GPU, a batch beyond every bucket, a placement not captured while
+``lazy_capture`` is off) the step runs eagerly on the placement's lane: counted per reason in
+:attr:`stats` and warned once per reason. ``prefill``/``decode``/``generate`` are eager
+conveniences.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 from typing import Hashable, Sequence
 
 import torch
 
-from ..batch import ForwardBatch, SeqChunk, pack_input_ids, plan_decode, plan_prefill
+from ..config import EngineConfig
 from ..errors import BulletError
-from ..kv_cache import PagedKVCache
-from ..models.llama import LlamaModel
+from .batch import ForwardBatch, SeqChunk, pack_input_ids, pad_input_ids, plan_decode, plan_prefill
+from .graph_bank import GraphBank
+from .kv_cache import PagedKVCache
+from .memory import size_kv_cache
+from .model_graphs import ModelGraphs, prefill_groups
+from .placement import WHOLE_GPU, Placement
+from .step import EagerStep, GraphStep, Step, lane_scope
+from .warn import warn_once
 
 # (request id, the token ids this step computes for it)
 Request = tuple[Hashable, Sequence[int]]
@@ -27,19 +47,42 @@ class ContextTooLong(BulletError, ValueError):
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: PagedKVCache, max_context: int | None = None):
-        max_context = model.max_context if max_context is None else max_context
+    def __init__(self, model, cfg: EngineConfig | None = None, partitioner=None):
+        """``partitioner`` opens the splits placements name; without one the runner opens
+        ``Partitioner(cfg.backend)`` the first time a placement names a split on a GPU."""
+        cfg = EngineConfig() if cfg is None else cfg
+        max_context = model.max_context if cfg.max_context is None else cfg.max_context
         if not 0 < max_context <= model.max_context:
             raise ValueError(
                 f"max_context {max_context} must be in 1..{model.max_context} "
                 "(the positions the model's rotary table covers)"
             )
-        self.model = model
-        self.kv_cache = kv_cache
+        self.model, self.cfg = model, cfg
         self.max_context = max_context
-        self.max_pages = -(-max_context // kv_cache.page_size)  # page_table width
-        model.attach_kv_cache(kv_cache)
+        self.page_size = cfg.page_size
+        self.max_pages = -(-max_context // cfg.page_size)  # page_table width
+        self.groups = prefill_groups(model.config.num_layers, cfg.layer_groups)
+        self.kv_sizing = size_kv_cache(model.config, cfg, model.dtype, model.device, self.max_pages)
+        self.kv_cache = PagedKVCache.for_model(
+            model.config, num_pages=self.kv_sizing.num_pages, page_size=cfg.page_size,
+            dtype=model.dtype, device=model.device,
+        )
+        model.attach_kv_cache(self.kv_cache)
+        self.partitioner = partitioner
+        self._own_partitioner = False
+        self._graphs: ModelGraphs | None = None
+        self._steps = {"graph": 0, "eager": 0}
+        self._eager_reasons: collections.Counter[str] = collections.Counter()
         self._generation_ids = itertools.count()
+        self.open_splits()
+
+    def open_splits(self) -> None:
+        """Open and verify every split of ``cfg.splits`` now, before the runner does other GPU
+        work (docs/green-contexts.md says why); nothing to do without a GPU."""
+        if self.device.type != "cuda":
+            return
+        for split in self.cfg.splits:
+            self._partitioner_for(Placement(split, split.names[0])).get(split)
 
     @property
     def device(self) -> torch.device:
@@ -50,7 +93,7 @@ class ModelRunner:
     def reserve(self, requests: Sequence[Request]) -> None:
         """Take KV slots for each request's new tokens: all of them, or none on error.
 
-        Raises :class:`ContextTooLong` or :class:`~bullet_kernels.kv_cache.KVCacheExhausted`.
+        Raises :class:`ContextTooLong` or :class:`~bullet_kernels.engine.KVCacheExhausted`.
         """
         vocab = self.model.config.vocab_size
         for request_id, tokens in requests:
@@ -69,7 +112,7 @@ class ModelRunner:
         """Free a finished request's KV pages."""
         self.kv_cache.free(request_id)
 
-    # -- plan: CPU metadata, padded to a bucket ------------------------------------------
+    # -- plan: the exact CPU batch -----------------------------------------------------------
 
     def _chunk(self, request_id: Hashable, num_new: int) -> SeqChunk:
         total = self.kv_cache.num_tokens(request_id)
@@ -80,41 +123,152 @@ class ModelRunner:
             )
         return SeqChunk(self.kv_cache.pages(request_id), total - num_new, num_new)
 
-    def plan_prefill(
-        self,
-        requests: Sequence[Request],
-        *,
-        num_tokens: int | None = None,
-        batch_size: int | None = None,
-    ) -> tuple[torch.Tensor, ForwardBatch]:
-        """CPU ``(input_ids, batch)`` for reserved requests, padded to ``(num_tokens, batch_size)``.
+    def plan_prefill(self, requests: Sequence[Request]) -> tuple[torch.Tensor, ForwardBatch]:
+        """CPU ``(input_ids, batch)`` for reserved requests, unpadded (:meth:`prepare` pads).
 
         A request whose earlier tokens are cached continues from them (chunked prefill).
         """
         chunks = [self._chunk(r, len(tokens)) for r, tokens in requests]
-        batch = plan_prefill(
-            chunks, page_size=self.kv_cache.page_size, max_pages=self.max_pages,
-            num_tokens=num_tokens, batch_size=batch_size,
-        )
+        batch = plan_prefill(chunks, page_size=self.page_size, max_pages=self.max_pages)
         return pack_input_ids([t for _, t in requests], batch.bucket.num_tokens), batch
 
-    def plan_decode(
-        self, request_ids: Sequence[Hashable], tokens: Sequence[int], *, batch_size: int | None = None
-    ) -> tuple[torch.Tensor, ForwardBatch]:
-        """CPU ``(input_ids, batch)`` for one reserved token per request, padded to ``batch_size``."""
+    def plan_decode(self, request_ids: Sequence[Hashable], tokens: Sequence[int]) -> tuple[torch.Tensor, ForwardBatch]:
+        """CPU ``(input_ids, batch)`` for one reserved token per request, unpadded."""
         if len(request_ids) != len(tokens):
             raise ValueError(f"{len(request_ids)} requests but {len(tokens)} tokens")
         chunks = [self._chunk(r, 1) for r in request_ids]
-        batch = plan_decode(
-            chunks, page_size=self.kv_cache.page_size, max_pages=self.max_pages, batch_size=batch_size
-        )
+        batch = plan_decode(chunks, page_size=self.page_size, max_pages=self.max_pages)
         return pack_input_ids([[t] for t in tokens], batch.bucket.num_tokens), batch
+
+    # -- graphs --------------------------------------------------------------------------
+
+    def _partitioner_for(self, placement: Placement):
+        if placement.split is not None and self.partitioner is None:
+            from ..partition import Partitioner
+
+            self.partitioner, self._own_partitioner = Partitioner(self.cfg.backend), True
+            if self._graphs is not None:
+                self._graphs.bank.partitioner = self.partitioner
+        return self.partitioner
+
+    @property
+    def graphs(self) -> ModelGraphs:
+        """The model's graphs (created on first use; needs the model on a GPU)."""
+        if self._graphs is None:
+            bank = GraphBank(self.partitioner, self.device.index if self.device.type == "cuda" else None)
+            self._graphs = ModelGraphs(self.model, bank, self.cfg, self.max_pages)
+        return self._graphs
+
+    def capture(self, placement: Placement | None = None, phases=("decode", "prefill"), progress: bool = False) -> dict:
+        """Capture every configured bucket of ``phases`` on ``placement`` (default: whole GPU).
+
+        Returns ``{"graphs", "seconds", "memory_bytes"}``.
+        """
+        placement = WHOLE_GPU if placement is None else placement
+        self._partitioner_for(placement)
+        return self.graphs.capture(placement, phases, progress)
+
+    def release_graphs(self, placement: Placement | None = None) -> int:
+        """Drop captured graphs: all of them (and their buffers), or those of ``placement``."""
+        if self._graphs is None:
+            return 0
+        if placement is not None:
+            return self._graphs.release(placement)
+        dropped = len(self._graphs.bank)
+        self._graphs.bank.close()
+        self._graphs = None
+        torch.cuda.empty_cache()
+        return dropped
+
+    def close(self) -> None:
+        """Release every graph, and the partitioner if the runner opened it."""
+        self.release_graphs()
+        if self._own_partitioner:
+            self.partitioner.close()
+            self.partitioner, self._own_partitioner = None, False
+
+    # -- prepare and launch ----------------------------------------------------------------
+
+    def _placements(self, phase: str, placement) -> list[Placement]:
+        groups = len(self.groups) if phase == "prefill" else 1
+        if placement is None or isinstance(placement, Placement):
+            return [placement or WHOLE_GPU] * groups
+        placements = list(placement)
+        if phase == "decode" or len(placements) != groups or not all(isinstance(p, Placement) for p in placements):
+            raise ValueError(
+                f"a {phase} step takes one Placement" + (f" or a list of {groups} (one per layer group)"
+                                                          if phase == "prefill" else "")
+                + f", got {placement!r}"
+            )
+        return placements
+
+    def _graph_bucket(self, phase: str, batch: ForwardBatch, placements: list[Placement]) -> tuple[int | None, str]:
+        """The bucket whose graphs run this step, or None and the reason none fits."""
+        if self.device.type != "cuda":
+            return None, "no GPU"
+        if phase == "decode" and batch.bucket.batch_size > max(self.cfg.decode_buckets):
+            return None, f"decode batch beyond the largest decode bucket ({max(self.cfg.decode_buckets)})"
+        if phase == "prefill" and batch.bucket.batch_size > self.cfg.prefill_max_seqs:
+            return None, f"prefill of more sequences than prefill_max_seqs ({self.cfg.prefill_max_seqs})"
+        if phase == "prefill" and batch.bucket.num_tokens > max(self.cfg.prefill_buckets):
+            return None, f"prefill tokens beyond the largest prefill bucket ({max(self.cfg.prefill_buckets)})"
+        bucket = self.graphs.pick_bucket(phase, batch)
+        for g, placement in enumerate(placements):
+            if not self.graphs.has(self.graphs.key(phase, bucket, placement, g)):
+                return None, f"no {phase} graph captured for {placement} (lazy_capture is off)"
+        return bucket, ""
+
+    def prepare(self, input_ids: torch.Tensor, batch: ForwardBatch, placement=None) -> Step:
+        """A step for an exact batch from :meth:`plan_prefill`/:meth:`plan_decode`.
+
+        ``placement``: a :class:`Placement` (default: whole GPU); a prefill may take a list with
+        one per layer group. Picks the smallest bucket that fits, pads the batch to it and copies
+        it into the bucket's static buffers on the current stream; the step's launch waits for
+        those copies. Where no graph fits, an eager step (counted in :attr:`stats`).
+        """
+        phase = "decode" if batch.is_decode else "prefill"
+        placements = self._placements(phase, placement)
+        if self.device.type == "cuda":
+            for p in placements:
+                self._partitioner_for(p)
+        bucket, reason = self._graph_bucket(phase, batch, placements)
+        if bucket is None:
+            self._steps["eager"] += 1
+            self._eager_reasons[reason] += 1
+            warn_once(f"bullet_kernels engine: running steps eagerly: {reason} (counted in ModelRunner.stats)")
+            return EagerStep(self, phase, input_ids, batch, placements, self.groups, reason)
+        shape = self.graphs.bucket_shape(phase, bucket)
+        padded = batch.pad_to(shape.num_tokens, shape.batch_size)
+        self.graphs.load(phase, bucket, pad_input_ids(input_ids, shape.num_tokens), padded)
+        self._steps["graph"] += 1
+        return GraphStep(self.graphs, phase, bucket, placements, batch.bucket.batch_size)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, placement=None, stream=None) -> torch.Tensor:
+        """Prepare and launch; fp32 logits ``[rows, vocab]`` (a graph step's are a view of its
+        static buffer, valid until that bucket runs again)."""
+        step = self.prepare(input_ids, batch, placement)
+        return step.launch(stream)[: step.rows]
+
+    def eager_scope(self, placement: Placement):
+        """Where eager work of ``placement`` runs: its lane's stream and SM budget on a GPU."""
+        if placement.split is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return lane_scope(self._partitioner_for(placement).get(placement.split), placement.lane)
+
+    @property
+    def stats(self) -> dict:
+        """Steps prepared with graphs and eagerly, and the eager steps by reason."""
+        return {
+            "graph_steps": self._steps["graph"],
+            "eager_steps": self._steps["eager"],
+            "eager_reasons": dict(self._eager_reasons),
+        }
 
     # -- run: the graph-safe forward ---------------------------------------------------
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """fp32 logits ``[batch_size, vocab]``, one row per sequence slot of the bucket.
+        """fp32 logits ``[batch_size, vocab]``, one row per sequence slot of the batch.
 
         ``input_ids`` and ``batch`` must already be on the model's device.
         """

@@ -1,22 +1,22 @@
 """Kernels used by the model runner, dispatched by device.
 
 Each public function here has the signature of its twin in :mod:`.reference` (the contract).
-CUDA tensors go to our Triton kernels; everything else runs the reference. Environment:
+CUDA tensors go to our Triton kernels; everything else runs the reference. Two environment
+overrides, read through :func:`bullet_kernels.config.kernel_settings`:
 
 - ``BULLET_KERNELS=reference`` forces the reference everywhere (A/B comparisons);
-- ``BULLET_LINEAR=cublas|triton`` picks the decode GEMM (default ``cublas``: on H100
-  partitions cuBLAS already draws copy bandwidth, design.md; bench_decode.py re-measures).
+- ``BULLET_LINEAR=cublas|triton`` picks the decode GEMM (default ``cublas``: on partitions
+  cuBLAS already draws copy bandwidth).
 
 Launch sizes follow :func:`current_sm_budget`; wrap graph captures in :func:`sm_budget`.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from ..config import kernel_settings
 from . import reference
 from .sizing import current_sm_budget, sm_budget
 
@@ -30,7 +30,7 @@ except Exception as exc:  # pragma: no cover - depends on the install
 
 def _triton(*tensors: torch.Tensor) -> bool:
     """Our kernels run when every tensor is on CUDA and the reference is not forced."""
-    if os.environ.get("BULLET_KERNELS", "triton") == "reference" or _TRITON_ERROR:
+    if _TRITON_ERROR or kernel_settings().kernels == "reference":
         return False
     return all(t.is_cuda for t in tensors)
 
@@ -82,7 +82,7 @@ def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_l
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias), routed to cuBLAS or our split-K GEMM."""
-    if os.environ.get("BULLET_LINEAR", "cublas") == "triton" and _triton(x, weight):
+    if kernel_settings().linear == "triton" and _triton(x, weight):
         return gemm.linear(x, weight)
     return F.linear(x, weight)
 

@@ -205,7 +205,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing.
 
-    Launch defaults from bench/tune_decode_attention.py on the H100 (Triton 3.6; 16-132 SMs,
+    Launch defaults from the tuning sweep (in git history, bench/tune_decode_attention.py) on the H100 (Triton 3.6; 16-132 SMs,
     b128 x 4k and b16 x 32k contexts; tune-decode-attention-h100-20261126.json): one warp
     per program, 32-token tiles, 3 stages. A 16-row dot leaves little for more warps to
     share, and with one warp there are no cross-warp softmax reductions (no block barriers)

@@ -4,7 +4,7 @@ With M <= 64 rows there are only ``N / BLOCK_N`` output tiles (64 for N = 4096),
 SMs of a large partition, and each tile streams its slice of W once: the cost is the weight
 bytes. Splitting K gives each SM a share of those bytes; the fp32 partials are summed by a
 second small kernel (deterministic, unlike atomics). Whether this beats cuBLAS on a partition
-is measured by bench/bench_decode.py; the dispatcher routes ``linear`` by that result.
+is measured by bench/test_decode_partitions.py::test_gemm; the dispatcher routes ``linear`` by that result.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Kernels size their grids for the SMs they will really run on. A decode lane on a 32-SM
 partition that launches a grid sized for 132 SMs runs 4 waves where it planned 1 and leaves
-the tail idle (FlashInfer drew 0.74 TB/s that way, design.md). So the graph bank wraps each
+the tail idle (FlashInfer drew 0.74 TB/s that way, docs/design.md). So the graph bank wraps each
 capture in ``sm_budget(lane.granted)``, and every kernel asks :func:`current_sm_budget`.
 
 Grids are fixed at capture time: a CUDA graph replays the launch sizes chosen while it was

@@ -4,7 +4,7 @@ Every op except the embedding lookup goes through :mod:`bullet_kernels.kernels` 
 ``kernels.linear``, i.e. ``F.linear`` unless the dispatcher picks our GEMM), so the dispatcher
 decides which implementation runs. The forward is CUDA-graph capturable: it never syncs with
 the host or branches on tensor values, and its shapes depend only on the
-:class:`~bullet_kernels.batch.ForwardBatch` bucket. Python branches are on static facts only
+:class:`~bullet_kernels.engine.batch.ForwardBatch` bucket. Python branches are on static facts only
 (``batch.is_decode``, the config).
 
 Weights are fused where one GEMM can do the work of several: ``qkv_proj = cat(q, k, v)`` and
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..batch import ForwardBatch
+from ..engine.batch import ForwardBatch
 from .config import Llama3RopeScaling, ModelConfig
 
 DEFAULT_MAX_CONTEXT = 8192

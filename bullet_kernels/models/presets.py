@@ -4,16 +4,26 @@ The configs are the published ``config.json`` numbers (only the fields we read).
 are deterministic for a seed on a given device type and scaled so bf16 activations stay tame
 through deep stacks: std 0.02, output projections (``o_proj``, ``down_proj``) shrunk by
 ``1/sqrt(2 * num_layers)`` so the residual stream grows slowly, norm weights 1.
+
+``llama-3.1-8b`` also ships as a complete Hugging Face style model directory (a full
+``config.json`` with Llama-3.1-8B's published shapes and the bos/eos ids 0/1 of the project's
+own small tokenizer, ``models/tokenizer.py``):
+:func:`write_model_dir` writes it, so our engine and an SGLang baseline started with
+``--load-format dummy`` see the same shapes and count the same tokens.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
 from .config import ModelConfig, UnsupportedModelError
 from .llama import LlamaModel
+from .tokenizer import ASSET as TOKENIZER_ASSET
+from .tokenizer import asset_text, load_tokenizer
 
 PRESETS: dict[str, dict] = {
     "llama-3.1-8b": {
@@ -63,10 +73,57 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# Presets that ship a whole model directory under assets/<name>/ (config, tokenizer config,
+# generation config; the tokenizer itself is the shared assets/tokenizer.json).
+MODEL_DIR_FILES = ("config.json", "tokenizer_config.json", "generation_config.json")
+PRESETS_WITH_MODEL_DIR = ("llama-3.1-8b",)
+
+
 def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise UnsupportedModelError(f"no preset {name!r}; presets: {', '.join(PRESETS)}")
     return ModelConfig.from_hf(PRESETS[name])
+
+
+def _check_model_dir_preset(name: str) -> None:
+    if name not in PRESETS_WITH_MODEL_DIR:
+        raise UnsupportedModelError(
+            f"preset {name!r} ships no tokenizer or model directory; "
+            f"presets that do: {', '.join(PRESETS_WITH_MODEL_DIR)}"
+        )
+
+
+def shipped_config(name: str) -> dict:
+    """The full ``config.json`` shipped for preset ``name`` (every field a Hugging Face config has)."""
+    _check_model_dir_preset(name)
+    return json.loads(asset_text(name, "config.json"))
+
+
+def preset_tokenizer(name: str):
+    """The ``tokenizers.Tokenizer`` of preset ``name`` (the project's byte-level BPE).
+
+    Its ids fit the preset's vocabulary and its ``<s>``/``</s>`` are the preset's bos/eos ids.
+    """
+    _check_model_dir_preset(name)
+    return load_tokenizer()
+
+
+def write_model_dir(name: str, path: str | Path) -> Path:
+    """Write preset ``name`` as a Hugging Face style model directory at ``path`` and return it.
+
+    ``config.json``, ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``
+    (no weights: load them random, e.g. SGLang's ``--load-format dummy`` or :func:`random_model`).
+    Creates ``path`` if needed and overwrites those four files; other files are left alone.
+    """
+    _check_model_dir_preset(name)
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cannot write preset {name!r} to {out}: it exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for file in MODEL_DIR_FILES:
+        (out / file).write_text(asset_text(name, file), encoding="utf-8")
+    (out / "tokenizer.json").write_text(asset_text(TOKENIZER_ASSET), encoding="utf-8")
+    return out
 
 
 @torch.no_grad()

@@ -33,12 +33,12 @@ class Lane:
             "asked": self.asked,
             "granted": self.granted,
             "observed": len(self.observed_sms),
-            "sm_ids": _ranges(sorted(self.observed_sms)),
+            "sm_ids": format_ranges(sorted(self.observed_sms)),
         }
 
 
-def _ranges(ids: list[int]) -> str:
-    """``[0,1,2,5,6]`` -> ``"0-2,5-6"``."""
+def format_ranges(ids: list[int]) -> str:
+    """Sorted ids (SMs, TPC bits) as inclusive ranges: ``[0,1,2,5,6]`` -> ``"0-2,5-6"``."""
     out, start = [], None
     for i, x in enumerate(ids):
         if start is None:
@@ -101,16 +101,16 @@ class PartitionSet:
     @property
     def needs_scope(self) -> bool:
         """True where the lane's stream alone does not restrict SMs: work must run inside
-        :meth:`use` / :meth:`lane_scope` (the tpc backend's launch-hook mechanism)."""
+        :meth:`use` / :meth:`lane_scope` (only the tpc backend's launch-hook fallback)."""
         return self._scope is not None
 
     def lane_scope(self, name: str):
         """Context in which kernels launched from this thread run on lane ``name``'s SMs.
 
-        A no-op for backends whose streams carry the restriction (green contexts, driver stream
-        masks). The tpc launch hook masks by launching thread, not by stream, so there the
-        restriction holds only inside this block (graph replays included: the hook masks each
-        launch as it happens).
+        A no-op for backends whose streams carry the restriction (green contexts, the tpc
+        backend's stream records). The tpc launch hook masks by launching thread, not by
+        stream, so there the restriction holds only inside this block; a graph keeps the mask
+        in force when its executable was uploaded (docs/tpc-masks.md).
         """
         self.lane(name)
         return self._scope(name) if self._scope is not None else contextlib.nullcontext()
@@ -191,3 +191,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def open(self, split: SMSplit, verify: bool = True) -> PartitionSet:
         """Create the lanes' streams and (by default) verify them with the probe."""
+
+    def describe(self) -> str:
+        """How this backend restricts lanes, in a few words (for ``bullet info``); "" if unknown."""
+        return ""

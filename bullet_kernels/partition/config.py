@@ -54,7 +54,12 @@ class SMSplit:
                 raise InvalidSplitError(
                     f"cannot read {part!r} in split {text!r}: write lane=SMS pairs, e.g. prefill=96,decode=36"
                 )
-            lanes[name.strip()] = int(value)
+            name = name.strip()
+            if name in lanes:
+                raise InvalidSplitError(
+                    f"lane {name!r} appears twice in split {text!r}: name each lane once, e.g. prefill=96,decode=36"
+                )
+            lanes[name] = int(value)
         return cls(overlap=overlap, **lanes)
 
     @property

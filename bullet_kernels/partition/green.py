@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..device import DeviceInfo, check, driver_module
 from ..errors import UnsupportedError
-from . import verification
+from . import hook_state, verification
 from .base import Backend, Lane, PartitionSet
 from .config import SMSplit, grant_green
 
@@ -36,21 +36,23 @@ class GreenBackend(Backend):
             raise UnsupportedError(f"green backend unavailable: {reason}; try backend='none'")
         return self.device
 
+    def describe(self) -> str:
+        return "green contexts (cuGreenCtxStreamCreate streams)"
+
     def open(self, split: SMSplit, verify: bool = True) -> PartitionSet:
         import torch
-
-        from . import tpc_native
 
         d = self._require_device()
         granted = self.grant(split)
         whole = len(granted) == 1 and next(iter(granted.values())) == d.sm_count
-        if tpc_native.hook_installed() and not whole:
-            # Measured on the H100 (driver 580, bench/green_vs_hook.py): once a launch callback is
+        if hook_state.hook_installed() and not whole:
+            # Measured on the H100 (driver 580, docs/tpc-masks.md): once a launch callback is
             # subscribed, cuGreenCtxCreate fails with CUDA_ERROR_NOT_SUPPORTED; sets opened before keep working.
             raise UnsupportedError(
                 "green contexts cannot be created in a process where the tpc backend's launch hook is "
                 f"installed (driver {d.driver_api_version_str} refuses them: CUDA_ERROR_NOT_SUPPORTED). Open the "
-                "green partitions you need before using backend='tpc', or use one backend per process"
+                "green partitions you need before using backend='tpc' with the hook mechanism, or use one "
+                "backend per process (the tpc stream-record mechanism installs no hook)"
             )
         drv = driver_module()
         dev = check(drv.cuDeviceGet(d.index), "cuDeviceGet")

@@ -19,6 +19,9 @@ class NoneBackend(Backend):
     def unavailable_reason(cls, device: DeviceInfo | None) -> str:
         return ""
 
+    def describe(self) -> str:
+        return "no restriction (plain torch streams on the whole GPU)"
+
     def grant(self, split: SMSplit) -> dict[str, int]:
         sm_count = self.device.sm_count if self.device else 0
         return {name: sm_count for name in split.names}

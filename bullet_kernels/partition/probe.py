@@ -3,7 +3,7 @@
 The kernel is hand-written PTX loaded through the driver (cuLibraryLoadData), so it needs no
 compiler and works for every backend (green-context streams, masked streams, plain streams).
 
-Pitfall it avoids (tpc-masks.md): many small blocks undercount, because dozens fit on one SM
+Pitfall it avoids (docs/tpc-masks.md): many small blocks undercount, because dozens fit on one SM
 and the scheduler need not spread them. Each probe block takes more than half of an SM's
 shared memory and 1,024 threads, so exactly one block fits per SM; we launch several waves of
 blocks that each spin a few microseconds, so every SM the stream may use gets a block.

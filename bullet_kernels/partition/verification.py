@@ -11,7 +11,7 @@ from typing import Callable
 
 from ..errors import PartitionVerificationError
 from . import probe
-from .base import Lane, PartitionSet, _ranges
+from .base import Lane, PartitionSet, format_ranges
 
 
 def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: str, driver: str) -> None:
@@ -20,17 +20,17 @@ def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: 
     for lane in lanes.values():
         seen = lane.observed_sms
         if any(not 0 <= sm < sm_count for sm in seen):
-            problems.append(f"lane {lane.name!r} ran on SM ids outside 0..{sm_count - 1}: {_ranges(sorted(seen))}")
+            problems.append(f"lane {lane.name!r} ran on SM ids outside 0..{sm_count - 1}: {format_ranges(sorted(seen))}")
         if lane.expected_sms is not None and not seen <= lane.expected_sms:
             escaped = sorted(seen - lane.expected_sms)
             problems.append(
-                f"lane {lane.name!r} escaped its mask: ran on SMs {_ranges(escaped)} outside "
+                f"lane {lane.name!r} escaped its mask: ran on SMs {format_ranges(escaped)} outside "
                 f"the {len(lane.expected_sms)} it was given"
             )
         if len(seen) != lane.granted:
             problems.append(
                 f"lane {lane.name!r} was granted {lane.granted} SMs but the probe ran on {len(seen)} "
-                f"({_ranges(sorted(seen))})"
+                f"({format_ranges(sorted(seen))})"
             )
     if disjoint:
         names = list(lanes)
@@ -39,7 +39,7 @@ def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: 
                 shared = lanes[a].observed_sms & lanes[b].observed_sms
                 if shared and not (lanes[a].whole_gpu or lanes[b].whole_gpu):
                     problems.append(
-                        f"lanes {a!r} and {b!r} were promised disjoint but share SMs {_ranges(sorted(shared))}"
+                        f"lanes {a!r} and {b!r} were promised disjoint but share SMs {format_ranges(sorted(shared))}"
                     )
     if problems:
         raise PartitionVerificationError(

@@ -1,0 +1,324 @@
+"""The graph bank: one CUDA graph per (phase, shape bucket, SM split, lane, layer group).
+
+A CUDA graph keeps the SM restriction of the stream it was captured on, and re-masking the
+stream it is replayed on changes nothing (measured on our driver). So every SM configuration
+needs its own capture: we capture ``fn`` on the lane's stream of that split, inside
+``sm_budget`` of the lane's granted SMs so kernels size their grids for the partition they will
+really run on. Replay works from any stream; the graph carries its split. Every capture in the
+library goes through :meth:`GraphBank.capture` (model graphs and the ``bullet`` compile backend).
+
+Memory, one pool policy: graphs that may run at the same time must not share a private pool;
+graphs that run one after the other should, so they reuse each other's intermediates. The pool
+is named by ``pool_key``, by default the key's phase: a phase's graphs replay one after another
+(whatever their split), while prefill and decode run concurrently (that is the point). Inputs
+and outputs the caller keeps should live in static buffers allocated outside the pool. Every
+whole-GPU capture of the process uses one stream (:func:`whole_gpu_stream`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Hashable, Iterable
+
+from ..errors import CaptureError, ClosedError, NoBucketError
+from ..partition import Partitioner, SMSplit
+from .graph_check import GraphProbe, GraphVerificationError, LaneExpectation, check_graph_sms
+from .placement import Placement
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphKey:
+    phase: str  # e.g. "prefill" or "decode"
+    bucket: int  # token count (prefill) or batch size (decode) the static buffers are sized for
+    split: SMSplit | None  # None: the whole GPU on an ordinary stream
+    lane: str  # which lane of the split the graph runs on ("main" for the whole GPU)
+    group: int = 0  # layer group (prefill is captured per group so the split can change between groups)
+    signature: Hashable = ()  # anything else the graph is specific to (a compiled function's input shapes)
+
+    def __post_init__(self) -> None:
+        Placement(self.split, self.lane)  # refuses a lane the split does not have
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.split, self.lane)
+
+    def __str__(self) -> str:
+        extra = f"/{self.signature}" if self.signature != () else ""
+        return f"{self.phase}[{self.bucket}]@{self.placement}/g{self.group}{extra}"
+
+
+@dataclasses.dataclass
+class CapturedGraph:
+    key: GraphKey
+    graph: Any  # torch.cuda.CUDAGraph
+    output: Any  # whatever fn returned during capture (static tensors)
+    capture_seconds: float
+
+    def replay(self):
+        self.graph.replay()
+        return self.output
+
+
+def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int = 2, check_lane=None, name: str = "graph"):
+    """Warm ``fn`` up then capture it on ``stream`` with kernels sized for ``sms``.
+
+    Returns ``(graph, output)``. The warm-up runs on the same stream, outside the capture, so
+    Triton/Inductor compile and allocate there; the stream first waits for the caller's, so
+    inputs made just before are ready. The executable graph is then uploaded on ``stream``
+    (:func:`upload_graph`), still inside the caller's lane scope.
+
+    With ``check_lane`` (a :class:`~.graph_check.LaneExpectation`) a ``%smid`` probe node is
+    captured at the head of the graph, read after one replay, checked, then disabled
+    (:mod:`.graph_check`); a graph that escapes its lane raises GraphVerificationError.
+    """
+    import torch
+
+    from ..kernels.sizing import sm_budget
+
+    with sm_budget(sms):
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                fn()
+        stream.synchronize()
+        graph_probe = None
+        if check_lane is not None:
+            graph_probe = GraphProbe(stream, check_lane.sm_count, stream.device.index or 0)
+        # keep_graph: the probe node is disabled in the executable after the first replay.
+        graph = torch.cuda.CUDAGraph(keep_graph=graph_probe is not None)
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            if graph_probe is not None:
+                graph_probe.add()
+            output = fn()
+        if graph_probe is not None:
+            graph.instantiate()
+        upload_graph(graph, stream)
+        if graph_probe is not None:
+            with torch.cuda.stream(stream):
+                graph.replay()
+            stream.synchronize()
+            check_graph_sms(name, graph_probe.observed(), check_lane)
+            graph_probe.disable(graph)
+            upload_graph(graph, stream)  # the executable changed: upload it again in the lane scope
+    stream.synchronize()
+    return graph, output
+
+
+def upload_graph(graph, stream) -> None:
+    """Upload a captured graph's executable on ``stream`` now, not at its first replay.
+
+    Two reasons: the first replay then costs what every replay costs, and the tpc backend's
+    launch hook writes each kernel's TPC mask when the executable is uploaded; a graph
+    uploaded inside a lane's scope keeps that lane's SMs on every later replay, on any stream
+    (measured on the H100, driver 580), so replays need no scope.
+    """
+    from ..device import check, driver_module
+
+    drv = driver_module()
+    handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
+    exec_handle = drv.CUgraphExec(int(graph.raw_cuda_graph_exec()))  # torch >= 2.11, our floor
+    check(drv.cuGraphUpload(exec_handle, drv.CUstream(handle)), "cuGraphUpload")
+
+
+def pick_bucket(buckets: Iterable[int], n: int, what: str) -> int:
+    """Smallest bucket >= n; a clear error when n is outside every bucket."""
+    ordered = sorted(set(buckets))
+    if n <= 0:
+        raise ValueError(f"{what} must be positive, got {n}")
+    i = bisect.bisect_left(ordered, n)
+    if not ordered:
+        raise NoBucketError(f"no {what} buckets were captured")
+    if i == len(ordered):
+        raise NoBucketError(
+            f"{what} {n} is larger than every captured bucket (largest {ordered[-1]}); "
+            f"captured: {ordered}. Capture a larger bucket or split the work"
+        )
+    return ordered[i]
+
+
+def default_buckets(largest: int, smallest: int = 1) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, then powers of two (nano-vllm-like)."""
+    out = [b for b in (1, 2, 4) if smallest <= b <= largest]
+    b = 8
+    while b <= largest:
+        out.append(b)
+        b += 8 if b < 64 else 16 if b < 256 else b
+    if out and out[-1] != largest:
+        out.append(largest)
+    return sorted(set(x for x in out if x >= smallest))
+
+
+_whole_gpu_streams: dict[int, Any] = {}
+_streams_lock = threading.Lock()
+
+
+def whole_gpu_stream(device_index: int):
+    """The one stream every whole-GPU capture of the process runs on, per device.
+
+    The caching allocator keeps warm-up memory per stream, so a fresh stream per capture (or
+    per bank) would strand a pool of blocks each time.
+    """
+    import torch
+
+    with _streams_lock:
+        if device_index not in _whole_gpu_streams:
+            _whole_gpu_streams[device_index] = torch.cuda.Stream(device_index)
+        return _whole_gpu_streams[device_index]
+
+
+class GraphBank:
+    """Captures and replays graphs keyed by :class:`GraphKey`.
+
+    ``partitioner`` opens the split a key names (None: this bank captures whole-GPU graphs only).
+    ``verify_graphs`` (default: as the partitioner verifies its lanes) checks every captured
+    graph once with a probe node (:mod:`.graph_check`); replays pay nothing for it.
+    """
+
+    def __init__(
+        self, partitioner: Partitioner | None = None, device_index: int | None = None, verify_graphs: bool | None = None
+    ):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CaptureError("CUDA graphs need a GPU; run eagerly (ModelRunner.forward does) on this machine")
+        self.partitioner = partitioner
+        self.device_index = torch.cuda.current_device() if device_index is None else device_index
+        self.verify_graphs = (partitioner is None or partitioner.verify) if verify_graphs is None else verify_graphs
+        self._graphs: dict[GraphKey, CapturedGraph] = {}
+        self._pools: dict[Hashable, Any] = {}
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this GraphBank was closed; create a new one")
+
+    def _pool(self, pool_key: Hashable):
+        import torch
+
+        if pool_key not in self._pools:
+            self._pools[pool_key] = torch.cuda.graph_pool_handle()
+        return self._pools[pool_key]
+
+    def _partition_set(self, key: GraphKey):
+        if self.partitioner is None:
+            raise CaptureError(f"{key} names a split but this bank has no Partitioner: create GraphBank(partitioner)")
+        return self.partitioner.get(key.split)
+
+    def stream_for(self, key: GraphKey):
+        """The stream a key's graph is captured on: its lane's partition stream."""
+        if key.split is None:
+            return whole_gpu_stream(self.device_index)
+        return self._partition_set(key).stream(key.lane)
+
+    def granted_sms(self, key: GraphKey) -> int:
+        import torch
+
+        if key.split is None:
+            return torch.cuda.get_device_properties(self.device_index).multi_processor_count
+        return self._partition_set(key).lane(key.lane).granted
+
+    def lane_expectation(self, key: GraphKey) -> LaneExpectation:
+        """The SMs a graph of ``key`` may run on: its lane's verified SMs (all of them whole-GPU)."""
+        import torch
+
+        sm_count = torch.cuda.get_device_properties(self.device_index).multi_processor_count
+        if key.split is None:
+            return LaneExpectation("whole-gpu", sm_count, frozenset(range(sm_count)), sm_count)
+        lane = self._partition_set(key).lane(key.lane)
+        allowed = lane.expected_sms or lane.observed_sms or None  # None: the lane was opened unverified
+        return LaneExpectation(str(key.placement), lane.granted, allowed, sm_count)
+
+    def _scope_for(self, key: GraphKey):
+        """The lane scope a key's graph is captured in (see PartitionSet.lane_scope)."""
+        if key.split is None:
+            return contextlib.nullcontext()
+        return self._partition_set(key).lane_scope(key.lane)
+
+    def capture(
+        self, key: GraphKey, fn: Callable[[], Any], pool_key: Hashable | None = None, warmup: int = 2
+    ) -> CapturedGraph:
+        """Run ``fn`` ``warmup`` times then capture it on the key's lane stream (once per key).
+
+        ``pool_key`` names the memory pool (default: the key's phase); see the module docstring.
+        """
+        self._check_open()
+        if key in self._graphs:
+            return self._graphs[key]
+        start = time.perf_counter()
+        try:
+            # Everything that must see the lane's SMs happens inside its scope: the warm-up,
+            # the capture and the upload (for tpc hook lanes the upload writes the lane's mask
+            # into the graph for good), and any check of the uploaded graph.
+            with self._scope_for(key):
+                graph, output = capture_on_stream(
+                    fn, self.stream_for(key), self.granted_sms(key), self._pool(pool_key or key.phase), warmup,
+                    check_lane=self.lane_expectation(key) if self.verify_graphs else None, name=str(key),
+                )
+                captured = CapturedGraph(key, graph, output, time.perf_counter() - start)
+        except GraphVerificationError:
+            raise  # already names the lane, the SMs asked and the SMs seen
+        except Exception as exc:
+            raise CaptureError(
+                f"capturing {key} failed: {exc}. Graphs need static shapes, no host syncs "
+                "(.item(), .cpu(), printing tensors) and no CPU tensors inside the captured function"
+            ) from exc
+        self._graphs[key] = captured
+        return captured
+
+    def __contains__(self, key: GraphKey) -> bool:
+        return key in self._graphs
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def get(self, key: GraphKey) -> CapturedGraph:
+        self._check_open()
+        try:
+            return self._graphs[key]
+        except KeyError:
+            near = [str(k) for k in self._graphs if k.phase == key.phase][:8]
+            raise KeyError(f"no graph captured for {key}; captured for this phase: {near or 'none'}") from None
+
+    def replay(self, key: GraphKey, stream=None):
+        """Replay on ``stream`` (default: the current stream). Returns the static output."""
+        import torch
+
+        g = self.get(key)
+        if stream is None:
+            return g.replay()
+        with torch.cuda.stream(stream):
+            return g.replay()
+
+    def keys(self) -> list[GraphKey]:
+        return list(self._graphs)
+
+    def release(self, where: Callable[[GraphKey], bool] | None = None) -> int:
+        """Drop the graphs whose key matches ``where`` (all by default); returns how many.
+
+        Their pool memory goes back to the caching allocator once no graph uses it.
+        """
+        self._check_open()
+        dropped = [k for k in self._graphs if where is None or where(k)]
+        for k in dropped:
+            del self._graphs[k]
+        return len(dropped)
+
+    def stats(self) -> dict:
+        import torch
+
+        return {
+            "graphs": len(self._graphs),
+            "capture_seconds": sum(g.capture_seconds for g in self._graphs.values()),
+            "memory_reserved_bytes": torch.cuda.memory_reserved(self.device_index),
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            raise ClosedError("this GraphBank was already closed; close it once")
+        self._closed = True
+        self._graphs.clear()
+        self._pools.clear()

@@ -1,0 +1,17 @@
+"""bullet_sglang: Bullet co-location inside SGLang's own runner, without a fork (skeleton).
+
+Status: this package is an empty skeleton. It installs and imports, and holds no adapter code
+yet; nothing here touches SGLang.
+
+What the adapter will do (the SGLang adapter issue): ``python -m bullet_sglang.launch_server
+<SGLang server args> --enable-bullet [--bullet-ttft-slo-ms N --bullet-tpot-slo-ms N
+--bullet-partition green|tpc]`` installs the integration, then starts SGLang's normal server.
+Inside SGLang it captures decode CUDA graphs once per (batch bucket, SM configuration) on
+bullet_kernels partition streams, runs prefill as layer groups on the prefill lane, and runs
+both lanes at the same time under bullet_kernels' orchestrator and SLO policy, with the KV cache
+shared in one process (no copies). It hooks SGLang's extension points (model runner, CUDA graph
+runners, scheduler loop) by subclassing, never by copying SGLang source, targets SGLang 0.5.15,
+and refuses other versions and incompatible options with a clear error before taking GPU memory.
+"""
+
+__version__ = "0.1.0"

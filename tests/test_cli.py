@@ -1,0 +1,261 @@
+"""The `bullet` command line as a new user meets it: help, argument checks before any GPU work,
+clear errors with exit status 2, and the main job (`bullet bench`) on a machine without a GPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+
+import pytest
+
+import bullet_kernels.cli as cli
+import bullet_kernels.sweep
+from bullet_kernels.errors import InvalidSplitError, UnsupportedError
+from bullet_kernels.models.presets import PRESETS
+from bullet_kernels.partition import BACKENDS, SMSplit, get_backend
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    """``bullet argv...``: (exit status, stdout, stderr), whether main returns or exits."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """This process sees no GPU (also on the GPU machine), so these tests never start GPU work."""
+    monkeypatch.setattr(cli, "describe_state", lambda index=0: (None, "no GPU in this test"))
+
+
+@pytest.fixture
+def gpu_untouched(monkeypatch):
+    """Fails the test if the command gets as far as asking for the GPU."""
+
+    def refuse(index=0):
+        raise AssertionError("the GPU was checked before the arguments")
+
+    monkeypatch.setattr(cli, "describe_state", refuse)
+
+
+@pytest.fixture
+def sweep_calls(monkeypatch) -> list[argparse.Namespace]:
+    """Records what `bullet sweep`'s implementation would get, instead of measuring."""
+    calls: list[argparse.Namespace] = []
+
+    def record(args):
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(bullet_kernels.sweep, "main", record)
+    return calls
+
+
+# -- help ------------------------------------------------------------------------------------------
+
+
+def test_top_level_help_shows_the_whole_description(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for line in cli.__doc__.strip().splitlines():
+        assert line.rstrip() in out  # as written: no re-wrapping
+    for command in ("info", "bench", "sweep"):
+        assert f"bullet {command}" in out
+
+
+@pytest.mark.parametrize("command", ["info", "bench", "sweep"])
+def test_every_option_has_help_with_its_default_and_choices(capsys, command):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps help text
+    assert "SUPPRESS" not in text
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help text"
+        if action.default is argparse.SUPPRESS:  # no default value: the help says what happens instead
+            assert "default" in action.help.lower() or "without it" in action.help
+        else:
+            assert f"(default: {action.default})" in text, f"{command} {action.option_strings[0]} hides its default"
+    if command != "info":
+        assert "{" + ",".join(BACKENDS) + "}" in text
+        assert all(name in text for name in PRESETS)
+
+
+# -- bad arguments: exit 2 with what is allowed, before any GPU check ------------------------------
+
+
+@pytest.mark.parametrize("text", ["prefill=96,prefill=10", "prefill=abc", "prefill=0", "Decode=8"])
+def test_bad_split_exits_2_with_the_split_error(capsys, gpu_untouched, text):
+    with pytest.raises(InvalidSplitError) as expected:
+        SMSplit.parse(text)
+    code, _, err = run(capsys, "info", "--split", text)
+    assert code == 2
+    assert str(expected.value) in err
+
+
+@pytest.mark.parametrize("command", ["sweep", "bench"])
+def test_unknown_preset_and_backend_name_the_allowed_values(capsys, gpu_untouched, command):
+    code, _, err = run(capsys, command, "--preset", "llama-9")
+    assert code == 2 and "llama-9" in err
+    assert all(name in err for name in PRESETS)
+    code, _, err = run(capsys, command, "--backend", "mps")
+    assert code == 2 and "mps" in err
+    assert all(name in err for name in BACKENDS)
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--prompt", "0"], ["--prompt", "'0'", "at least 1"]),
+        (["--prompt", "many"], ["--prompt", "'many'"]),
+        (["--decode-batch", "32", "-4"], ["--decode-batch", "'-4'"]),
+        (["--context", "0"], ["--context"]),
+        (["--reps", "1.5"], ["--reps", "'1.5'"]),
+        (["--groups", "33"], ["--groups 33", "32 layers"]),
+        (["--prompt", "200000"], ["200000", "131072"]),
+        (["--preset", "tiny-tied", "--groups", "4"], ["3 layers"]),
+    ],
+)
+def test_bad_sweep_numbers_exit_2_naming_the_option(capsys, gpu_untouched, argv, words):
+    code, _, err = run(capsys, "sweep", *argv)
+    assert code == 2
+    assert all(w in err for w in words), err
+
+
+def test_info_device_must_be_an_index(capsys, gpu_untouched):
+    code, _, err = run(capsys, "info", "--device", "-1")
+    assert code == 2 and "GPU index" in err
+
+
+def test_no_command_exits_2_with_the_commands(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "{info,bench,sweep}" in err
+
+
+# -- output paths ----------------------------------------------------------------------------------
+
+
+def test_json_into_a_missing_folder_is_refused_before_the_gpu(capsys, gpu_untouched, tmp_path):
+    target = tmp_path / "missing" / "info.json"
+    code, _, err = run(capsys, "info", "--json", str(target))
+    assert code == 2
+    assert "does not exist" in err and str(target.parent) in err
+    assert "Traceback" not in err and not target.parent.exists()
+
+
+def test_json_onto_a_folder_is_refused(capsys, gpu_untouched, tmp_path):
+    code, _, err = run(capsys, "info", "--json", str(tmp_path))
+    assert code == 2 and "is a folder" in err
+
+
+def test_out_below_a_file_is_refused(capsys, gpu_untouched, tmp_path):
+    (tmp_path / "results").write_text("")
+    code, _, err = run(capsys, "sweep", "--out", str(tmp_path / "results" / "h200"))
+    assert code == 2 and "is a file" in err
+
+
+def test_out_may_be_a_new_folder(capsys, sweep_calls, tmp_path):
+    out = tmp_path / "new" / "results"
+    code, _, _ = run(capsys, "sweep", "--quick", "--out", str(out))
+    assert code == 0 and sweep_calls[0].out == str(out)
+
+
+# -- bullet info -----------------------------------------------------------------------------------
+
+
+def test_info_without_a_gpu_reports_and_writes_json(capsys, no_gpu, tmp_path):
+    target = tmp_path / "info.json"
+    code, out, _ = run(capsys, "info", "--json", str(target))
+    assert code == 0
+    assert "GPU: none (no GPU in this test)" in out and "native TPC-mask library:" in out
+    report = json.loads(target.read_text())
+    assert report["device"] is None and report["no_gpu_reason"] == "no GPU in this test"
+    assert set(report["backends"]) == set(BACKENDS) and report["partitions"] == []
+    # the none backend runs anywhere and says how it restricts lanes
+    describe = getattr(get_backend("none"), "describe", lambda: "")()
+    assert report["mechanisms"]["none"] == describe
+    assert ("  none   available" + (f": {describe}" if describe else "")) in out.splitlines()
+
+
+def test_info_asks_each_available_backend_for_its_mechanism_defensively(capsys, no_gpu, monkeypatch):
+    import bullet_kernels.partition as partition
+
+    monkeypatch.setattr(partition, "available_backends", lambda device: {"green": "", "tpc": "", "none": "no"})
+    answers = {
+        "green": types.SimpleNamespace(describe=lambda: "one green context per lane"),
+        "tpc": types.SimpleNamespace(),  # a backend without describe()
+    }
+
+    def fake_get_backend(name, index=0):
+        if name == "none":
+            raise AssertionError("an unavailable backend was asked")
+        return answers[name]
+
+    monkeypatch.setattr(partition, "get_backend", fake_get_backend)
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    lines = out.splitlines()
+    assert "  green  available: one green context per lane" in lines
+    assert "  tpc    available" in lines
+    assert "  none   unavailable: no" in lines
+
+    def refusing(name, index=0):
+        raise UnsupportedError("driver too old")
+
+    monkeypatch.setattr(partition, "get_backend", refusing)
+    code, out, _ = run(capsys, "info")
+    assert code == 0 and "  green  available: (cannot describe: driver too old)" in out.splitlines()
+
+
+# -- bullet bench and bullet sweep -----------------------------------------------------------------
+
+
+def test_bench_without_a_gpu_reports_what_it_would_run_and_exits_0(capsys, no_gpu, sweep_calls):
+    code, out, _ = run(capsys, "bench")
+    assert code == 0
+    assert not sweep_calls, "nothing may be measured without a GPU"
+    assert "GPU: none (no GPU in this test)" in out and "backends:" in out  # the device report
+    assert "nothing was measured" in out
+    assert "bullet sweep --quick" in out and "llama-3.1-8b" in out
+    assert "A: a 4096-token prompt beside decode batch 128 at 2048 tokens of context" in out
+    assert "B: a 2048-token prompt beside decode batch 32 at 1024 tokens of context" in out
+    assert "simulation" in out
+
+
+def test_bench_with_a_gpu_runs_the_quick_sweep(capsys, monkeypatch, sweep_calls, tmp_path):
+    device = types.SimpleNamespace(name="a GPU", sm_count=132)
+    monkeypatch.setattr(cli, "describe_state", lambda index=0: (device, ""))
+    code, out, _ = run(capsys, "bench", "--backend", "tpc", "--out", str(tmp_path))
+    assert code == 0 and len(sweep_calls) == 1
+    args = sweep_calls[0]
+    assert args.quick and (args.preset, args.backend, args.out) == ("llama-3.1-8b", "tpc", str(tmp_path))
+    # the sweep's own defaults, under the attribute names bullet_kernels.sweep.main reads
+    assert (args.prompt, args.decode_batch, args.context, args.groups, args.reps) == (2048, [32, 128], 1024, 4, 5)
+    assert "quick SM sweep" in out
+
+
+def test_sweep_passes_every_option_by_name(capsys, sweep_calls):
+    argv = ["sweep", "--preset", "qwen3-8b", "--backend", "none", "--prompt", "512", "--decode-batch", "1", "8",
+            "--context", "256", "--groups", "2", "--reps", "3"]
+    code, _, _ = run(capsys, *argv)
+    assert code == 0
+    args = sweep_calls[0]
+    assert (args.preset, args.backend, args.quick, args.out) == ("qwen3-8b", "none", False, "bench/results")
+    assert (args.prompt, args.decode_batch, args.context, args.groups, args.reps) == (512, [1, 8], 256, 2, 3)
+
+
+def test_refusals_from_the_library_exit_2_with_the_reason(capsys, monkeypatch):
+    def refuse(args):
+        raise UnsupportedError("partition backend 'tpc' is unavailable: no GPU; usable here: none")
+
+    monkeypatch.setattr(bullet_kernels.sweep, "main", refuse)
+    code, _, err = run(capsys, "sweep")
+    assert code == 2
+    assert err.strip() == "bullet sweep: error: partition backend 'tpc' is unavailable: no GPU; usable here: none"
