@@ -64,7 +64,22 @@ def why_not_capturable(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) 
             return f"the graph mutates input {node.args[0].name} in place ({target}); graphs would replay stale copies"
         if "device" in node.kwargs and torch.device(node.kwargs["device"]).type == "cpu":
             return f"node {node.name} creates a CPU tensor; CUDA graphs need every op on the GPU"
+        if node.op == "get_attr" and _is_cpu_tensor(_attribute(gm, str(node.target))):
+            # Tracing runs factory calls with constant arguments once and stores the result.
+            return f"constant {node.target} is a CPU tensor; CUDA graphs need every tensor on the GPU"
     return ""
+
+
+def _attribute(gm: torch.fx.GraphModule, dotted: str) -> Any:
+    value: Any = gm
+    for part in dotted.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _is_cpu_tensor(value: Any) -> bool:
+    """A CPU tensor a graph cannot hold (0-dim CPU tensors act as scalars and are fine)."""
+    return isinstance(value, torch.Tensor) and value.device.type == "cpu" and value.dim() > 0
 
 
 class _StaticInputs:

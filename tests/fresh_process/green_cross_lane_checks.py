@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bullet_kernels
 from bullet_kernels import BulletError, Partitioner, SMSplit
@@ -24,42 +23,29 @@ pytestmark = pytest.mark.gpu
 SPLITS = [SMSplit.parse(s) for s in ("prefill=96,decode=36", "prefill=104,decode=28", "prefill=112,decode=20")]
 
 
-class Block(torch.nn.Module):
-    def __init__(self, dim: int = 2048, heads: int = 16):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = torch.nn.RMSNorm(dim), torch.nn.RMSNorm(dim)
-        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
-        self.o = torch.nn.Linear(dim, dim, bias=False)
-        self.up = torch.nn.Linear(dim, 8 * dim, bias=False)
-        self.down = torch.nn.Linear(4 * dim, dim, bias=False)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).transpose(1, 3).unbind(2)
-        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
-        gate, up = self.up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
-
-
 def _work(parts: Partitioner) -> None:
-    """Inductor graphs on the whole GPU, then prefill and decode lanes of each split, concurrently."""
+    """The sequence that reproduced it: Inductor graphs of three backends on the whole GPU, then
+    prefill and decode concurrently on the two lanes of each split (bench/test_compile_backend.py's model)."""
+    from bench.test_compile_backend import TinyGPT
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*(Block() for _ in range(8))).cuda().to(torch.bfloat16).eval()
-    fn = torch.compile(model, backend="bullet", dynamic=False)
-    prompt = torch.randn(1, 2048, 2048, device="cuda", dtype=torch.bfloat16)
-    step = torch.randn(64, 1, 2048, device="cuda", dtype=torch.bfloat16)
+    model = TinyGPT().cuda().to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
+    step = torch.randint(0, 32000, (64, 1), device="cuda")
     with torch.no_grad():
-        for _ in range(3):
-            fn(step)
+        compiled = [torch.compile(model, backend=name, dynamic=False) for name in ("bullet", "cudagraphs")]
+        compiled.append(torch.compile(model, mode="reduce-overhead", dynamic=False))
+        for fn in compiled:
+            for _ in range(3):
+                fn(step, decode=True)
+        fn = compiled[0]
         for split in SPLITS:
             for _ in range(10):
                 with bullet_kernels.on_lane("prefill", split, partitioner=parts, join=False):
                     fn(prompt)
                 with bullet_kernels.on_lane("decode", split, partitioner=parts, join=False):
                     for _ in range(4):
-                        fn(step)
+                        fn(step, decode=True)
                 torch.cuda.synchronize()
 
 
