@@ -4,9 +4,13 @@ commands:
   bullet info    this machine: GPU, driver, green-context support, the partition backends and
                  how each restricts kernels, and partitions opened and verified on the GPU by a
                  probe kernel that records which SM each of its blocks ran on
-  bullet bench   the main job. On a GPU it runs the quick SM sweep of the embedded llama-3.1-8b
-                 preset (random weights; a real measurement). Without a GPU it prints the device
-                 report and what it would run, and exits 0.
+  bullet bench   the main job: prefill beside decode (mixes A and B of the embedded llama-3.1-8b
+                 preset, random weights), sequential, chunked prefill, static splits and the
+                 orchestrator, in one run. Without a GPU it prints the device report and runs
+                 the same schedules through the latency estimator on the shipped H200 profile,
+                 labelled a simulation, and exits 0.
+  bullet profile measure the latency profile (graphs/<gpu>/<model>.json) the orchestrator and
+                 its estimator plan with (needs a GPU)
   bullet sweep   prefill throughput and decode step latency of a preset against the number of
                  SMs of its partition; JSON and PNG into --out (needs a GPU)
 
@@ -40,6 +44,8 @@ from .partition import BACKENDS, DEFAULT_BACKEND, SMSplit
 DEFAULT_INFO_SPLITS = ("prefill=96,decode=36", "prefill=104,decode=28", "decode=16")
 DEFAULT_PRESET = "llama-3.1-8b"
 DEFAULT_OUT = "bench/results"
+# Without a GPU, `bullet bench` simulates on the profile of the GPU this project measures on.
+SIMULATION_GPU = "h200"
 
 
 # -- argument types: each refuses a bad value with what is allowed (argparse exits 2) ------------
@@ -253,39 +259,93 @@ def _check_sweep_shapes(parser: argparse.ArgumentParser, args: argparse.Namespac
         )
 
 
-BENCH_PLAN = """\
-bullet bench: no GPU here (see above), so nothing was measured.
+def _bench_plan(args: argparse.Namespace):
+    from .colocation import BenchPlan
 
-On a GPU, `bullet bench` runs today the quick SM sweep (`bullet sweep --quick`), a real measurement:
-  {preset}, random bf16 weights, {backend} partitions; one {prompt}-token prefill as {groups} layer-group
-  graphs and decode steps at batch {batches} with {context} tokens of context, captured and replayed on
-  a few partition sizes and on the whole GPU; JSON and PNG into {out}/.
-Planned (the orchestrator): the co-location mixes on the full 32-layer llama-3.1-8b,
-  A: a 4096-token prompt beside decode batch 128 at 2048 tokens of context,
-  B: a 2048-token prompt beside decode batch 32 at 1024 tokens of context,
-  each run sequential, with chunked prefill, on the best static SM split and orchestrated, in one run.
-  Without a GPU it will replay those schedules through the latency estimator on a shipped
-  profile and say that it is a simulation."""
+    try:
+        splits = {"splits": tuple(args.split)} if args.split else {}
+        return BenchPlan(preset=args.preset, mixes=tuple(args.mix), reps=args.reps, backend=args.backend,
+                         tpot_factor=args.tpot_factor, chunks=tuple(args.chunk), **splits)
+    except ValueError as exc:
+        args.bench_parser.error(str(exc))
+
+
+def _estimator(path: Path, device, preset: str):
+    """The estimator on ``path``'s profile, checked against this GPU (when there is one) and the
+    preset; a profile of another GPU or model is refused with what to do instead."""
+    from .models.presets import preset_config
+    from .orchestrate.estimator import Estimator
+    from .orchestrate.profile import Profile
+
+    profile = Profile.load(path)
+    profile.check_matches(device_name=device.name if device else None, sm_count=device.sm_count if device else None,
+                          model_config=preset_config(preset))
+    return Estimator(profile)
 
 
 def bench(args: argparse.Namespace) -> int:
-    sweep_args = args.sweep_parser.parse_args(
-        ["--quick", "--preset", args.preset, "--backend", args.backend, "--out", args.out]
-    )
-    _check_sweep_shapes(args.sweep_parser, sweep_args)
+    from . import colocation
+    from .orchestrate.profile import MissingProfile, find_profile
+
+    plan = _bench_plan(args)
     device, _ = describe_state()
+    simulated = device is None or args.simulate
     if device is None:
         device_report(0)
         print()
-        print(BENCH_PLAN.format(
-            preset=sweep_args.preset, backend=sweep_args.backend, prompt=sweep_args.prompt,
-            groups=sweep_args.groups, batches=" and ".join(map(str, sweep_args.decode_batch)),
-            context=sweep_args.context, out=sweep_args.out,
-        ))
-        return 0
-    print("bullet bench: the co-location benchmark is not built yet; running the quick SM sweep on "
-          f"{device.name} ({device.sm_count} SMs)", flush=True)
-    return sweep(sweep_args)
+    gpu = SIMULATION_GPU if simulated else _gpu_slug(device.name)
+    try:
+        path = Path(args.profile) if getattr(args, "profile", None) else find_profile(gpu, plan.preset)
+    except MissingProfile as exc:
+        if simulated:
+            raise
+        print(f"bullet bench: {exc}\nbullet bench: measuring the quick profile first "
+              f"(`bullet profile --model {plan.preset} --quick`)", flush=True)
+        path = _run_profiler(plan.preset, plan.backend, quick=True, out=None)
+    if simulated:
+        print(f"bullet bench: SIMULATION. {'No GPU here' if device is None else '--simulate given'}: the "
+              f"co-location schedules run through the latency estimator on the profile {path} "
+              f"(measured on an {gpu.upper()}), not on a GPU. Chunked prefill needs measured fused "
+              "batches and is left out.\n", flush=True)
+    estimator = _estimator(path, None if simulated else device, plan.preset)
+    partitioner = None
+    if not simulated:
+        from .partition import Partitioner
+
+        partitioner = Partitioner(plan.backend)
+    try:
+        return colocation.main(plan, args.out, estimator, simulated, partitioner)
+    finally:
+        if partitioner is not None:
+            partitioner.close()
+
+
+def _gpu_slug(name: str) -> str:
+    from .results import gpu_slug
+
+    return gpu_slug(name)
+
+
+def _run_profiler(preset: str, backend: str, quick: bool, out, resume: bool = True) -> Path:
+    from .orchestrate.profiler import QUICK_GRID, Profiler, ProfileGrid, default_path
+
+    grid = ProfileGrid(**QUICK_GRID) if quick else ProfileGrid()
+    path = Path(out) if out else default_path(preset)
+    command = " ".join(["bullet profile", "--model", preset, "--backend", backend] + (["--quick"] if quick else []))
+    profiler = Profiler(preset, grid, path, backend=backend, resume=resume, command=command)
+    profiler.run()
+    print(f"profile: {path}")
+    return path
+
+
+def profile(args: argparse.Namespace) -> int:
+    device, reason = describe_state()
+    if device is None:
+        print(f"bullet profile: no GPU ({reason}); profiling measures graphs on a GPU. The shipped profiles "
+              f"are in graphs/; `bullet bench` simulates from them without a GPU.")
+        return 1
+    _run_profiler(args.model, args.backend, args.quick, getattr(args, "out_file", None), resume=not args.fresh)
+    return 0
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -318,7 +378,7 @@ def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bullet", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"bullet_kernels {__version__}")
-    sub = parser.add_subparsers(title="subcommands", dest="command", required=True, metavar="{info,bench,sweep}")
+    sub = parser.add_subparsers(title="subcommands", dest="command", required=True, metavar="{info,bench,profile,sweep}")
 
     p_info = sub.add_parser(
         "info", help="device facts, backends and a verified partition table", formatter_class=HelpFormatter,
@@ -337,13 +397,47 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.set_defaults(func=info)
 
     p_bench = sub.add_parser(
-        "bench", help="the main job: a real measurement on a GPU, a plain report without one",
+        "bench", help="the main job: prefill beside decode, every mode in one run (simulated without a GPU)",
         formatter_class=HelpFormatter,
-        description="On a GPU: the quick SM sweep (`bullet sweep --quick`), until the co-location\n"
-        "benchmark (orchestrated prefill beside decode, mixes A and B) exists.\n"
-        "Without a GPU: the device report and what it would run; exit status 0.",
+        description="Mixes A (a 4096-token prompt beside 6 decode steps of batch 128 at 2048 context) and\n"
+        "B (2048 beside batch 32 at 1024), each run sequential, with chunked prefill, on each static\n"
+        "split and orchestrated (SLO policy, lanes hand over the whole GPU), in one run; ratios against\n"
+        "the better baseline with the SM-time bound. Needs the profile graphs/<gpu>/<model>.json (made\n"
+        "first, quickly, where missing). Without a GPU: the same plans through the latency estimator\n"
+        "on the shipped H200 profile, labelled a simulation; exit status 0.",
     )
     _add_model_arguments(p_bench)
+    from .colocation import CHUNKS, DEFAULT_SPLITS, MIXES, TPOT_FACTOR
+
+    p_bench.add_argument("--mix", nargs="+", default=list(MIXES), choices=list(MIXES), help="mixes to run")
+    p_bench.add_argument("--split", type=split_arg, action="append", metavar="prefill=P,decode=D",
+                         help="candidate split (repeatable; lanes 'prefill' and 'decode'). Default: "
+                         + " ".join(DEFAULT_SPLITS))
+    p_bench.add_argument("--chunk", type=positive_int, nargs="+", default=list(CHUNKS), metavar="TOKENS",
+                         help="chunk sizes of the chunked-prefill baseline")
+    p_bench.add_argument("--reps", type=positive_int, default=5, help="timed runs per mode")
+    p_bench.add_argument("--tpot-factor", type=float, default=TPOT_FACTOR,
+                         help="decode step target while co-located, as a multiple of its whole-GPU step")
+    p_bench.add_argument("--profile", metavar="FILE", default=argparse.SUPPRESS,
+                         help="latency profile to plan with (default: graphs/<gpu>/<model>.json)")
+    p_bench.add_argument("--simulate", action="store_true", help="simulate through the estimator even on a GPU")
+    p_bench.set_defaults(func=bench)
+
+    p_profile = sub.add_parser(
+        "profile", help="measure the latency profile the orchestrator plans with (needs a GPU)",
+        formatter_class=HelpFormatter,
+        description="Decode steps (batch x context) and prefill layer groups (tokens) on the whole GPU and on\n"
+        "each candidate split's lanes, and both lanes co-running, as CUDA-event timed graph replays with\n"
+        "SM clock and power; writes graphs/<gpu>/<model>.json, saving as it goes (a rerun resumes).",
+    )
+    p_profile.add_argument("--model", default=DEFAULT_PRESET, choices=PresetNames(), metavar="PRESET",
+                           help="model preset (random weights); one of: %(choices)s")
+    p_profile.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS, help="SM partition backend")
+    p_profile.add_argument("--quick", action="store_true", help="a small grid (a minute or two)")
+    p_profile.add_argument("--fresh", action="store_true", help="start over instead of resuming the file")
+    p_profile.add_argument("--out", dest="out_file", metavar="FILE", default=argparse.SUPPRESS,
+                           help="profile file to write (default: graphs/<gpu>/<model>.json)")
+    p_profile.set_defaults(func=profile)
 
     p_sweep = sub.add_parser(
         "sweep", help="prefill/decode latency against SM count (needs a GPU)", formatter_class=HelpFormatter,
@@ -354,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_arguments(p_sweep)
     p_sweep.set_defaults(func=sweep, check=functools.partial(_check_sweep_shapes, p_sweep))
 
-    p_bench.set_defaults(func=bench, sweep_parser=p_sweep)  # bench runs sweep's quick path on a GPU
+    p_bench.set_defaults(bench_parser=p_bench)
     return parser
 
 

@@ -140,6 +140,22 @@ class ModelRunner:
         batch = plan_decode(chunks, page_size=self.page_size, max_pages=self.max_pages)
         return pack_input_ids([[t] for t in tokens], batch.bucket.num_tokens), batch
 
+    def plan_mixed(
+        self, prefill: Sequence[Request], decode_ids: Sequence[Hashable], decode_tokens: Sequence[int]
+    ) -> tuple[torch.Tensor, ForwardBatch]:
+        """CPU ``(input_ids, batch)`` of one fused step: the prefill chunks first, then one token
+        per decode request, all reserved already; a prefill-path batch (``is_decode`` False),
+        unpadded. Logits row i is the last token of sequence i in that order."""
+        if len(decode_ids) != len(decode_tokens):
+            raise ValueError(f"{len(decode_ids)} decode requests but {len(decode_tokens)} tokens")
+        requests = list(prefill) + [(r, [t]) for r, t in zip(decode_ids, decode_tokens)]
+        if not requests:
+            raise ValueError("a mixed step needs at least one sequence")
+        twice = [r for r, n in collections.Counter(r for r, _ in requests).items() if n > 1]
+        if twice:
+            raise ValueError(f"request(s) {', '.join(map(repr, twice))} appear more than once in one mixed step")
+        return self.plan_prefill(requests)
+
     # -- graphs --------------------------------------------------------------------------
 
     def _partitioner_for(self, placement: Placement):

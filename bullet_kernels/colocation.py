@@ -1,0 +1,368 @@
+"""Co-location benchmark (``bullet bench``): prefill beside decode, every mode in one run.
+
+A **mix** is one prompt prefilled beside a few steps of a running decode batch:
+
+- A: a 4096-token prompt beside 6 decode steps of batch 128 at 2048 tokens of context;
+- B: a 2048-token prompt beside 6 decode steps of batch 32 at 1024 tokens of context.
+
+Every mode does the same work (the whole prompt, every decode step) and is timed from the
+first launch to the last:
+
+- ``sequential``: the prefill, then the decode steps, each on the whole GPU;
+- ``chunked-<C>``: Sarathi-style chunked prefill: each decode step fused with a chunk of ``C``
+  prompt tokens into one forward (prefill-path graphs on the whole GPU);
+- ``static-<split>``: the prefill's layer groups on the prefill lane and the decode steps on the
+  decode lane of one split, for the whole mix;
+- ``orchestrated``: the temporal orchestrator (:mod:`bullet_kernels.orchestrate`): the SLO
+  policy picks the split (decode's step within ``tpot_factor`` x its whole-GPU step), and a lane
+  whose partner has finished takes the whole GPU.
+
+Ratios are against the better of sequential and the best chunked mode, with the SM-time bound
+(what perfect co-location could reach) and the fraction of it reached. On a machine without a
+GPU the same plans run through the latency estimator on the shipped profile: a simulation,
+labelled so in every row (chunked prefill needs fused-batch timings no profile holds, so it is
+left out there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+from . import results
+from .orchestrate.estimator import Estimator
+from .orchestrate.planner import Launch, MixWork, makespan, plan_mix, sequential_ms, sm_time_bound
+from .orchestrate.policy import DECODE, PREFILL, SLOPolicy, StaticPolicy
+from .partition import SMSplit
+
+MIXES = {
+    "A": MixWork(prompt_tokens=4096, decode_batch=128, context=2048, decode_steps=6),
+    "B": MixWork(prompt_tokens=2048, decode_batch=32, context=1024, decode_steps=6),
+}
+DEFAULT_SPLITS = ("prefill=100,decode=32", "prefill=84,decode=48", "prefill=68,decode=64", "prefill=52,decode=80")
+CHUNKS = (512, 1024, 2048)
+TPOT_FACTOR = 1.5  # the co-located decode step may take this multiple of its whole-GPU step
+SEQUENTIAL, ORCHESTRATED = "sequential", "orchestrated"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPlan:
+    preset: str = "llama-3.1-8b"
+    mixes: tuple[str, ...] = ("A", "B")
+    splits: tuple[SMSplit, ...] = tuple(SMSplit.parse(s) for s in DEFAULT_SPLITS)
+    chunks: tuple[int, ...] = CHUNKS
+    reps: int = 5
+    backend: str = "green"
+    tpot_factor: float = TPOT_FACTOR
+
+    def __post_init__(self):
+        from .orchestrate.policy import check_splits
+
+        unknown = [m for m in self.mixes if m not in MIXES]
+        if unknown or not self.mixes:
+            raise ValueError(f"unknown mix {unknown or '(none)'}; mixes: {', '.join(MIXES)}")
+        object.__setattr__(self, "splits", tuple(check_splits(self.splits)))
+        if not self.tpot_factor > 1:
+            raise ValueError(f"tpot_factor must be > 1 (a multiple of the whole-GPU decode step), got {self.tpot_factor}")
+        if self.reps < 1 or any(c < 1 for c in self.chunks):
+            raise ValueError("reps and chunk sizes must be positive")
+
+    def modes(self, simulated: bool = False) -> list[str]:
+        chunked = [] if simulated else [f"chunked-{c}" for c in self.chunks]
+        return [SEQUENTIAL, *chunked, *(f"static-{s.key}" for s in self.splits), ORCHESTRATED]
+
+    def split_of(self, mode: str) -> SMSplit:
+        return next(s for s in self.splits if f"static-{s.key}" == mode)
+
+
+def tpot_target_ms(work: MixWork, estimator: Estimator, factor: float) -> float:
+    return factor * estimator.decode_ms(work.decode_batch, work.context, estimator.sm_count).ms
+
+
+def plan_mode(mode: str, work: MixWork, estimator: Estimator, plan: BenchPlan) -> list[Launch]:
+    """The launches of a split-based mode (sequential, static-*, orchestrated)."""
+    if mode == SEQUENTIAL:
+        out, t = [], 0.0
+        for g in estimator.groups:
+            ms = estimator.prefill_group_ms(work.prompt_tokens, g, estimator.sm_count).ms
+            out.append(Launch(PREFILL, g, None, t, t + ms, False, False))
+            t += ms
+        for k in range(work.decode_steps):
+            ms = estimator.decode_ms(work.decode_batch, work.context, estimator.sm_count).ms
+            out.append(Launch(DECODE, k, None, t, t + ms, False, k == 0))
+            t += ms
+        return out
+    if mode == ORCHESTRATED:
+        policy = SLOPolicy(estimator, plan.splits, tpot_target_ms(work, estimator, plan.tpot_factor))
+        return plan_mix(work, estimator, policy, handoff=True)
+    return plan_mix(work, estimator, StaticPolicy(estimator, plan.split_of(mode)), handoff=False)
+
+
+def splits_used(launches: list[Launch]) -> list[str]:
+    return list(dict.fromkeys("whole-gpu" if x.split is None else x.split.key for x in launches))
+
+
+# ---------------------------------------------------------------------------------- simulation
+
+
+def simulate(plan: BenchPlan, estimator: Estimator) -> list[dict]:
+    """Rows of every split-based mode, from the estimator alone (no GPU)."""
+    rows = []
+    for name in plan.mixes:
+        work = MIXES[name]
+        bound = sm_time_bound(work, estimator, list(plan.splits))
+        for mode in plan.modes(simulated=True):
+            launches = plan_mode(mode, work, estimator, plan)
+            corun = [x.end_ms - x.start_ms for x in launches if x.phase == DECODE and x.corun]
+            rows.append({
+                "mix": name, "mode": mode, "simulated": True, **dataclasses.asdict(work),
+                "median_ms": makespan(launches), "estimated_ms": makespan(launches),
+                "splits_used": splits_used(launches), "bound_ms": bound["ms"],
+                "decode_corun_max_ms": max(corun) if corun else None,
+            })
+    return rows
+
+
+# ------------------------------------------------------------------------------------ on a GPU
+
+
+class MixBench:
+    """The model, its runner and every mix's steps, on one GPU; ``run(mix)`` times all modes."""
+
+    def __init__(self, plan: BenchPlan, partitioner, estimator: Estimator):
+        import torch
+
+        from .config import EngineConfig
+        from .orchestrate.orchestrator import Orchestrator
+        from .orchestrate.rig import Rig
+
+        self.plan, self.estimator = plan, estimator
+        works = [MIXES[m] for m in plan.mixes]
+        prefill_buckets = {w.prompt_tokens for w in works}
+        for w in works:
+            for c in plan.chunks:
+                prefill_buckets |= {min(c, w.prompt_tokens) + w.decode_batch, min(c, w.prompt_tokens)}
+        cfg = EngineConfig(
+            decode_buckets=tuple(sorted({w.decode_batch for w in works})), prefill_buckets=tuple(sorted(prefill_buckets)),
+            prefill_max_seqs=max(w.decode_batch for w in works) + 1, layer_groups=len(estimator.groups),
+            backend=plan.backend,
+            splits=plan.splits,
+        )
+        self.rig = Rig(plan.preset, cfg, max_batch=max(w.decode_batch for w in works),
+                       max_context=max(w.context for w in works), max_prompt=max(w.prompt_tokens for w in works),
+                       partitioner=partitioner)
+        self.orch = Orchestrator()
+        self.torch = torch
+
+    def _logits(self, phase: str, bucket: int):
+        return self.rig.runner.graphs.buffers(phase, bucket).logits
+
+    def _split_mode(self, mode: str, work: MixWork):
+        """``(run once -> orchestrator Run, launches)`` for a split-based mode."""
+        launches = plan_mode(mode, work, self.estimator, self.plan)
+        rig = self.rig
+        from .engine.placement import WHOLE_GPU
+
+        with self.torch.cuda.stream(self.orch.streams[PREFILL]):
+            prefill = rig.prepare(rig.prefill_batch(work.prompt_tokens), WHOLE_GPU)
+        with self.torch.cuda.stream(self.orch.streams[DECODE]):
+            decode = rig.prepare(rig.decode_batch(work.decode_batch, work.context), WHOLE_GPU)
+        fns = {PREFILL: lambda i, p, s: prefill.launch_group(i, p, s),
+               DECODE: lambda i, p, s: decode.launch_group(0, p, s)}
+        return (lambda: self.orch.issue(launches, fns).synchronize()), launches
+
+    def _chunked_mode(self, chunk: int, work: MixWork):
+        """One stream: ``ceil(prompt / chunk)`` chunks, each fused with a decode step while
+        decode steps remain; leftover decode steps run as plain decode graphs."""
+        torch, rig = self.torch, self.rig
+        from .engine.placement import WHOLE_GPU
+
+        chunk = min(chunk, work.prompt_tokens)
+        starts = list(range(0, work.prompt_tokens, chunk))
+        stream = self.orch.streams[PREFILL]
+
+        def run():
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record(stream)
+            with torch.cuda.stream(stream):
+                for i in range(max(len(starts), work.decode_steps)):
+                    n = min(chunk, work.prompt_tokens - starts[i]) if i < len(starts) else 0
+                    b = work.decode_batch if i < work.decode_steps else 0
+                    if n and b:
+                        step = rig.prepare(rig.mixed_batch(starts[i], n, b, work.context), WHOLE_GPU)
+                    elif n:
+                        step = rig.prepare(rig.prefill_batch(n, starts[i]), WHOLE_GPU)
+                    else:
+                        step = rig.prepare(rig.decode_batch(b, work.context), WHOLE_GPU)
+                    step.launch(stream)
+                    if i == len(starts) - 1:
+                        self.last_chunk = step
+            end.record(stream)
+            end.synchronize()
+            return begin.elapsed_time(end)
+
+        return run
+
+    def run(self, name: str) -> list[dict]:
+        from .measure import GpuMonitor
+
+        torch, work = self.torch, MIXES[name]
+        bound = sm_time_bound(work, self.estimator, list(self.plan.splits))
+        rows, reference = [], None
+        decode_alone_ms = None
+        for mode in self.plan.modes():
+            launches = None
+            if mode.startswith("chunked-"):
+                once = self._chunked_mode(int(mode.removeprefix("chunked-")), work)
+                once()  # capture and warm
+                with GpuMonitor() as gpu:
+                    times = [once() for _ in range(self.plan.reps)]
+                # Row 0 of the last chunk's logits is the prompt's last token.
+                prompt_logits = self._logits("prefill", self.last_chunk.bucket)[0].clone()
+                extra = {}
+            else:
+                once, launches = self._split_mode(mode, work)
+                once()
+                runs = []
+                with GpuMonitor() as gpu:
+                    for _ in range(self.plan.reps):
+                        runs.append(once())
+                times = [r.wall_ms for r in runs]
+                prompt_logits = self._logits("prefill", work.prompt_tokens)[0].clone()
+                extra = self._lane_fields(runs, launches)
+                if mode == SEQUENTIAL:
+                    decode_alone_ms = statistics.median(t for r in runs for t in r.lane_ms(DECODE))
+            if reference is None:
+                reference = prompt_logits
+            diff = None if prompt_logits is None else (prompt_logits - reference).abs().max().item()
+            agree = None if prompt_logits is None else bool(prompt_logits.argmax() == reference.argmax())
+            rows.append({
+                "mix": name, "mode": mode, "simulated": False, **dataclasses.asdict(work),
+                "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                "samples_ms": [round(t, 4) for t in times],
+                "estimated_ms": makespan(launches) if launches else None,
+                "splits_used": splits_used(launches) if launches else ["whole-gpu"],
+                "bound_ms": bound["ms"], "prompt_logits_max_abs_diff": diff, "prompt_argmax_agrees": agree,
+                "decode_alone_ms": decode_alone_ms, **extra, **gpu.summary(),
+            })
+            torch.cuda.synchronize()
+        return rows
+
+    @staticmethod
+    def _lane_fields(runs, launches: list[Launch]) -> dict:
+        corun = [t for r in runs for x, t in zip([x for x in launches if x.phase == DECODE], r.lane_ms(DECODE)) if x.corun]
+        return {
+            "host_ms_per_launch": statistics.median(r.host_ms_per_launch for r in runs),
+            "prefill_done_ms": statistics.median(r.finish_ms(PREFILL) for r in runs),
+            "decode_done_ms": statistics.median(r.finish_ms(DECODE) for r in runs),
+            "decode_step_median_ms": statistics.median(t for r in runs for t in r.lane_ms(DECODE)),
+            "decode_corun_max_ms": max(corun) if corun else None,
+            "decode_corun_median_ms": statistics.median(corun) if corun else None,
+        }
+
+    def close(self) -> None:
+        self.rig.close()
+
+
+# ------------------------------------------------------------------------------ summary, table
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per mix: the better baseline, each mode's speedup over it, and the bound reached."""
+    out = {}
+    for name in dict.fromkeys(r["mix"] for r in rows):
+        mine = {r["mode"]: r for r in rows if r["mix"] == name}
+        baselines = {m: r["median_ms"] for m, r in mine.items() if m == SEQUENTIAL or m.startswith("chunked-")}
+        base_mode = min(baselines, key=baselines.get)
+        statics = {m: r["median_ms"] for m, r in mine.items() if m.startswith("static-")}
+        s: dict = {"baseline": base_mode, "baseline_ms": baselines[base_mode]}
+        if statics:
+            best = min(statics, key=statics.get)
+            s.update(best_static=best, best_static_speedup=baselines[base_mode] / statics[best])
+        if ORCHESTRATED in mine:
+            orch = mine[ORCHESTRATED]
+            s.update(orchestrated_ms=orch["median_ms"], orchestrated_speedup=baselines[base_mode] / orch["median_ms"],
+                     bound_ms=orch["bound_ms"], bound_speedup=baselines[base_mode] / orch["bound_ms"],
+                     bound_fraction=(baselines[base_mode] / orch["median_ms"] - 1) / max(baselines[base_mode] / orch["bound_ms"] - 1, 1e-9))
+            if orch.get("decode_corun_max_ms") and orch.get("decode_alone_ms"):
+                s["decode_corun_over_alone"] = orch["decode_corun_max_ms"] / orch["decode_alone_ms"]
+            if orch.get("estimated_ms") and not orch.get("simulated"):
+                s["orchestrated_estimate_error"] = orch["estimated_ms"] / orch["median_ms"] - 1
+        out[name] = s
+    return out
+
+
+def table(rows: list[dict], summary: dict) -> str:
+    lines = []
+    for name, s in summary.items():
+        w = MIXES[name]
+        lines.append(f"mix {name}: {w.prompt_tokens}-token prompt beside {w.decode_steps} decode steps of batch "
+                     f"{w.decode_batch} at context {w.context}")
+        base = s["baseline_ms"]
+        for r in (r for r in rows if r["mix"] == name):
+            est = f"  est {r['estimated_ms']:7.1f}" if r.get("estimated_ms") else ""
+            dec = f"  decode co-run max {r['decode_corun_max_ms']:6.2f} ms" if r.get("decode_corun_max_ms") else ""
+            lines.append(f"  {r['mode']:34s} {r['median_ms']:8.1f} ms  x{base / r['median_ms']:5.2f}{est}{dec}")
+        if "orchestrated_speedup" in s:
+            lines.append(f"  orchestrated x{s['orchestrated_speedup']:.2f} vs {s['baseline']}; SM-time bound "
+                         f"{s['bound_ms']:.1f} ms (x{s['bound_speedup']:.2f}), {100 * s['bound_fraction']:.0f}% of it reached")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str | Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mixes = list(dict.fromkeys(r["mix"] for r in rows))
+    fig, axes = plt.subplots(1, len(mixes), figsize=(6 * len(mixes), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], mixes):
+        mine = [r for r in rows if r["mix"] == name]
+        ax.barh([r["mode"] for r in mine], [r["median_ms"] for r in mine],
+                color=["tab:orange" if r["mode"] == ORCHESTRATED else "tab:blue" for r in mine])
+        ax.axvline(mine[0]["bound_ms"], color="k", ls="--", lw=1, label="SM-time bound")
+        ax.set(xlabel="ms (lower is better)", title=f"mix {name}")
+        ax.invert_yaxis()
+        ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def run_extra(plan: BenchPlan, estimator: Estimator, simulated: bool) -> dict:
+    return {"model": plan.preset, "weights": "random bf16", "backend": plan.backend, "simulated": simulated,
+            "mixes": {m: dataclasses.asdict(MIXES[m]) for m in plan.mixes}, "splits": [s.key for s in plan.splits],
+            "tpot_factor": plan.tpot_factor, "profile": str(estimator.profile.path or ""),
+            "profile_commit": estimator.profile.doc.get("commit")}
+
+
+def main(plan: BenchPlan, out_dir: str, estimator: Estimator, simulated: bool, partitioner=None) -> int:
+    t0 = time.perf_counter()
+    if simulated:
+        rows = simulate(plan, estimator)
+    else:
+        bench = MixBench(plan, partitioner, estimator)
+        try:
+            rows = []
+            for name in plan.mixes:
+                rows += bench.run(name)
+                print(table([r for r in rows if r["mix"] == name], summarize([r for r in rows if r["mix"] == name])), flush=True)
+        finally:
+            bench.close()
+    summary = {**summarize(rows), "wall_s": time.perf_counter() - t0}
+    name = "colocation-simulated" if simulated else "colocation"
+    path = results.write(name, rows, summary, out_dir, **run_extra(plan, estimator, simulated))
+    what = "SIMULATION through the latency estimator" if simulated else "measured"
+    png = plot(rows, path, f"{plan.preset}: prefill beside decode ({what})")
+    if simulated:
+        print(table(rows, {k: v for k, v in summary.items() if k in MIXES}))
+    print(f"results: {path}\nplot: {png}")
+    print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str))
+    return 0

@@ -1,0 +1,22 @@
+"""Temporal orchestration: profiles, latency estimator, split policy, planner and orchestrator.
+
+    profile = Profile.load(find_profile("h200", "llama-3.1-8b"))
+    est = Estimator(profile)
+    policy = SLOPolicy(est, ["prefill=84,decode=48", "prefill=100,decode=32"], tpot_ms=20)
+    launches = plan_mix(MixWork(4096, 128, 2048, 6), est, policy)
+    run = Orchestrator().issue(launches, {"prefill": prefill_fn, "decode": decode_fn}).synchronize()
+
+Importing this package needs no GPU; only :mod:`.orchestrator`, :mod:`.rig` and
+:mod:`.profiler` touch one.
+"""
+
+from .estimator import Estimate, EstimateError, Estimator, held_out_errors
+from .planner import Launch, MixWork, makespan, plan_mix, sequential_ms, sm_time_bound
+from .policy import Decision, InfeasibleSLO, SLOPolicy, StaticPolicy, Work
+from .profile import MissingProfile, Profile, ProfileError, ProfileMismatch, find_profile, profile_path
+
+__all__ = [
+    "Decision", "Estimate", "EstimateError", "Estimator", "InfeasibleSLO", "Launch", "MissingProfile", "MixWork",
+    "Profile", "ProfileError", "ProfileMismatch", "SLOPolicy", "StaticPolicy", "Work", "find_profile",
+    "held_out_errors", "makespan", "plan_mix", "profile_path", "sequential_ms", "sm_time_bound",
+]

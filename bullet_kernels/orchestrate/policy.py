@@ -1,0 +1,138 @@
+"""Split policies: which SMs each phase gets for its next graph.
+
+The orchestrator asks before every decode step and every prefill layer group, with what each
+lane has to do next (:class:`Work`). A policy answers with a :class:`Decision`: the whole GPU
+for one phase when the other is idle, otherwise one of the candidate splits.
+
+- :class:`SLOPolicy` (BulletServe's SLO-aware provisioning): decode gets the fewest SMs whose
+  estimated co-running step time keeps within the TPOT target; prefill gets the rest, and its
+  TTFT target is watched (the decision says when the estimate misses it). Where no split meets
+  the TPOT target, it falls back to the split with the fastest decode lane and says why.
+- :class:`StaticPolicy`: one split whenever both phases have work (the comparison baseline).
+
+Both are pure functions of the work and an :class:`~.estimator.Estimator`: no GPU needed, so
+the simulated ``bullet bench`` and the tests run them as the orchestrator does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from ..errors import BulletError
+from ..partition import SMSplit
+from .estimator import Estimator
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+class InfeasibleSLO(BulletError, ValueError):
+    """Raised only where a caller asks for strictness; policies otherwise fall back and report."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What the lanes have to do next. ``decode``: (batch, context) of the next decode step or
+    None; ``prefill``: tokens of the prefill in progress (or next) or None, with the layer
+    groups still to run and the time its first token has left before its TTFT target."""
+
+    decode: tuple[int, int] | None = None
+    prefill_tokens: int | None = None
+    prefill_groups_left: int = 0
+    ttft_left_ms: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    split: SMSplit | None  # None: the phase that has work runs on the whole GPU
+    decode_ms: float | None = None  # estimated next decode step (co-running where split)
+    prefill_ms: float | None = None  # estimated remaining prefill time on this decision's SMs
+    feasible: bool = True  # the TPOT target is met by the estimate
+    ttft_at_risk: bool = False
+    reason: str = ""
+
+    def lane_sms(self, lane: str, sm_count: int) -> int:
+        return sm_count if self.split is None else self.split[lane]
+
+
+def check_splits(splits: Sequence[SMSplit]) -> list[SMSplit]:
+    """Candidate splits must have exactly the lanes ``prefill`` and ``decode``."""
+    out = [SMSplit.parse(s) if isinstance(s, str) else s for s in splits]
+    if not out:
+        raise ValueError("a split policy needs at least one candidate split, e.g. prefill=96,decode=36")
+    for s in out:
+        if set(s.names) != {PREFILL, DECODE}:
+            raise ValueError(f"split {s} must have exactly the lanes 'prefill' and 'decode'")
+    return out
+
+
+class Policy:
+    def __init__(self, estimator: Estimator, splits: Sequence[SMSplit]):
+        self.estimator = estimator
+        self.splits = check_splits(splits)
+        self.sm_count = estimator.sm_count
+
+    def decide(self, work: Work) -> Decision:
+        if work.decode is None and work.prefill_tokens is None:
+            return Decision(None, reason="idle")
+        if work.prefill_tokens is None:
+            b, c = work.decode
+            return Decision(None, decode_ms=self.estimator.decode_ms(b, c, self.sm_count).ms, reason="decode alone")
+        if work.decode is None:
+            return Decision(None, prefill_ms=self._prefill_left(work, self.sm_count, False), reason="prefill alone")
+        return self.decide_both(work)
+
+    def decide_both(self, work: Work) -> Decision:
+        raise NotImplementedError
+
+    def _decode_corun(self, work: Work, split: SMSplit) -> float:
+        b, c = work.decode
+        alone = self.estimator.decode_ms(b, c, split[DECODE])
+        return self.estimator.corun(alone, DECODE, split[DECODE]).ms
+
+    def _prefill_left(self, work: Work, sms: int, corun: bool, decode_sms: int = 0) -> float:
+        groups = self.estimator.groups[len(self.estimator.groups) - max(work.prefill_groups_left, 1):]
+        ms = sum(self.estimator.prefill_group_ms(work.prefill_tokens, g, sms).ms for g in groups)
+        return ms * (self.estimator.slowdown(PREFILL, decode_sms)[0] if corun else 1.0)
+
+    def _decision(self, work: Work, split: SMSplit, feasible: bool, reason: str) -> Decision:
+        prefill_ms = self._prefill_left(work, split[PREFILL], True, split[DECODE])
+        risk = work.ttft_left_ms is not None and prefill_ms > work.ttft_left_ms
+        return Decision(split, self._decode_corun(work, split), prefill_ms, feasible, risk, reason)
+
+
+class StaticPolicy(Policy):
+    """The one split whenever both phases have work; the whole GPU for a phase alone."""
+
+    def __init__(self, estimator: Estimator, split: SMSplit | str):
+        super().__init__(estimator, [split])
+
+    def decide_both(self, work: Work) -> Decision:
+        return self._decision(work, self.splits[0], True, "static split")
+
+
+class SLOPolicy(Policy):
+    """Fewest decode SMs within the TPOT target; prefill takes the rest."""
+
+    def __init__(self, estimator: Estimator, splits: Sequence[SMSplit], tpot_ms: float, ttft_ms: float | None = None):
+        super().__init__(estimator, splits)
+        if not tpot_ms > 0:
+            raise ValueError(f"TPOT target must be > 0 ms, got {tpot_ms}")
+        if ttft_ms is not None and not ttft_ms > 0:
+            raise ValueError(f"TTFT target must be > 0 ms or None, got {ttft_ms}")
+        self.tpot_ms, self.ttft_ms = tpot_ms, ttft_ms
+        self.splits.sort(key=lambda s: s[DECODE])
+
+    def decide_both(self, work: Work) -> Decision:
+        for split in self.splits:
+            ms = self._decode_corun(work, split)
+            if ms <= self.tpot_ms:
+                return self._decision(work, split, True, f"fewest decode SMs with step {ms:.2f} <= {self.tpot_ms:.2f} ms")
+        best = min(self.splits, key=lambda s: self._decode_corun(work, s))
+        b, c = work.decode
+        return self._decision(
+            work, best, False,
+            f"TPOT target {self.tpot_ms:.2f} ms is infeasible for decode batch {b} at context {c} beside a "
+            f"prefill on every candidate split (fastest: {best}, {self._decode_corun(work, best):.2f} ms); "
+            "using that split",
+        )
