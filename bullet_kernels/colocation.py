@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import results
 from .orchestrate.estimator import Estimator
-from .orchestrate.planner import Launch, MixWork, makespan, plan_mix, sequential_ms, sm_time_bound
+from .orchestrate.planner import Launch, MixWork, makespan, plan_mix, sm_time_bound
 from .orchestrate.policy import DECODE, PREFILL, SLOPolicy, StaticPolicy
 from .partition import SMSplit
 
@@ -156,6 +156,8 @@ class MixBench:
                        partitioner=partitioner)
         self.orch = Orchestrator()
         self.torch = torch
+        self.reference: dict = {}  # mix -> the sequential mode's prompt logits
+        self.decode_alone: dict = {}  # mix -> the sequential mode's decode step (whole GPU, alone)
 
     def _logits(self, phase: str, bucket: int):
         return self.rig.runner.graphs.buffers(phase, bucket).logits
@@ -206,49 +208,24 @@ class MixBench:
 
         return run
 
+    def mode(self, name: str, mode: str) -> "ModeRun":
+        """One mode of one mix, ready to run (``once()``) and to report (``row()``)."""
+        return ModeRun(self, name, mode)
+
     def run(self, name: str) -> list[dict]:
+        """Every mode of mix ``name``: one warm-up run (it captures the graphs), then ``reps``."""
         from .measure import GpuMonitor
 
-        torch, work = self.torch, MIXES[name]
-        bound = sm_time_bound(work, self.estimator, list(self.plan.splits))
-        rows, reference = [], None
-        decode_alone_ms = None
+        rows = []
         for mode in self.plan.modes():
-            launches = None
-            if mode.startswith("chunked-"):
-                once = self._chunked_mode(int(mode.removeprefix("chunked-")), work)
-                once()  # capture and warm
-                with GpuMonitor() as gpu:
-                    times = [once() for _ in range(self.plan.reps)]
-                # Row 0 of the last chunk's logits is the prompt's last token.
-                prompt_logits = self._logits("prefill", self.last_chunk.bucket)[0].clone()
-                extra = {}
-            else:
-                once, launches = self._split_mode(mode, work)
-                once()
-                runs = []
-                with GpuMonitor() as gpu:
-                    for _ in range(self.plan.reps):
-                        runs.append(once())
-                times = [r.wall_ms for r in runs]
-                prompt_logits = self._logits("prefill", work.prompt_tokens)[0].clone()
-                extra = self._lane_fields(runs, launches)
-                if mode == SEQUENTIAL:
-                    decode_alone_ms = statistics.median(t for r in runs for t in r.lane_ms(DECODE))
-            if reference is None:
-                reference = prompt_logits
-            diff = None if prompt_logits is None else (prompt_logits - reference).abs().max().item()
-            agree = None if prompt_logits is None else bool(prompt_logits.argmax() == reference.argmax())
-            rows.append({
-                "mix": name, "mode": mode, "simulated": False, **dataclasses.asdict(work),
-                "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-                "samples_ms": [round(t, 4) for t in times],
-                "estimated_ms": makespan(launches) if launches else None,
-                "splits_used": splits_used(launches) if launches else ["whole-gpu"],
-                "bound_ms": bound["ms"], "prompt_logits_max_abs_diff": diff, "prompt_argmax_agrees": agree,
-                "decode_alone_ms": decode_alone_ms, **extra, **gpu.summary(),
-            })
-            torch.cuda.synchronize()
+            m = self.mode(name, mode)
+            m.once()
+            m.reset()
+            with GpuMonitor() as gpu:
+                for _ in range(self.plan.reps):
+                    m.once()
+            rows.append(m.row(gpu.summary()))
+            self.torch.cuda.synchronize()
         return rows
 
     @staticmethod
@@ -265,6 +242,61 @@ class MixBench:
 
     def close(self) -> None:
         self.rig.close()
+
+
+class ModeRun:
+    """Runs of one mode of one mix; the sequential mode of a mix must run first (its prompt
+    logits are the reference every other mode is compared with, its decode step the alone time)."""
+
+    def __init__(self, bench: MixBench, name: str, mode: str):
+        self.bench, self.name, self.mode, self.work = bench, name, mode, MIXES[name]
+        self.launches: list[Launch] | None = None
+        if mode.startswith("chunked-"):
+            self._run = bench._chunked_mode(int(mode.removeprefix("chunked-")), self.work)
+        else:
+            self._run, self.launches = bench._split_mode(mode, self.work)
+        self.reset()
+
+    def reset(self) -> None:
+        self.times: list[float] = []
+        self.runs: list = []
+
+    def once(self) -> float:
+        out = self._run()
+        if self.launches is None:
+            ms = out
+        else:
+            self.runs.append(out)
+            ms = out.wall_ms
+        self.times.append(ms)
+        return ms
+
+    def prompt_logits(self):
+        if self.launches is None:  # row 0 of the last chunk's logits is the prompt's last token
+            return self.bench._logits("prefill", self.bench.last_chunk.bucket)[0].clone()
+        return self.bench._logits("prefill", self.work.prompt_tokens)[0].clone()
+
+    def row(self, gpu: dict) -> dict:
+        b, work = self.bench, self.work
+        logits = self.prompt_logits()
+        reference = b.reference.setdefault(self.name, logits)
+        extra = {}
+        if self.launches is not None:
+            extra = b._lane_fields(self.runs, self.launches)
+            if self.mode == SEQUENTIAL:
+                b.decode_alone[self.name] = extra["decode_step_median_ms"]
+        bound = sm_time_bound(work, b.estimator, list(b.plan.splits))
+        times = self.times
+        return {
+            "mix": self.name, "mode": self.mode, "simulated": False, **dataclasses.asdict(work),
+            "median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "samples_ms": [round(t, 4) for t in times],
+            "estimated_ms": makespan(self.launches) if self.launches else None,
+            "splits_used": splits_used(self.launches) if self.launches else ["whole-gpu"],
+            "bound_ms": bound["ms"], "prompt_logits_max_abs_diff": (logits - reference).abs().max().item(),
+            "prompt_argmax_agrees": bool(logits.argmax() == reference.argmax()),
+            "decode_alone_ms": b.decode_alone.get(self.name), **extra, **gpu,
+        }
 
 
 # ------------------------------------------------------------------------------ summary, table

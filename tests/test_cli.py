@@ -67,13 +67,13 @@ def test_top_level_help_shows_the_whole_description(capsys):
         assert f"bullet {command}" in out
 
 
-@pytest.mark.parametrize("command", ["info", "bench", "sweep"])
+@pytest.mark.parametrize("command", ["info", "bench", "profile", "sweep"])
 def test_every_option_has_help_with_its_default_and_choices(capsys, command):
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     code, out, _ = run(capsys, command, "--help")
     assert code == 0
-    text = " ".join(out.split())  # argparse wraps help text
+    text = " ".join(out.split()).replace("- ", "-")  # argparse wraps help text, also after hyphens
     assert "SUPPRESS" not in text
     for action in sub._actions:
         if not action.option_strings or action.dest == "help":
@@ -136,7 +136,7 @@ def test_info_device_must_be_an_index(capsys, gpu_untouched):
 
 def test_no_command_exits_2_with_the_commands(capsys):
     code, _, err = run(capsys)
-    assert code == 2 and "{info,bench,sweep}" in err
+    assert code == 2 and "{info,bench,profile,sweep}" in err
 
 
 # -- output paths ----------------------------------------------------------------------------------
@@ -217,28 +217,45 @@ def test_info_asks_each_available_backend_for_its_mechanism_defensively(capsys, 
 # -- bullet bench and bullet sweep -----------------------------------------------------------------
 
 
-def test_bench_without_a_gpu_reports_what_it_would_run_and_exits_0(capsys, no_gpu, sweep_calls):
-    code, out, _ = run(capsys, "bench")
+def test_bench_without_a_gpu_simulates_on_the_shipped_profile_and_exits_0(capsys, no_gpu, sweep_calls, tmp_path):
+    code, out, _ = run(capsys, "bench", "--out", str(tmp_path))
     assert code == 0
     assert not sweep_calls, "nothing may be measured without a GPU"
     assert "GPU: none (no GPU in this test)" in out and "backends:" in out  # the device report
-    assert "nothing was measured" in out
-    assert "bullet sweep --quick" in out and "llama-3.1-8b" in out
-    assert "A: a 4096-token prompt beside decode batch 128 at 2048 tokens of context" in out
-    assert "B: a 2048-token prompt beside decode batch 32 at 1024 tokens of context" in out
-    assert "simulation" in out
+    assert "SIMULATION" in out and "graphs/h200/llama-3.1-8b.json" in out
+    assert "mix A: 4096-token prompt beside 6 decode steps of batch 128 at context 2048" in out
+    assert "mix B: 2048-token prompt beside 6 decode steps of batch 32 at context 1024" in out
+    (result,) = tmp_path.glob("colocation-simulated-cpu-*.json")
+    doc = json.loads(result.read_text())
+    assert doc["simulated"] is True and all(r["simulated"] for r in doc["rows"])
+    modes = {r["mode"] for r in doc["rows"]}
+    assert {"sequential", "orchestrated"} <= modes and not any(m.startswith("chunked") for m in modes)
+    assert {"A", "B"} <= set(doc["summary"])
 
 
-def test_bench_with_a_gpu_runs_the_quick_sweep(capsys, monkeypatch, sweep_calls, tmp_path):
-    device = types.SimpleNamespace(name="a GPU", sm_count=132)
+def test_bench_refuses_a_profile_of_another_gpu_before_any_gpu_work(capsys, monkeypatch):
+    device = types.SimpleNamespace(name="NVIDIA A100-SXM4-80GB", sm_count=108)
     monkeypatch.setattr(cli, "describe_state", lambda index=0: (device, ""))
-    code, out, _ = run(capsys, "bench", "--backend", "tpc", "--out", str(tmp_path))
-    assert code == 0 and len(sweep_calls) == 1
-    args = sweep_calls[0]
-    assert args.quick and (args.preset, args.backend, args.out) == ("llama-3.1-8b", "tpc", str(tmp_path))
-    # the sweep's own defaults, under the attribute names bullet_kernels.sweep.main reads
-    assert (args.prompt, args.decode_batch, args.context, args.groups, args.reps) == (2048, [32, 128], 1024, 4, 5)
-    assert "quick SM sweep" in out
+    code, _, err = run(capsys, "bench", "--profile", "graphs/h200/llama-3.1-8b.json")
+    assert code == 2
+    assert "NVIDIA H200" in err and "NVIDIA A100" in err and "bullet profile --model llama-3.1-8b" in err
+
+
+def test_bench_without_a_profile_names_the_command_that_makes_one(capsys, no_gpu, monkeypatch, tmp_path):
+    monkeypatch.setenv("BULLET_GRAPHS_DIR", str(tmp_path))
+    code, _, err = run(capsys, "bench", "--out", str(tmp_path))
+    assert code == 2 and "bullet profile --model llama-3.1-8b" in err
+
+
+@pytest.mark.parametrize("split", ["prefill=100", "prefill=100,decode=24,spare=8", "main=64,decode=68"])
+def test_bench_refuses_a_split_without_exactly_prefill_and_decode_lanes(capsys, gpu_untouched, split):
+    code, _, err = run(capsys, "bench", "--split", split)
+    assert code == 2 and "'prefill' and 'decode'" in err
+
+
+def test_profile_without_a_gpu_says_so_and_exits_1(capsys, no_gpu):
+    code, out, _ = run(capsys, "profile", "--model", "qwen3-8b")
+    assert code == 1 and "no GPU" in out and "graphs/" in out
 
 
 def test_sweep_passes_every_option_by_name(capsys, sweep_calls):

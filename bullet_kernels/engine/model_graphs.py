@@ -15,6 +15,7 @@ intermediates, one pool per phase. Planning happens on the CPU (:mod:`.batch`);
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -172,9 +173,30 @@ class ModelGraphs:
     def replay(self, key: GraphKey, stream=None) -> torch.Tensor:
         """Replay (capturing first when lazy); returns the static logits or group hand-off."""
         if self.lazy and key not in self.bank:
-            with torch.no_grad():
+            with torch.no_grad(), self._hand_off_kept(key):
                 self.bank.capture(key, self._fn(key))
         return self.bank.replay(key, stream)
+
+    @contextlib.contextmanager
+    def _hand_off_kept(self, key: GraphKey):
+        """Capturing runs the function eagerly first (warm-up). A middle prefill group reads and
+        rewrites the bucket's hand-off buffers, so a capture in the middle of a prefill would
+        apply its layers more than once: keep the buffers as they were. (Group 0 only writes
+        them from the input ids, the last group only reads them, decode has none.)"""
+        middle = key.phase == "prefill" and 0 < key.group < len(self.groups) - 1
+        if not middle:
+            yield
+            return
+        bufs = self.buffers(key.phase, key.bucket)
+        torch.cuda.synchronize()  # the previous group may still be writing them on its stream
+        kept = bufs.hidden.clone(), bufs.residual.clone()
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize()
+            bufs.hidden.copy_(kept[0])
+            bufs.residual.copy_(kept[1])
+            torch.cuda.synchronize()
 
     def release(self, placement: Placement | None = None) -> int:
         """Drop the graphs of ``placement`` (all when None); static buffers stay."""
