@@ -7,6 +7,8 @@ prompt's logits and the decode step's logits must match a sequential run on the 
 graph that ran on the wrong SMs or read a buffer another lane was writing would not.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ from bullet_kernels.partition import Partitioner
 from orchestrate_fixtures import SPLITS, synthetic_profile
 
 pytestmark = pytest.mark.gpu
-REL_TOL = 2e-2  # bf16; lanes of different sizes sum in different orders
+REL_TOL = 5e-2  # bf16 logits through 30 layers; lanes of other sizes sum in other orders (2.6% seen)
 
 
 def rel_err(a, b):
@@ -41,28 +43,37 @@ def rig():
     parts.close()
 
 
+def run_plan(rig, orch, launches, work):
+    """Issue ``launches``; the prompt's logits and the decode step's logits afterwards."""
+    with torch.cuda.stream(orch.streams["prefill"]):
+        prefill = rig.prepare(rig.prefill_batch(work.prompt_tokens), WHOLE_GPU)
+    with torch.cuda.stream(orch.streams["decode"]):
+        decode = rig.prepare(rig.decode_batch(work.decode_batch, work.context), WHOLE_GPU)
+    fns = {"prefill": lambda i, p, s: prefill.launch_group(i, p, s),
+           "decode": lambda i, p, s: decode.launch_group(0, p, s)}
+    run = orch.issue(launches, fns).synchronize()
+    graphs = rig.runner.graphs
+    return graphs.buffers("prefill", work.prompt_tokens).logits[0].clone(), graphs.buffers(
+        "decode", work.decode_batch).logits.clone(), run
+
+
 @pytest.mark.parametrize("mode", ["orchestrated", "static-prefill84-decode48", "static-prefill100-decode32"])
 def test_colocated_outputs_equal_sequential(rig, mode):
+    """Two references. The same launches one after another (each waits for the other lane):
+    the same graphs on the same SMs, so co-running must change nothing, bit for bit. And the
+    plain sequential mode on the whole GPU: other SM counts size some kernels differently
+    (split reductions), so close, with the same greedy token for the prompt."""
     estimator = Estimator(synthetic_profile())
     work = MixWork(prompt_tokens=1024, decode_batch=32, context=1024, decode_steps=5)
     plan = BenchPlan(preset="smollm2-135m", mixes=("A",))
     orch = Orchestrator()
-    outputs = {}
-    for name in ("sequential", mode):
-        launches = plan_mode(name, work, estimator, plan)
-        with torch.cuda.stream(orch.streams["prefill"]):
-            prefill = rig.prepare(rig.prefill_batch(work.prompt_tokens), WHOLE_GPU)
-        with torch.cuda.stream(orch.streams["decode"]):
-            decode = rig.prepare(rig.decode_batch(work.decode_batch, work.context), WHOLE_GPU)
-        fns = {"prefill": lambda i, p, s: prefill.launch_group(i, p, s),
-               "decode": lambda i, p, s: decode.launch_group(0, p, s)}
-        run = orch.issue(launches, fns).synchronize()
-        graphs = rig.runner.graphs
-        outputs[name] = (graphs.buffers("prefill", 1024).logits[0].clone(), graphs.buffers("decode", 32).logits.clone(),
-                         launches, run)
-    seq, col = outputs["sequential"], outputs[mode]
-    assert any(x.split is not None for x in col[2]), "the plan never co-located: nothing was tested"
-    assert rel_err(col[0], seq[0]) < REL_TOL
-    assert rel_err(col[1], seq[1]) < REL_TOL
-    assert torch.equal(col[0].argmax(), seq[0].argmax())
-    assert col[3].wall_ms > 0 and len(col[3].lane_ms("decode")) == work.decode_steps
+    launches = plan_mode(mode, work, estimator, plan)
+    assert any(x.split is not None for x in launches), "the plan never co-located: nothing would be tested"
+    run_plan(rig, orch, launches, work)  # captures every graph the plan needs
+    colocated = run_plan(rig, orch, launches, work)
+    serial = run_plan(rig, orch, [dataclasses.replace(x, after_other=True) for x in launches], work)
+    whole = run_plan(rig, orch, plan_mode("sequential", work, estimator, plan), work)
+    assert torch.equal(colocated[0], serial[0]) and torch.equal(colocated[1], serial[1])
+    assert rel_err(colocated[0], whole[0]) < REL_TOL and rel_err(colocated[1], whole[1]) < REL_TOL
+    assert torch.equal(colocated[0].argmax(), whole[0].argmax())
+    assert colocated[2].wall_ms > 0 and len(colocated[2].lane_ms("decode")) == work.decode_steps

@@ -90,10 +90,18 @@ def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int
             graph_probe = GraphProbe(stream, check_lane.sm_count, stream.device.index or 0)
         # keep_graph: the probe node is disabled in the executable after the first replay.
         graph = torch.cuda.CUDAGraph(keep_graph=graph_probe is not None)
+        # cuBLAS workspaces: torch keeps one per (handle, stream), allocated on first use. One
+        # allocated before the capture would live outside the graph's pool, shared with eager
+        # work and freed under the graph by anyone who clears the workspaces (Inductor's
+        # cudagraph trees do, before recording): a replay then writes freed memory. Cleared
+        # here, the capture allocates its workspace in its own pool; cleared again after, no
+        # eager cuBLAS call reuses that pool memory (PyTorch's cudagraph trees do the same).
+        torch._C._cuda_clearCublasWorkspaces()
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             if graph_probe is not None:
                 graph_probe.add()
             output = fn()
+        torch._C._cuda_clearCublasWorkspaces()
         if graph_probe is not None:
             graph.instantiate()
         upload_graph(graph, stream)
