@@ -260,11 +260,12 @@ def _check_sweep_shapes(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def _bench_plan(args: argparse.Namespace):
-    from .colocation import BenchPlan
+    from .colocation import SWEEP_MIXES, BenchPlan
 
     try:
         splits = {"splits": tuple(args.split)} if args.split else {}
-        return BenchPlan(preset=args.preset, mixes=tuple(args.mix), reps=args.reps, backend=args.backend,
+        mixes = tuple(args.mix) + (SWEEP_MIXES if args.sweep else ())
+        return BenchPlan(preset=args.preset, mixes=mixes, reps=args.reps, backend=args.backend,
                          tpot_factor=args.tpot_factor, chunks=tuple(args.chunk), **splits)
     except ValueError as exc:
         args.bench_parser.error(str(exc))
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="decode step target while co-located, as a multiple of its whole-GPU step")
     p_bench.add_argument("--profile", metavar="FILE", default=argparse.SUPPRESS,
                          help="latency profile to plan with (default: graphs/<gpu>/<model>.json)")
+    p_bench.add_argument("--sweep", action="store_true",
+                         help="also run the sweep: prompts of 1024, 2048, 4096 tokens beside decode batch 32 at "
+                         "1024 and batch 128 at 2048 tokens of context")
     p_bench.add_argument("--simulate", action="store_true", help="simulate through the estimator even on a GPU")
     p_bench.set_defaults(func=bench)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +43,9 @@ MIXES = {
     "A": MixWork(prompt_tokens=4096, decode_batch=128, context=2048, decode_steps=6),
     "B": MixWork(prompt_tokens=2048, decode_batch=32, context=1024, decode_steps=6),
 }
+# The sweep: prompt sizes against a small and a large decode batch (``p<tokens>-b<batch>-c<context>``).
+SWEEP_MIXES = tuple(f"p{t}-b{b}-c{c}" for t in (1024, 2048, 4096) for b, c in ((32, 1024), (128, 2048)))
+MIX_NAME = re.compile(r"p(\d+)-b(\d+)-c(\d+)")
 DEFAULT_SPLITS = ("prefill=100,decode=32", "prefill=84,decode=48", "prefill=68,decode=64", "prefill=52,decode=80")
 CHUNKS = (512, 1024, 2048)
 TPOT_FACTOR = 1.5  # the co-located decode step may take this multiple of its whole-GPU step
@@ -61,9 +65,10 @@ class BenchPlan:
     def __post_init__(self):
         from .orchestrate.policy import check_splits
 
-        unknown = [m for m in self.mixes if m not in MIXES]
-        if unknown or not self.mixes:
-            raise ValueError(f"unknown mix {unknown or '(none)'}; mixes: {', '.join(MIXES)}")
+        if not self.mixes:
+            raise ValueError(f"no mix given; mixes: {', '.join(MIXES)} or p<tokens>-b<batch>-c<context>")
+        for m in self.mixes:
+            mix_work(m)
         object.__setattr__(self, "splits", tuple(check_splits(self.splits)))
         if not self.tpot_factor > 1:
             raise ValueError(f"tpot_factor must be > 1 (a multiple of the whole-GPU decode step), got {self.tpot_factor}")
@@ -76,6 +81,16 @@ class BenchPlan:
 
     def split_of(self, mode: str) -> SMSplit:
         return next(s for s in self.splits if f"static-{s.key}" == mode)
+
+
+def mix_work(name: str) -> MixWork:
+    """A named mix (``A``, ``B``) or a sweep point ``p<tokens>-b<batch>-c<context>`` (6 decode steps)."""
+    if name in MIXES:
+        return MIXES[name]
+    m = MIX_NAME.fullmatch(name)
+    if m is None:
+        raise ValueError(f"unknown mix {name!r}; mixes: {', '.join(MIXES)} or p<tokens>-b<batch>-c<context>")
+    return MixWork(int(m[1]), int(m[2]), int(m[3]), decode_steps=6)
 
 
 def tpot_target_ms(work: MixWork, estimator: Estimator, factor: float) -> float:
@@ -112,7 +127,7 @@ def simulate(plan: BenchPlan, estimator: Estimator) -> list[dict]:
     """Rows of every split-based mode, from the estimator alone (no GPU)."""
     rows = []
     for name in plan.mixes:
-        work = MIXES[name]
+        work = mix_work(name)
         bound = sm_time_bound(work, estimator, list(plan.splits))
         for mode in plan.modes(simulated=True):
             launches = plan_mode(mode, work, estimator, plan)
@@ -140,7 +155,7 @@ class MixBench:
         from .orchestrate.rig import Rig
 
         self.plan, self.estimator = plan, estimator
-        works = [MIXES[m] for m in plan.mixes]
+        works = [mix_work(m) for m in plan.mixes]
         prefill_buckets = {w.prompt_tokens for w in works}
         for w in works:
             for c in plan.chunks:
@@ -249,7 +264,7 @@ class ModeRun:
     logits are the reference every other mode is compared with, its decode step the alone time)."""
 
     def __init__(self, bench: MixBench, name: str, mode: str):
-        self.bench, self.name, self.mode, self.work = bench, name, mode, MIXES[name]
+        self.bench, self.name, self.mode, self.work = bench, name, mode, mix_work(name)
         self.launches: list[Launch] | None = None
         if mode.startswith("chunked-"):
             self._run = bench._chunked_mode(int(mode.removeprefix("chunked-")), self.work)
@@ -330,7 +345,7 @@ def summarize(rows: list[dict]) -> dict:
 def table(rows: list[dict], summary: dict) -> str:
     lines = []
     for name, s in summary.items():
-        w = MIXES[name]
+        w = mix_work(name)
         lines.append(f"mix {name}: {w.prompt_tokens}-token prompt beside {w.decode_steps} decode steps of batch "
                      f"{w.decode_batch} at context {w.context}")
         base = s["baseline_ms"]
@@ -370,7 +385,7 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
 
 def run_extra(plan: BenchPlan, estimator: Estimator, simulated: bool) -> dict:
     return {"model": plan.preset, "weights": "random bf16", "backend": plan.backend, "simulated": simulated,
-            "mixes": {m: dataclasses.asdict(MIXES[m]) for m in plan.mixes}, "splits": [s.key for s in plan.splits],
+            "mixes": {m: dataclasses.asdict(mix_work(m)) for m in plan.mixes}, "splits": [s.key for s in plan.splits],
             "tpot_factor": plan.tpot_factor, "profile": str(estimator.profile.path or ""),
             "profile_commit": estimator.profile.doc.get("commit")}
 
@@ -394,7 +409,7 @@ def main(plan: BenchPlan, out_dir: str, estimator: Estimator, simulated: bool, p
     what = "SIMULATION through the latency estimator" if simulated else "measured"
     png = plot(rows, path, f"{plan.preset}: prefill beside decode ({what})")
     if simulated:
-        print(table(rows, {k: v for k, v in summary.items() if k in MIXES}))
+        print(table(rows, {k: v for k, v in summary.items() if k != "wall_s"}))
     print(f"results: {path}\nplot: {png}")
     print(json.dumps({k: v for k, v in summary.items()}, indent=1, default=str))
     return 0

@@ -233,6 +233,13 @@ def test_bench_without_a_gpu_simulates_on_the_shipped_profile_and_exits_0(capsys
     assert {"A", "B"} <= set(doc["summary"])
 
 
+def test_bench_sweep_adds_the_sweep_mixes(capsys, no_gpu, tmp_path):
+    code, out, _ = run(capsys, "bench", "--mix", "B", "--sweep", "--out", str(tmp_path))
+    assert code == 0 and "mix p4096-b128-c2048: 4096-token prompt" in out
+    (result,) = tmp_path.glob("colocation-simulated-cpu-*.json")
+    assert len({r["mix"] for r in json.loads(result.read_text())["rows"]}) == 7
+
+
 def test_bench_refuses_a_profile_of_another_gpu_before_any_gpu_work(capsys, monkeypatch):
     device = types.SimpleNamespace(name="NVIDIA A100-SXM4-80GB", sm_count=108)
     monkeypatch.setattr(cli, "describe_state", lambda index=0: (device, ""))

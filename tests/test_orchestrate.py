@@ -225,3 +225,10 @@ def test_shipped_h200_profile_is_valid_and_its_estimator_holds_out_well():
     errs = held_out_errors(prof)
     for grid in ("decode", "prefill", "corun"):
         assert errs[grid]["n"] >= 10 and errs[grid]["median"] <= 0.10, (grid, errs[grid]["median"])
+
+
+def test_sweep_mix_names_parse_and_bad_ones_are_refused():
+    assert colocation.mix_work("p2048-b32-c1024") == MixWork(2048, 32, 1024, 6)
+    assert colocation.mix_work("A") == colocation.MIXES["A"]
+    with pytest.raises(ValueError, match="p<tokens>-b<batch>-c<context>"):
+        colocation.BenchPlan(mixes=("p2048-b32",))
