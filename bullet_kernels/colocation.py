@@ -375,12 +375,7 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
         ax.set(xlabel="ms (lower is better)", title=f"mix {name}")
         ax.invert_yaxis()
         ax.legend(loc="lower right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path).with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return results.save_figure(fig, path, title)
 
 
 def run_extra(plan: BenchPlan, estimator: Estimator, simulated: bool) -> dict:

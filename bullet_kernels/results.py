@@ -134,3 +134,15 @@ class Recorder:
 
     def write(self, summary: dict | None = None, **extra) -> Path:
         return write(self.benchmark, self.rows, summary or {}, self.out_dir, **self.extra, **extra)
+
+
+def save_figure(fig, path: str | Path, title: str) -> Path:
+    """Title ``fig``, save it as PNG beside the results JSON at ``path``, close it; the PNG path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -326,12 +326,7 @@ def plot(rows: list[dict], path: str | Path, title: str) -> Path:
     b.legend()
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path).with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return results.save_figure(fig, path, title)
 
 
 # ------------------------------------------------------------------------------ bullet sweep
