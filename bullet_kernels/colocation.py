@@ -37,6 +37,7 @@ from . import results
 from .orchestrate.estimator import Estimator
 from .orchestrate.planner import Launch, MixWork, makespan, plan_mix, sm_time_bound
 from .orchestrate.policy import DECODE, PREFILL, SLOPolicy, StaticPolicy
+from .orchestrate.profiler import DEFAULT_SPLITS  # the splits the shipped profiles measured
 from .partition import SMSplit
 
 MIXES = {
@@ -46,7 +47,6 @@ MIXES = {
 # The sweep: prompt sizes against a small and a large decode batch (``p<tokens>-b<batch>-c<context>``).
 SWEEP_MIXES = tuple(f"p{t}-b{b}-c{c}" for t in (1024, 2048, 4096) for b, c in ((32, 1024), (128, 2048)))
 MIX_NAME = re.compile(r"p(\d+)-b(\d+)-c(\d+)")
-DEFAULT_SPLITS = ("prefill=100,decode=32", "prefill=84,decode=48", "prefill=68,decode=64", "prefill=52,decode=80")
 CHUNKS = (512, 1024, 2048)
 TPOT_FACTOR = 1.5  # the co-located decode step may take this multiple of its whole-GPU step
 SEQUENTIAL, ORCHESTRATED = "sequential", "orchestrated"

@@ -40,8 +40,9 @@ class MixWork:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f.name == "decode_steps" else 1):
-                raise ValueError(f"{f.name} must be a positive int, got {v!r}")
+            least = 0 if f.name == "decode_steps" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{f.name} must be an int >= {least}, got {v!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,8 @@ same bucket overwrites those buffers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..config import EngineConfig
@@ -37,8 +39,6 @@ class Rig:
         self.model = random_model(preset, seed=seed, device="cuda", dtype=torch.bfloat16, max_context=model_context)
         page = cfg.page_size
         pages = max_batch * -(-(max_context + 1) // page) + -(-max_prompt // page) + 2
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, kv_num_pages=pages, max_context=model_context, lazy_capture=True)
         self.runner = ModelRunner(self.model, cfg, partitioner=partitioner)
         self.cfg = cfg
