@@ -1,0 +1,1 @@
+"""Serving: scheduler, HTTP server, load generator."""

@@ -1,0 +1,97 @@
+"""Assemble a server: model (preset with random weights, or a Hugging Face directory), runner,
+scheduler, engine thread, tokenizer and routes.
+
+    service = build_service("tiny-llama3", mode="chunked", device="cpu")
+    runner = await server.start(service, port=0)      # or server.run(service, host, port)
+
+``bullet serve`` is this plus option parsing. On a GPU in ``bullet`` mode the lanes come from
+the SLO policy over the shipped profile's candidate splits (``graphs/<gpu>/<model>.json``); a
+missing profile is an error naming ``bullet profile``. Elsewhere every step runs on the whole
+device (and without a GPU, eagerly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..config import EngineConfig
+from ..engine import ModelRunner, Placement
+from ..engine.placement import WHOLE_GPU
+from .engine import ServingEngine
+from .scheduler import Scheduler, SchedulerConfig, whole_gpu
+from .server import Service
+from .tokenizer import TextTokenizer
+
+GPU_DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+GPU_PREFILL_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    model: str = "tiny-llama3"
+    mode: str = "bullet"
+    device: str | None = None  # default: cuda if available
+    max_context: int | None = None
+    kv_pages: int | None = None
+    chunk_size: int = 512
+    max_running: int = 128
+    max_waiting: int = 1024
+    ttft_slo_ms: float = 1000.0
+    tpot_slo_ms: float = 20.0
+    seed: int = 0
+
+
+def load_model(opts: ServeOptions, device: torch.device):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = Path(opts.model)
+    if path.is_dir():
+        from ..models.weights import load_model as load_weights
+
+        return load_weights(path, dtype=dtype, device=device, max_context=opts.max_context), path.name
+    from ..models.presets import random_model
+
+    return random_model(opts.model, seed=opts.seed, dtype=dtype, device=device, max_context=opts.max_context), opts.model
+
+
+def policy_placements(model_name: str, opts: ServeOptions, sm_count: int):
+    """The SLO policy's lanes for each bullet step (GPU): both lanes of its split, or the whole
+    GPU for a phase alone."""
+    from ..orchestrate import Estimator, Profile, SLOPolicy, Work, find_profile
+    from ..orchestrate.profiler import DEFAULT_SPLITS
+    from ..results import gpu_slug
+
+    estimator = Estimator(Profile.load(find_profile(gpu_slug(torch.cuda.get_device_name()), model_name)))
+    policy = SLOPolicy(estimator, list(DEFAULT_SPLITS), tpot_ms=opts.tpot_slo_ms)
+
+    def placements(decode, prefill):
+        work = Work(decode=decode, prefill_tokens=prefill[0] if prefill else None,
+                    prefill_groups_left=prefill[1] if prefill else 0)
+        split = policy.decide(work).split
+        if split is None:
+            return WHOLE_GPU, WHOLE_GPU
+        return Placement(split, "decode"), Placement(split, "prefill")
+
+    return placements, tuple(DEFAULT_SPLITS)
+
+
+def build_service(opts: ServeOptions) -> Service:
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, name = load_model(opts, device)
+    sched_cfg = SchedulerConfig(mode=opts.mode, chunk_size=opts.chunk_size, max_running=opts.max_running,
+                                max_waiting=opts.max_waiting, eos_token_ids=tuple(model.config.eos_token_ids))
+    placements, splits = whole_gpu, ()
+    if device.type == "cuda" and opts.mode == "bullet":
+        placements, splits = policy_placements(name, opts, torch.cuda.get_device_properties(device).multi_processor_count)
+    gpu = device.type == "cuda"
+    cfg = EngineConfig.from_env(
+        kv_num_pages=opts.kv_pages, max_context=opts.max_context, lazy_capture=gpu, splits=splits,
+        prefill_max_seqs=opts.max_running + 1,
+        **({"decode_buckets": GPU_DECODE_BUCKETS, "prefill_buckets": GPU_PREFILL_BUCKETS} if gpu else {}),
+    )
+    runner = ModelRunner(model, cfg)
+    scheduler = Scheduler(runner, sched_cfg, placements)
+    tokenizer = TextTokenizer.for_model(opts.model, model.config.vocab_size)
+    return Service(ServingEngine(scheduler).start(), tokenizer, name, opts.mode)

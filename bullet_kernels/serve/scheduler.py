@@ -1,0 +1,378 @@
+"""Continuous batching over a :class:`~bullet_kernels.engine.ModelRunner`, in three modes.
+
+Every :meth:`Scheduler.step` runs one engine iteration and returns what each request got.
+
+- ``sequential`` (prefill-first): a waiting request that fits is prefilled (several at once up
+  to ``max_prefill_tokens``) before the running batch takes its next decode step.
+- ``chunked`` (Sarathi-style): each step is one fused forward of the running batch's decode
+  tokens and a chunk of one prompt, ``chunk_size`` tokens in all; a prompt joins the decode batch
+  after its last chunk.
+- ``bullet``: prefill and decode are two lanes. Each step launches the decode batch's next step
+  on the decode lane and the next layer group of the prompt being prefilled on the prefill lane,
+  at the same time (on a GPU with a split policy: each on its lane's SMs, the split chosen per
+  step); a prompt joins the decode batch once its last layer group is done, so its KV is
+  complete first. Without a GPU the two launches simply run one after the other.
+
+Admission takes a waiting request when the KV cache has pages for its prompt (plus one page per
+running request of headroom). When the cache runs out mid-generation, the newest running
+requests are **preempted**: their KV is freed and they go back to the front of the queue with
+the tokens made so far, which are recomputed on readmission (nothing is lost). A request that
+could never fit (longer than the context, or than the whole cache) is refused when added.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import zlib
+from typing import Callable, Sequence
+
+import torch
+
+from ..engine import KVCacheExhausted, Placement
+from ..engine.placement import WHOLE_GPU
+from ..errors import BulletError
+from .request import BadRequest, Request, State
+
+MODES = ("bullet", "chunked", "sequential")
+
+
+class QueueFull(BulletError):
+    """The waiting queue is at ``max_waiting`` (the server answers 429)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    mode: str = "bullet"
+    chunk_size: int = 512  # chunked: tokens per fused step, decode rows included
+    max_running: int = 128  # decode batch size cap
+    max_waiting: int = 1024  # queued requests before add() refuses (overload)
+    max_prefill_tokens: int = 8192  # sequential: prompt tokens prefilled in one step
+    eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids (ignore_eos skips them)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("chunk_size", "max_running", "max_waiting", "max_prefill_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+@dataclasses.dataclass
+class Event:
+    """What one step produced for one request."""
+
+    request: Request
+    new_tokens: list[int]
+    finished: bool
+
+
+# ``placements(decode_work, prefill_work) -> (decode placement, prefill placement)``; the work is
+# ``(batch, context)`` / ``(tokens, groups left)`` or None. Default: the whole GPU for both.
+PlacementFn = Callable[[tuple | None, tuple | None], tuple[Placement, Placement]]
+
+
+def whole_gpu(decode, prefill) -> tuple[Placement, Placement]:
+    return WHOLE_GPU, WHOLE_GPU
+
+
+class Scheduler:
+    def __init__(self, runner, cfg: SchedulerConfig | None = None, placements: PlacementFn = whole_gpu):
+        self.runner, self.cfg, self.placements = runner, cfg or SchedulerConfig(), placements
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.prefilling: Request | None = None  # chunked and bullet: one prompt in progress
+        self._prefill_step = None  # bullet: the prepared prefill step and its next layer group
+        self._prefill_group = 0
+        self._split = None  # the split of the last bullet step (None: whole GPU)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.last_split: dict[str, int] = {}  # lane -> SMs of the last step (for /metrics)
+        cuda = runner.device.type == "cuda"
+        self._streams = {"prefill": torch.cuda.Stream(runner.device), "decode": torch.cuda.Stream(runner.device)} if cuda else {}
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Refuse, with the reason, a request that can never be served."""
+        if not req.prompt:
+            raise BadRequest("the prompt is empty: give at least one token")
+        vocab = self.runner.model.config.vocab_size
+        bad = [t for t in req.prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise BadRequest(f"token ids {bad[:4]} are outside the vocabulary 0..{vocab - 1}")
+        need = len(req.prompt) + req.params.max_new_tokens
+        if need > self.runner.max_context:
+            raise BadRequest(
+                f"the prompt ({len(req.prompt)} tokens) plus max_new_tokens ({req.params.max_new_tokens}) is "
+                f"{need} tokens, longer than the context of {self.runner.max_context}"
+            )
+        kv = self.runner.kv_cache
+        if -(-need // kv.page_size) > kv.num_pages:
+            raise BadRequest(f"{need} tokens need {-(-need // kv.page_size)} KV pages; the cache has {kv.num_pages}")
+
+    def add(self, req: Request) -> None:
+        self.check(req)
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting {self.cfg.max_waiting}); retry later")
+        self.waiting.append(req)
+
+    def abort(self, rid: str) -> None:
+        """Stop a request (its client went away); its KV is freed at the next step."""
+        for req in [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]:
+            if req.rid == rid:
+                req.aborted = True
+
+    def fail_all(self, reason: str) -> list[Event]:
+        """Finish every request with ``reason`` (after a failed step) and free their KV."""
+        self._sync("prefill")
+        self._sync("decode")
+        reqs = [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]
+        self.waiting.clear()
+        self.running.clear()
+        self.prefilling, self._prefill_step = None, None
+        return [self._finish(req, reason) for req in reqs]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.prefilling)
+
+    def _fits(self, req: Request, tokens: int) -> bool:
+        kv = self.runner.kv_cache
+        return kv.pages_needed(req.rid, tokens) + len(self.running) <= kv.num_free_pages
+
+    # -- one iteration ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        events = self._reap_aborted()
+        mode = self.cfg.mode
+        if mode == "sequential":
+            events += self._prefill_batch() or self._decode_only()
+        elif mode == "chunked":
+            events += self._chunked()
+        else:
+            events += self._bullet()
+        self.counters["steps"] += 1
+        return events
+
+    def _reap_aborted(self) -> list[Event]:
+        events = []
+        for req in [r for r in self.waiting if r.aborted]:
+            self.waiting.remove(req)
+            events.append(self._finish(req, "abort"))
+        for req in [r for r in self.running if r.aborted]:
+            self.running.remove(req)
+            events.append(self._finish(req, "abort"))
+        if self.prefilling is not None and self.prefilling.aborted:
+            self._sync("prefill")  # a layer group in flight still writes its KV pages
+            req, self.prefilling, self._prefill_step = self.prefilling, None, None
+            events.append(self._finish(req, "abort"))
+        return events
+
+    def _finish(self, req: Request, reason: str) -> Event:
+        if req.rid in self.runner.kv_cache:
+            self.runner.release(req.rid)
+        req.state, req.finish_reason = State.FINISHED, reason
+        self.counters[f"finished_{reason}"] += 1
+        return Event(req, [], True)
+
+    def _emit(self, req: Request, token: int) -> Event:
+        """Append a sampled token; finish the request on a stop token or its length."""
+        req.output.append(token)
+        p = self.cfg
+        stop = token in req.params.stop_token_ids or (token in p.eos_token_ids and not req.params.ignore_eos)
+        if stop or len(req.output) >= req.params.max_new_tokens:
+            ev = self._finish(req, "stop" if stop else "length")
+            ev.new_tokens = [token]
+            return ev
+        return Event(req, [token], False)
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        p = req.params
+        if p.temperature == 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        if p.top_p < 1:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # the smallest set reaching top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        gen = torch.Generator(device=probs.device)
+        # crc32, not hash(): str hashes change per process, a seed must not
+        gen.manual_seed(zlib.crc32(f"{p.seed}:{req.rid}:{len(req.output)}".encode()) if p.seed is not None else torch.seed())
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    # -- decode ----------------------------------------------------------------------------------
+
+    def _reserve_decode(self) -> None:
+        """One KV slot per running request; preempt the newest until they fit."""
+        while self.running:
+            try:
+                self.runner.reserve([(r.rid, [r.output[-1]]) for r in self.running])
+                return
+            except KVCacheExhausted:
+                self._preempt(self.running.pop())
+
+    def _preempt(self, req: Request) -> None:
+        self.runner.release(req.rid)
+        req.state, req.computed = State.WAITING, 0
+        req.preemptions += 1
+        self.counters["preemptions"] += 1
+        self.waiting.appendleft(req)
+
+    def _decode_context(self) -> tuple[int, int] | None:
+        if not self.running:
+            return None
+        return len(self.running), max(r.total_len for r in self.running)
+
+    def _launch_decode(self, placement: Placement):
+        """Reserve, plan and launch the running batch's next step; ``(batch, logits)`` or None."""
+        self._reserve_decode()
+        if not self.running:
+            return None
+        batch = list(self.running)
+        ids, fb = self.runner.plan_decode([r.rid for r in batch], [r.output[-1] for r in batch])
+        logits = self._launch(ids, fb, placement, "decode")
+        return batch, logits
+
+    def _launch(self, ids, fb, placement: Placement, lane: str, group: int | None = None):
+        stream = self._streams.get(lane)
+        step = self.runner.prepare(ids, fb, placement)
+        if group is None:
+            return step.launch(stream)[: step.rows]
+        return step
+
+    def _decode_only(self) -> list[Event]:
+        out = self._launch_decode(self.placements(self._decode_context(), None)[0])
+        return self._take_decode(out)
+
+    def _take_decode(self, out) -> list[Event]:
+        if out is None:
+            return []
+        batch, logits = out
+        self._sync("decode")
+        events = [self._emit(r, self._sample(r, logits[i])) for i, r in enumerate(batch)]
+        self.running = [r for r in self.running if not r.finished]
+        self.counters["decode_steps"] += 1
+        return events
+
+    def _sync(self, lane: str) -> None:
+        if lane in self._streams:
+            self._streams[lane].synchronize()
+
+    # -- prefill, three ways ---------------------------------------------------------------------
+
+    def _admit(self) -> Request | None:
+        """The head of the queue, if the cache has room for its prompt and the batch for it."""
+        if not self.waiting or len(self.running) >= self.cfg.max_running:
+            return None
+        req = self.waiting[0]
+        if not self._fits(req, len(req.prefill_tokens)):
+            return None
+        self.waiting.popleft()
+        req.state = State.PREFILLING
+        return req
+
+    def _prefill_batch(self) -> list[Event]:
+        """sequential: prefill waiting requests that fit, up to max_prefill_tokens, in one step."""
+        batch, tokens = [], 0
+        while self.waiting and len(batch) < self.runner.cfg.prefill_max_seqs:
+            head = self.waiting[0]
+            if batch and tokens + len(head.prefill_tokens) > self.cfg.max_prefill_tokens:
+                break
+            req = self._admit()
+            if req is None:
+                break
+            self.runner.reserve([(req.rid, req.prefill_tokens)])
+            batch.append(req)
+            tokens += len(req.prefill_tokens)
+        if not batch:
+            return []
+        ids, fb = self.runner.plan_prefill([(r.rid, r.prefill_tokens) for r in batch])
+        logits = self._launch(ids, fb, self.placements(None, (tokens, 1))[1], "prefill")
+        self._sync("prefill")
+        self.counters["prefill_steps"] += 1
+        return self._join(batch, logits)
+
+    def _join(self, reqs: Sequence[Request], logits) -> list[Event]:
+        """Prompts whose KV is complete: sample their next token and join the decode batch."""
+        events = []
+        for i, req in enumerate(reqs):
+            req.computed = len(req.prefill_tokens)
+            ev = self._emit(req, self._sample(req, logits[i]))
+            if not ev.finished:
+                req.state = State.RUNNING
+                self.running.append(req)
+            events.append(ev)
+        return events
+
+    def _chunked(self) -> list[Event]:
+        self._reserve_decode()
+        if self.prefilling is None:
+            self.prefilling = self._admit()
+        chunk: list[int] = []
+        req = self.prefilling
+        if req is not None:
+            room = self.cfg.chunk_size - len(self.running)
+            chunk = req.prefill_tokens[req.computed: req.computed + max(room, 0)]
+            if chunk:
+                try:
+                    self.runner.reserve([(req.rid, chunk)])
+                except KVCacheExhausted:
+                    chunk = []  # the decode batch first; the chunk waits for pages
+        decode = list(self.running)
+        if not chunk and not decode:
+            return []
+        if not chunk:
+            return self._take_decode(self._launch_decode_planned(decode))
+        ids, fb = self.runner.plan_mixed([(req.rid, chunk)], [r.rid for r in decode], [r.output[-1] for r in decode])
+        logits = self._launch(ids, fb, WHOLE_GPU, "prefill")
+        self._sync("prefill")
+        self.counters["mixed_steps"] += 1
+        events = [self._emit(r, self._sample(r, logits[1 + i])) for i, r in enumerate(decode)]
+        self.running = [r for r in self.running if not r.finished]
+        req.computed += len(chunk)
+        if req.computed == len(req.prefill_tokens):
+            self.prefilling = None
+            events += self._join([req], logits[:1])
+        return events
+
+    def _launch_decode_planned(self, batch: list[Request]):
+        """The decode step of ``batch``, whose slots are reserved already."""
+        ids, fb = self.runner.plan_decode([r.rid for r in batch], [r.output[-1] for r in batch])
+        return batch, self._launch(ids, fb, WHOLE_GPU, "decode")
+
+    def _bullet(self) -> list[Event]:
+        if self.prefilling is None:
+            req = self._admit()
+            if req is not None:
+                self.runner.reserve([(req.rid, req.prefill_tokens)])
+                self.prefilling, self._prefill_group = req, 0
+        req = self.prefilling
+        groups = len(self.runner.groups)
+        prefill_work = None if req is None else (len(req.prefill_tokens), groups - self._prefill_group)
+        decode_place, prefill_place = self.placements(self._decode_context(), prefill_work)
+        if decode_place.split != self._split:
+            self._sync("prefill")  # the SMs change hands: the last layer group must be done first
+            self._split = decode_place.split
+        self.last_split = {"decode": _sms(decode_place), "prefill": _sms(prefill_place)}
+        decode_out = self._launch_decode(decode_place)  # first: the decode lane starts at once
+        prefill_logits = None
+        if req is not None:
+            if self._prefill_step is None:
+                ids, fb = self.runner.plan_prefill([(req.rid, req.prefill_tokens)])
+                self._prefill_step = self.runner.prepare(ids, fb, prefill_place)
+            out = self._prefill_step.launch_group(self._prefill_group, prefill_place, self._streams.get("prefill"))
+            self._prefill_group += 1
+            if self._prefill_group == groups:
+                prefill_logits = out[: self._prefill_step.rows]
+        events = self._take_decode(decode_out)
+        if prefill_logits is not None:
+            self._sync("prefill")
+            self.prefilling, self._prefill_step = None, None
+            self.counters["prefills"] += 1
+            events += self._join([req], prefill_logits)
+        return events
+
+
+def _sms(placement: Placement) -> int:
+    return 0 if placement.split is None else placement.split[placement.lane]
