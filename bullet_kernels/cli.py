@@ -11,6 +11,10 @@ commands:
                  labelled a simulation, and exits 0.
   bullet profile measure the latency profile (graphs/<gpu>/<model>.json) the orchestrator and
                  its estimator plan with (needs a GPU)
+  bullet serve   an HTTP server (SGLang /generate, OpenAI completions and chat, streaming)
+                 in bullet, chunked or sequential mode
+  bullet bench-serving
+                 Poisson load against a server: TTFT, TPOT, ITL percentiles and goodput
   bullet sweep   prefill throughput and decode step latency of a preset against the number of
                  SMs of its partition; JSON and PNG into --out (needs a GPU)
 
@@ -379,7 +383,7 @@ def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bullet", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"bullet_kernels {__version__}")
-    sub = parser.add_subparsers(title="subcommands", dest="command", required=True, metavar="{info,bench,profile,sweep}")
+    sub = parser.add_subparsers(title="subcommands", dest="command", required=True, metavar="{info,bench,profile,sweep,serve,bench-serving}")
 
     p_info = sub.add_parser(
         "info", help="device facts, backends and a verified partition table", formatter_class=HelpFormatter,
@@ -453,6 +457,25 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.set_defaults(func=sweep, check=functools.partial(_check_sweep_shapes, p_sweep))
 
     p_bench.set_defaults(bench_parser=p_bench)
+
+    from .serve import commands as serve_commands  # argparse only; the server loads on use
+
+    p_serve = sub.add_parser(
+        "serve", help="serve a model over HTTP (SGLang /generate, OpenAI completions and chat)",
+        formatter_class=HelpFormatter,
+        description="Continuous batching with prefill and decode on two lanes (bullet), fused chunked prefill\n"
+        "(chunked) or prefill-first (sequential); streaming, /health and Prometheus /metrics.",
+    )
+    serve_commands.add_serve_arguments(p_serve, positive_int, PresetNames())
+    p_serve.set_defaults(func=serve_commands.serve_main)
+    p_load = sub.add_parser(
+        "bench-serving", help="Poisson load against a server; latency percentiles and goodput",
+        formatter_class=HelpFormatter,
+        description="Replays a trace at each offered rate against SGLang's /generate API (ours or SGLang's),\n"
+        "streaming; TTFT, TPOT, ITL at p50/p90/p99, throughput, and goodput per TPOT target.",
+    )
+    serve_commands.add_bench_serving_arguments(p_load, positive_int, out_dir_arg)
+    p_load.set_defaults(func=serve_commands.bench_serving_main)
     return parser
 
 

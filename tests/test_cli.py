@@ -136,7 +136,7 @@ def test_info_device_must_be_an_index(capsys, gpu_untouched):
 
 def test_no_command_exits_2_with_the_commands(capsys):
     code, _, err = run(capsys)
-    assert code == 2 and "{info,bench,profile,sweep}" in err
+    assert code == 2 and "{info,bench,profile,sweep,serve,bench-serving}" in err
 
 
 # -- output paths ----------------------------------------------------------------------------------

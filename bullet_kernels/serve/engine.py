@@ -71,18 +71,19 @@ class ServingEngine:
         """Stop accepting; finish what is queued (``drain``) or abort it, then stop the loop."""
         self._accepting = False
         deadline = time.monotonic() + timeout_s
-        if drain:
+        if drain and self._thread.is_alive():
             while (self._inbox or self.scheduler.has_work()) and time.monotonic() < deadline:
                 time.sleep(0.01)
         for req, _ in list(self._inbox):
             self.abort(req.rid)
         for rid in list(self._sinks):
             self.abort(rid)
-        while self._sinks and time.monotonic() < deadline:
+        while self._sinks and self._thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        if self._thread.is_alive():
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
 
     # -- the loop thread ---------------------------------------------------------------------
 

@@ -10,6 +10,9 @@ import time
 from ..errors import BulletError
 
 
+MODES = ("bullet", "chunked", "sequential")  # how the scheduler runs prefill beside decode
+
+
 class BadRequest(BulletError, ValueError):
     """The request can never be served as asked (the server answers 400 with this message)."""
 

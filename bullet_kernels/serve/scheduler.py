@@ -32,9 +32,9 @@ import torch
 from ..engine import KVCacheExhausted, Placement
 from ..engine.placement import WHOLE_GPU
 from ..errors import BulletError
-from .request import BadRequest, Request, State
+from .request import MODES, BadRequest, Request, State
 
-MODES = ("bullet", "chunked", "sequential")
+
 
 
 class QueueFull(BulletError):

@@ -171,7 +171,7 @@ class Service:
             return ids, sampling(fields), bool(body.get("stream", False)), f"cmpl-{uuid.uuid4().hex}"
 
         def choice(req, text, delta: bool, done: bool):
-            reason = self._finish_reason(req) if done else None
+            reason = req.finish_reason if done else None
             if chat:
                 key = "delta" if delta else "message"
                 return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": reason}
@@ -183,9 +183,12 @@ class Service:
         previous: dict[str, str] = {}
 
         def chunk(req, new, text, done):
-            delta = text[len(previous.get(req.rid, "")):]
-            previous[req.rid] = text
-            return {**head(req), "choices": [choice(req, delta, True, done)]}
+            # A token can end inside a multi-byte character: its text ends in U+FFFD until the
+            # next token completes it. Send only the settled part; the end sends the rest.
+            settled = text if done else text.rstrip("\ufffd")
+            sent = previous.get(req.rid, "")
+            previous[req.rid] = settled
+            return {**head(req), "choices": [choice(req, settled[len(sent):], True, done)]}
 
         def final(req, text):
             usage = {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
@@ -238,10 +241,6 @@ class Service:
     def _count(self, resp: web.Response) -> web.Response:
         self.metrics.requests.labels(str(resp.status)).inc()
         return resp
-
-    @staticmethod
-    def _finish_reason(req: Request):
-        return req.finish_reason if req.finish_reason in ("length", "stop") else req.finish_reason or None
 
     def _meta(self, req: Request, done: bool) -> dict:
         reason = {"type": req.finish_reason} if done and req.finish_reason else None

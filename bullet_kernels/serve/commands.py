@@ -1,0 +1,115 @@
+"""``bullet serve`` and ``bullet bench-serving``: options and what they run (``cli.py`` wires
+them in)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .request import MODES
+
+TRACES = ("uniform", "sharegpt", "azure-conversation")
+DEFAULT_TPOT_SLOS_MS = (10.0, 15.0, 20.0, 30.0)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a number > 0 (or inf for rates)")
+    return value
+
+
+def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> None:
+    p.add_argument("--model", default="llama-3.1-8b", metavar="PRESET|DIR",
+                   help="a preset (random weights; one of: %s) or a Hugging Face model directory" % ", ".join(presets))
+    p.add_argument("--mode", default="bullet", choices=MODES,
+                   help="bullet: prefill and decode lanes at once; chunked: fused chunks; sequential: prefill first")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=30000, help="port to listen on")
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="default: cuda when there is a GPU")
+    p.add_argument("--max-context", type=positive_int, default=None, help="tokens per request (default: the model's)")
+    p.add_argument("--kv-pages", type=positive_int, default=None,
+                   help="KV-cache pages (default: sized from free GPU memory, or 256 MiB on the CPU)")
+    p.add_argument("--chunk-size", type=positive_int, default=512, help="chunked mode: tokens per fused step")
+    p.add_argument("--max-running", type=positive_int, default=128, help="largest decode batch")
+    p.add_argument("--max-waiting", type=positive_int, default=1024, help="queued requests before 429")
+    p.add_argument("--ttft-slo-ms", type=positive_float, default=1000.0, help="time-to-first-token target (bullet mode)")
+    p.add_argument("--tpot-slo-ms", type=positive_float, default=20.0,
+                   help="time-per-output-token target: the bullet policy keeps decode steps within it")
+
+
+def serve_main(args) -> int:
+    from . import server
+    from .app import ServeOptions, build_service
+
+    opts = ServeOptions(model=args.model, mode=args.mode, device=args.device, max_context=args.max_context,
+                        kv_pages=args.kv_pages, chunk_size=args.chunk_size, max_running=args.max_running,
+                        max_waiting=args.max_waiting, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms)
+    service = build_service(opts)
+    kv = service.engine.scheduler.runner.kv_cache
+    print(f"bullet serve: {service.model} ({opts.mode} mode) on {service.engine.scheduler.runner.device}, "
+          f"{kv.num_pages} KV pages of {kv.page_size} tokens; tokenizer: {service.tokenizer.kind}\n"
+          f"listening on http://{args.host}:{args.port} (/generate, /v1/completions, /v1/chat/completions, "
+          "/health, /metrics)", flush=True)
+    server.run(service, args.host, args.port)
+    return 0
+
+
+def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_dir_arg) -> None:
+    p.add_argument("--url", default="http://127.0.0.1:30000", help="server speaking SGLang's /generate (ours or SGLang)")
+    p.add_argument("--label", default="bullet", help="names the results file: serving-<label>-<gpu>-<date>.json")
+    p.add_argument("--trace", default="uniform", choices=TRACES,
+                   help="uniform: inputs 512-1536, outputs 128-384 tokens (the project's standard trace); "
+                   "sharegpt and azure-conversation: lengths from published statistics (serve/traces.py)")
+    p.add_argument("--trace-file", default=None, metavar="JSONL",
+                   help="a JSONL trace (prompt_len, output_len per line) instead of --trace")
+    p.add_argument("--rates", type=positive_float, nargs="+", default=[4.0, 8.0, 12.0, 16.0],
+                   metavar="REQ_PER_S", help="offered rates (Poisson arrivals), one run each")
+    p.add_argument("--num-prompts", type=positive_int, default=200, help="requests per rate")
+    p.add_argument("--model", default="llama-3.1-8b", metavar="PRESET",
+                   help="the preset whose vocabulary the random prompt ids are drawn from")
+    p.add_argument("--ttft-slo-ms", type=positive_float, default=1000.0, help="P90 TTFT target of goodput")
+    p.add_argument("--tpot-slo-ms", type=positive_float, nargs="+", default=list(DEFAULT_TPOT_SLOS_MS),
+                   help="P90 TPOT targets; goodput is reported for each")
+    p.add_argument("--seed", type=int, default=0, help="seeds lengths, arrivals and prompt ids")
+    p.add_argument("--out", type=out_dir_arg, default="bench/results", help="folder for the JSON and PNG")
+
+
+def make_trace_fn(args):
+    from . import traces
+
+    if args.trace_file:
+        base = traces.load_jsonl(args.trace_file, rate=1.0, seed=args.seed)
+        return lambda rate: traces.with_poisson_arrivals(base[: args.num_prompts], rate, args.seed)
+    make = {"uniform": traces.uniform_trace, "sharegpt": traces.sharegpt_like_trace,
+            "azure-conversation": traces.azure_conversation_trace}[args.trace]
+    return lambda rate: make(args.num_prompts, rate, seed=args.seed)
+
+
+def bench_serving_main(args) -> int:
+    from .. import results
+    from ..models.presets import preset_config
+    from . import loadgen
+    from .metrics import goodput
+
+    vocab = preset_config(args.model).vocab_size
+    ttft_s = args.ttft_slo_ms / 1e3
+    print(f"bullet bench-serving: {args.url}, trace {args.trace_file or args.trace}, rates {args.rates} req/s, "
+          f"{args.num_prompts} requests each", flush=True)
+    rows = loadgen.sweep(args.url, sorted(args.rates), make_trace_fn(args), vocab, seed=args.seed,
+                         ttft_slo_s=ttft_s, tpot_slo_s=min(args.tpot_slo_ms) / 1e3, keep_results=True,
+                         progress=lambda row: print(loadgen.table([row]).splitlines()[-1], flush=True))
+    summary = {f"goodput_tpot_{t:g}ms": goodput(rows, ttft_s, t / 1e3) for t in args.tpot_slo_ms}
+    path = results.write(f"serving-{args.label}", rows, summary, args.out, url=args.url,
+                         trace=args.trace_file or args.trace, num_prompts=args.num_prompts,
+                         rates=[r if math.isfinite(r) else "inf" for r in args.rates], ttft_slo_ms=args.ttft_slo_ms)
+    png = loadgen.plot([{k: v for k, v in r.items() if k != "results"} for r in rows], path,
+                       f"serving {args.label}: P90 latency vs offered rate")
+    print(loadgen.table(rows))
+    for key, g in summary.items():
+        print(f"{key}: {g['by_attainment']} req/s (>= 90% of requests meet both SLOs), {g['by_percentile']} req/s (P90s)")
+    print(f"results: {path}\nplot: {png}")
+    return 0

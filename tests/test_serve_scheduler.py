@@ -1,0 +1,134 @@
+"""The serving scheduler on the CPU (tiny random Llama, eager): every mode gives the greedy
+continuation the runner's own generate() gives, preemption loses nothing, bad requests are
+refused before anything is queued, aborted requests give their KV back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bullet_kernels.config import EngineConfig
+from bullet_kernels.engine import ModelRunner
+from bullet_kernels.models.presets import random_model
+from bullet_kernels.serve.request import BadRequest, Request, SamplingParams
+from bullet_kernels.serve.scheduler import MODES, QueueFull, Scheduler, SchedulerConfig
+
+
+def make_runner(pages=256, max_context=256):
+    model = random_model("tiny-llama3", seed=0, dtype=torch.float32, device="cpu", max_context=max_context)
+    return ModelRunner(model, EngineConfig(page_size=4, kv_num_pages=pages, max_context=max_context, layer_groups=2,
+                                           prefill_max_seqs=64))
+
+
+PROMPTS = [[(7 * i + j) % 250 + 2 for j in range(n)] for i, n in enumerate((5, 17, 9, 30, 3, 12))]
+NEW = [6, 3, 10, 4, 8, 5]
+
+
+@pytest.fixture(scope="module")
+def expected():
+    runner = make_runner()
+    return [runner.generate([p], n)[0] for p, n in zip(PROMPTS, NEW)]
+
+
+def run_all(s: Scheduler, reqs, limit=10_000):
+    for r in reqs:
+        s.add(r)
+    steps = 0
+    while s.has_work():
+        s.step()
+        steps += 1
+        assert steps < limit, "the scheduler stopped making progress"
+    return steps
+
+
+def requests(**kw):
+    return [Request(f"r{i}", list(p), SamplingParams(max_new_tokens=n, **kw)) for i, (p, n) in enumerate(zip(PROMPTS, NEW))]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk,max_running", [(8, 3), (64, 64)])
+def test_every_mode_gives_the_greedy_continuation(expected, mode, chunk, max_running):
+    runner = make_runner()
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=chunk, max_running=max_running))
+    reqs = requests()
+    run_all(s, reqs)
+    assert [r.output for r in reqs] == expected
+    assert all(r.finish_reason == "length" for r in reqs)
+    assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages, "finished requests must free their KV"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_full_kv_cache_preempts_and_recomputes_without_losing_tokens(mode):
+    prompts = [[(11 * i + j) % 250 + 2 for j in range(4)] for i in range(6)]
+    want = [make_runner().generate([p], 40)[0] for p in prompts]
+    runner = make_runner(pages=24)  # 96 tokens of KV; the six requests grow to 44 tokens each
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=16))
+    reqs = [Request(f"p{i}", list(p), SamplingParams(max_new_tokens=40)) for i, p in enumerate(prompts)]
+    run_all(s, reqs)
+    assert [r.output for r in reqs] == want
+    assert s.counters["preemptions"] > 0, "the cache was meant to run out"
+    assert runner.kv_cache.num_free_pages == 24
+
+
+def test_stop_tokens_and_eos_finish_early(expected):
+    runner = make_runner()
+    stop = expected[2][7]  # first seen at position 7 of this continuation
+    assert stop not in expected[2][:7]
+    s = Scheduler(runner, SchedulerConfig(mode="chunked", eos_token_ids=(expected[0][1],)))
+    a = Request("a", list(PROMPTS[0]), SamplingParams(max_new_tokens=6))
+    b = Request("b", list(PROMPTS[2]), SamplingParams(max_new_tokens=10, stop_token_ids=[stop], ignore_eos=True))
+    c = Request("c", list(PROMPTS[0]), SamplingParams(max_new_tokens=6, ignore_eos=True))
+    run_all(s, [a, b, c])
+    assert a.output == expected[0][:2] and a.finish_reason == "stop"
+    assert b.output == expected[2][:8] and b.finish_reason == "stop"
+    assert c.output == expected[0] and c.finish_reason == "length"
+
+
+def test_seeded_sampling_repeats_and_differs_from_greedy(expected):
+    outs = []
+    for _ in range(2):
+        s = Scheduler(make_runner(), SchedulerConfig(mode="bullet"))
+        r = Request("x", list(PROMPTS[3]), SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7))
+        run_all(s, [r])
+        outs.append(r.output)
+    assert outs[0] == outs[1] and len(outs[0]) == 12
+    assert outs[0] != make_runner().generate([PROMPTS[3]], 12)[0]
+
+
+def test_bad_requests_are_refused_before_queueing():
+    s = Scheduler(make_runner(pages=8, max_context=64), SchedulerConfig(max_waiting=1))
+    with pytest.raises(BadRequest, match="longer than the context of 64"):
+        s.add(Request("long", [5] * 60, SamplingParams(max_new_tokens=10)))
+    with pytest.raises(BadRequest, match="KV pages; the cache has 8"):
+        s.add(Request("big", [5] * 30, SamplingParams(max_new_tokens=20)))
+    with pytest.raises(BadRequest, match="empty"):
+        s.add(Request("empty", [], SamplingParams()))
+    with pytest.raises(BadRequest, match="outside the vocabulary 0..255"):
+        s.add(Request("vocab", [5, 300], SamplingParams(max_new_tokens=1)))
+    assert not s.waiting
+    s.add(Request("ok", [5, 6], SamplingParams(max_new_tokens=2)))
+    with pytest.raises(QueueFull, match="max_waiting 1"):
+        s.add(Request("more", [5, 6], SamplingParams(max_new_tokens=2)))
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(stop_token_ids="x")):
+        with pytest.raises(BadRequest):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SchedulerConfig(mode="fast")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_aborted_requests_free_their_kv_at_the_next_step(mode):
+    runner = make_runner()
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=8))
+    reqs = requests()
+    for r in reqs:
+        s.add(r)
+    for _ in range(4):
+        s.step()
+    for r in reqs:
+        s.abort(r.rid)
+    events = s.step()
+    assert not s.has_work()
+    assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages
+    aborted = [e.request for e in events if e.request.finish_reason == "abort"]
+    assert aborted and all(e.finished for e in events if e.request.finish_reason == "abort")

@@ -1,0 +1,236 @@
+"""The real server on loopback (aiohttp, tiny random Llama, eager on the CPU): both APIs with and
+without streaming, the error codes, a client that disconnects, overload, a bounded load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from bullet_kernels.serve import server
+from bullet_kernels.serve.app import ServeOptions, build_service
+
+
+def serve(opts=None, service=None):
+    """Decorator-free helper: run ``body(session, base_url, service)`` against a fresh server."""
+
+    def wrap(body):
+        async def main():
+            svc = service or build_service(opts or ServeOptions(model="tiny-llama3", mode="chunked", device="cpu",
+                                                                kv_pages=128, max_context=256, chunk_size=32))
+            runner = await server.start(svc, port=0)
+            port = runner.addresses[0][1]
+            try:
+                async with aiohttp.ClientSession() as session:
+                    return await body(session, f"http://127.0.0.1:{port}", svc)
+            finally:
+                await runner.cleanup()
+                svc.engine.shutdown(drain=False, timeout_s=5)
+
+        return asyncio.run(main())
+
+    return wrap
+
+
+async def sse(resp) -> list:
+    """The JSON objects of an SSE response, and the [DONE] marker at the end."""
+    out = []
+    async for line in resp.content:
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_generate_with_text_and_ids_streaming_and_not():
+    @serve()
+    async def run(s, url, svc):
+        r = await s.post(f"{url}/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 7}})
+        assert r.status == 200
+        whole = await r.json()
+        assert len(whole["output_ids"]) == 7 and whole["meta_info"]["completion_tokens"] == 7
+        assert whole["meta_info"]["prompt_tokens"] == 5 and whole["meta_info"]["finish_reason"] == {"type": "length"}
+        ids = svc.tokenizer.encode("hello")
+        r = await s.post(f"{url}/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 7}, "stream": True})
+        chunks = await sse(r)
+        assert chunks[-1] == "[DONE]"
+        streamed = [t for c in chunks[:-1] for t in c["output_ids"]]
+        assert streamed == whole["output_ids"], "streaming must give the same greedy tokens"
+        assert [c["meta_info"]["completion_tokens"] for c in chunks[:-1]] == list(range(1, 8))
+        assert chunks[-2]["text"] == whole["text"]
+
+
+def test_openai_completions_and_chat():
+    @serve()
+    async def run(s, url, svc):
+        r = await s.post(f"{url}/v1/completions", json={"model": "x", "prompt": "abc", "max_tokens": 6})
+        body = await r.json()
+        assert r.status == 200 and body["object"] == "text_completion"
+        assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+        assert body["choices"][0]["finish_reason"] == "length"
+        r = await s.post(f"{url}/v1/completions", json={"prompt": "abc", "max_tokens": 6, "stream": True})
+        chunks = await sse(r)
+        assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == body["choices"][0]["text"]
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+        r = await s.post(f"{url}/v1/chat/completions", json={"messages": msgs, "max_tokens": 4})
+        chat = await r.json()
+        assert r.status == 200 and chat["object"] == "chat.completion"
+        assert chat["choices"][0]["message"]["role"] == "assistant" and chat["usage"]["completion_tokens"] == 4
+        assert chat["usage"]["prompt_tokens"] == len(svc.tokenizer.encode("system: be brief\nuser: hi\nassistant:"))
+        r = await s.post(f"{url}/v1/chat/completions", json={"messages": msgs, "max_tokens": 4, "stream": True})
+        chunks = await sse(r)
+        assert chunks[0]["object"] == "chat.completion.chunk"
+        assert "".join(c["choices"][0]["delta"]["content"] for c in chunks[:-1]) == chat["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("route,body,status,words", [
+    ("/generate", b"{not json", 400, "not valid JSON"),
+    ("/generate", json.dumps([1, 2]).encode(), 400, "JSON object"),
+    ("/generate", json.dumps({"text": "a", "input_ids": [1]}).encode(), 400, "exactly one of text and input_ids"),
+    ("/generate", json.dumps({"text": "a", "color": 1}).encode(), 400, "unknown field"),
+    ("/generate", json.dumps({"text": "a", "sampling_params": {"beam": 2}}).encode(), 400, "unknown sampling_params"),
+    ("/generate", json.dumps({"text": "a", "sampling_params": {"max_new_tokens": 0}}).encode(), 400, "max_new_tokens"),
+    ("/generate", json.dumps({"input_ids": [3] * 250, "sampling_params": {"max_new_tokens": 10}}).encode(), 400,
+     "longer than the context of 256"),
+    ("/generate", json.dumps({"input_ids": [999]}).encode(), 400, "outside the vocabulary"),
+    ("/v1/completions", json.dumps({"prompt": 5}).encode(), 400, "prompt must be"),
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "robot", "content": "x"}]}).encode(), 400, "messages[0]"),
+    ("/v1/completions", json.dumps({"prompt": "a", "n": 2}).encode(), 400, "n=1"),
+])
+def test_bad_requests_get_4xx_with_the_reason(route, body, status, words):
+    @serve()
+    async def run(s, url, svc):
+        r = await s.post(url + route, data=body, headers={"Content-Type": "application/json"})
+        err = await r.json()
+        assert r.status == status and words in err["error"]["message"], err
+        assert svc.engine.queue_depth == 0
+
+
+def test_a_client_that_disconnects_frees_its_kv():
+    @serve()
+    async def run(s, url, svc):
+        kv = svc.engine.scheduler.runner.kv_cache
+        r = await s.post(f"{url}/generate", json={"text": "stream me", "stream": True,
+                                                   "sampling_params": {"max_new_tokens": 200}})
+        await r.content.readline()  # the first chunk: the request is running
+        r.close()  # the client goes away mid-stream
+        for _ in range(500):
+            if kv.num_free_pages == kv.num_pages and not svc.engine.scheduler.has_work():
+                break
+            await asyncio.sleep(0.01)
+        assert kv.num_free_pages == kv.num_pages
+        assert svc.engine.scheduler.counters["finished_abort"] == 1
+
+
+def test_overload_answers_429_and_health_and_metrics_report():
+    opts = ServeOptions(model="tiny-llama3", device="cpu", kv_pages=64, max_context=128, max_waiting=1, max_running=1)
+
+    @serve(opts)
+    async def run(s, url, svc):
+        async def one(i):
+            r = await s.post(f"{url}/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 20}})
+            return r.status, await r.json()
+
+        answers = await asyncio.gather(*(one(i) for i in range(30)))  # one runs, one waits: the rest are refused
+        refused = [body for status, body in answers if status == 429]
+        served = [body for status, body in answers if status == 200]
+        assert refused and served and len(refused) + len(served) == 30
+        assert all("max_waiting 1" in body["error"]["message"] for body in refused)
+        assert all(len(body["output_ids"]) == 20 for body in served)
+        health = await (await s.get(f"{url}/health")).json()
+        assert health["status"] == "ok" and health["queue_depth"] == 0 and "byte-level" in health["tokenizer"]
+        text = await (await s.get(f"{url}/metrics")).text()
+        for name in ("bullet_kv_free_pages 64.0", "bullet_queue_depth 0.0", 'bullet_requests_total{status="429"}',
+                     "bullet_lane_sms", "bullet_step_seconds_count", "bullet_generated_tokens_total"):
+            assert name in text, name
+
+
+@pytest.mark.parametrize("mode", ["bullet", "chunked", "sequential"])
+def test_a_bounded_load_loses_no_request(mode):
+    opts = ServeOptions(model="tiny-llama3", mode=mode, device="cpu", kv_pages=48, max_context=256, chunk_size=16,
+                        max_running=16)
+
+    @serve(opts)
+    async def run(s, url, svc):
+        async def one(i):
+            n = 3 + i % 9
+            r = await s.post(f"{url}/generate", json={"input_ids": [2 + (i * 7 + j) % 250 for j in range(5 + i % 23)],
+                                                      "sampling_params": {"max_new_tokens": n}, "stream": i % 2 == 0})
+            if i % 2:
+                return len((await r.json())["output_ids"]) == n
+            chunks = await sse(r)
+            return chunks[-1] == "[DONE]" and chunks[-2]["meta_info"]["completion_tokens"] == n
+
+        results = await asyncio.gather(*(one(i) for i in range(120)))
+        assert all(results)
+        kv = svc.engine.scheduler.runner.kv_cache
+        assert kv.num_free_pages == kv.num_pages
+
+
+def test_shutdown_drains_what_is_queued():
+    svc = build_service(ServeOptions(model="tiny-llama3", device="cpu", kv_pages=64, max_context=128))
+    from bullet_kernels.serve.request import Request, SamplingParams
+
+    got = []
+    for i in range(5):
+        svc.engine.submit(Request(f"d{i}", [5, 6, 7], SamplingParams(max_new_tokens=4)), got.append)
+    svc.engine.shutdown(drain=True, timeout_s=30)
+    finished = [e.request for e in got if e.finished]
+    assert len(finished) == 5 and all(r.finish_reason == "length" and len(r.output) == 4 for r in finished)
+
+
+def test_bench_serving_against_our_server_writes_goodput(tmp_path, capsys):
+    """`bullet bench-serving` end to end: our server in a thread, a short JSONL trace, two rates."""
+    import threading
+
+    from bullet_kernels import cli
+
+    svc = build_service(ServeOptions(model="tiny-llama3", mode="bullet", device="cpu", kv_pages=128, max_context=256))
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder = {}
+
+    def serve_forever():
+        asyncio.set_event_loop(loop)
+        holder["runner"] = loop.run_until_complete(server.start(svc, port=0))
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve_forever, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    port = holder["runner"].addresses[0][1]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"prompt_len": 8 + i, "output_len": 4 + i % 3}) + "\n" for i in range(12)))
+    try:
+        code = cli.main(["bench-serving", "--url", f"http://127.0.0.1:{port}", "--model", "tiny-llama3",
+                         "--trace-file", str(trace), "--num-prompts", "12", "--rates", "20", "inf",
+                         "--tpot-slo-ms", "1000", "--label", "test", "--out", str(tmp_path)])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        svc.engine.shutdown(drain=False, timeout_s=5)
+    assert code == 0
+    (result,) = tmp_path.glob("serving-test-*.json")
+    doc = json.loads(result.read_text())
+    assert [r["rate"] for r in doc["rows"]] == [20.0, float("inf")]
+    assert all(r["ok"] == 12 and r["failed"] == 0 for r in doc["rows"])
+    assert doc["summary"]["goodput_tpot_1000ms"]["by_attainment"] is not None
+    assert "goodput_tpot_1000ms" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["serve", "--mode", "fast"], "invalid choice"),
+    (["bench-serving", "--rates", "0"], "number > 0"),
+    (["bench-serving", "--trace", "lmsys"], "invalid choice"),
+])
+def test_serving_commands_refuse_bad_options(capsys, argv, words):
+    from bullet_kernels import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and words in capsys.readouterr().err
