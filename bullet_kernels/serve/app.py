@@ -41,6 +41,7 @@ class ServeOptions:
     max_waiting: int = 1024
     ttft_slo_ms: float = 1000.0
     tpot_slo_ms: float = 20.0
+    split: str | None = None  # bullet mode: this split whenever both lanes have work (no profile needed)
     seed: int = 0
 
 
@@ -77,13 +78,29 @@ def policy_placements(model_name: str, opts: ServeOptions, sm_count: int):
     return placements, tuple(DEFAULT_SPLITS)
 
 
+def static_placements(split_text: str):
+    """One split for both lanes whenever both have work; the whole GPU for a phase alone."""
+    from ..orchestrate.policy import check_splits
+
+    (split,) = check_splits([split_text])
+
+    def placements(decode, prefill):
+        if decode is None or prefill is None:
+            return WHOLE_GPU, WHOLE_GPU
+        return Placement(split, "decode"), Placement(split, "prefill")
+
+    return placements, (split,)
+
+
 def build_service(opts: ServeOptions) -> Service:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, name = load_model(opts, device)
     sched_cfg = SchedulerConfig(mode=opts.mode, chunk_size=opts.chunk_size, max_running=opts.max_running,
                                 max_waiting=opts.max_waiting, eos_token_ids=tuple(model.config.eos_token_ids))
     placements, splits = whole_gpu, ()
-    if device.type == "cuda" and opts.mode == "bullet":
+    if device.type == "cuda" and opts.mode == "bullet" and opts.split:
+        placements, splits = static_placements(opts.split)
+    elif device.type == "cuda" and opts.mode == "bullet":
         placements, splits = policy_placements(name, opts, torch.cuda.get_device_properties(device).multi_processor_count)
     gpu = device.type == "cuda"
     cfg = EngineConfig.from_env(

@@ -39,6 +39,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
     p.add_argument("--ttft-slo-ms", type=positive_float, default=1000.0, help="time-to-first-token target (bullet mode)")
     p.add_argument("--tpot-slo-ms", type=positive_float, default=20.0,
                    help="time-per-output-token target: the bullet policy keeps decode steps within it")
+    p.add_argument("--split", default=None, metavar="prefill=P,decode=D",
+                   help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
+                   "SLO policy over the shipped profile (default: the policy)")
 
 
 def serve_main(args) -> int:
@@ -47,7 +50,8 @@ def serve_main(args) -> int:
 
     opts = ServeOptions(model=args.model, mode=args.mode, device=args.device, max_context=args.max_context,
                         kv_pages=args.kv_pages, chunk_size=args.chunk_size, max_running=args.max_running,
-                        max_waiting=args.max_waiting, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms)
+                        max_waiting=args.max_waiting, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
+                        split=args.split)
     service = build_service(opts)
     kv = service.engine.scheduler.runner.kv_cache
     print(f"bullet serve: {service.model} ({opts.mode} mode) on {service.engine.scheduler.runner.device}, "
