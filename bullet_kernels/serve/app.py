@@ -92,6 +92,17 @@ def static_placements(split_text: str):
     return placements, (split,)
 
 
+def capture_all(runner: ModelRunner, splits) -> None:
+    """Capture every graph the scheduler can ask for before serving: a capture during serving
+    stalls every request in flight (the first smoke run's TTFT tail was exactly that). Lazy
+    capture stays on for anything missed."""
+    placements = [(WHOLE_GPU, ("decode", "prefill"))]
+    for split in splits:
+        placements += [(Placement(split, "decode"), ("decode",)), (Placement(split, "prefill"), ("prefill",))]
+    for placement, phases in placements:
+        runner.capture(placement, phases=phases, progress=True)
+
+
 def build_service(opts: ServeOptions) -> Service:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, name = load_model(opts, device)
@@ -109,6 +120,8 @@ def build_service(opts: ServeOptions) -> Service:
         **({"decode_buckets": GPU_DECODE_BUCKETS, "prefill_buckets": GPU_PREFILL_BUCKETS} if gpu else {}),
     )
     runner = ModelRunner(model, cfg)
+    if gpu:
+        capture_all(runner, splits)
     scheduler = Scheduler(runner, sched_cfg, placements)
     tokenizer = TextTokenizer.for_model(opts.model, model.config.vocab_size)
     return Service(ServingEngine(scheduler).start(), tokenizer, name, opts.mode)
