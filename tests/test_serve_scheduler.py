@@ -132,3 +132,14 @@ def test_aborted_requests_free_their_kv_at_the_next_step(mode):
     assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages
     aborted = [e.request for e in events if e.request.finish_reason == "abort"]
     assert aborted and all(e.finished for e in events if e.request.finish_reason == "abort")
+
+
+@pytest.mark.parametrize("mode,counter", [("bullet", "prefills"), ("chunked", "mixed_steps"), ("sequential", "prefill_steps")])
+def test_prompts_that_arrive_together_share_prefill_steps(mode, counter, expected):
+    """Six prompts (76 tokens) added at once fit one prefill (bullet, sequential) or two 64-token
+    chunked steps: a step serving one prompt at a time would take six."""
+    s = Scheduler(make_runner(), SchedulerConfig(mode=mode, chunk_size=64))
+    reqs = requests()
+    run_all(s, reqs)
+    assert [r.output for r in reqs] == expected
+    assert s.counters[counter] <= 2, dict(s.counters)

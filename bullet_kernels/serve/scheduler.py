@@ -82,7 +82,8 @@ class Scheduler:
         self.runner, self.cfg, self.placements = runner, cfg or SchedulerConfig(), placements
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        self.prefilling: Request | None = None  # chunked and bullet: one prompt in progress
+        # chunked: prompts partly computed, in order; bullet: the prompts of the prefill in flight
+        self.prefilling: list[Request] = []
         self._prefill_step = None  # bullet: the prepared prefill step and its next layer group
         self._prefill_group = 0
         self._split = None  # the split of the last bullet step (None: whole GPU)
@@ -119,7 +120,7 @@ class Scheduler:
 
     def abort(self, rid: str) -> None:
         """Stop a request (its client went away); its KV is freed at the next step."""
-        for req in [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]:
+        for req in [*self.waiting, *self.running, *self.prefilling]:
             if req.rid == rid:
                 req.aborted = True
 
@@ -127,10 +128,10 @@ class Scheduler:
         """Finish every request with ``reason`` (after a failed step) and free their KV."""
         self._sync("prefill")
         self._sync("decode")
-        reqs = [*self.waiting, *self.running, *([self.prefilling] if self.prefilling else [])]
+        reqs = [*self.waiting, *self.running, *self.prefilling]
         self.waiting.clear()
         self.running.clear()
-        self.prefilling, self._prefill_step = None, None
+        self.prefilling, self._prefill_step = [], None
         return [self._finish(req, reason) for req in reqs]
 
     def has_work(self) -> bool:
@@ -163,10 +164,11 @@ class Scheduler:
         for req in [r for r in self.running if r.aborted]:
             self.running.remove(req)
             events.append(self._finish(req, "abort"))
-        if self.prefilling is not None and self.prefilling.aborted:
-            self._sync("prefill")  # a layer group in flight still writes its KV pages
-            req, self.prefilling, self._prefill_step = self.prefilling, None, None
-            events.append(self._finish(req, "abort"))
+        if self._prefill_step is None:  # chunked: drop aborted prompts now (a bullet prefill
+            for req in [r for r in self.prefilling if r.aborted]:  # in flight ends first: _join)
+                self._sync("prefill")  # a chunk in flight still writes its KV pages
+                self.prefilling.remove(req)
+                events.append(self._finish(req, "abort"))
         return events
 
     def _finish(self, req: Request, reason: str) -> Event:
@@ -297,6 +299,9 @@ class Scheduler:
         """Prompts whose KV is complete: sample their next token and join the decode batch."""
         events = []
         for i, req in enumerate(reqs):
+            if req.aborted:
+                events.append(self._finish(req, "abort"))
+                continue
             req.computed = len(req.prefill_tokens)
             ev = self._emit(req, self._sample(req, logits[i]))
             if not ev.finished:
@@ -307,34 +312,50 @@ class Scheduler:
 
     def _chunked(self) -> list[Event]:
         self._reserve_decode()
-        if self.prefilling is None:
-            self.prefilling = self._admit()
-        chunk: list[int] = []
-        req = self.prefilling
-        if req is not None:
-            room = self.cfg.chunk_size - len(self.running)
-            chunk = req.prefill_tokens[req.computed: req.computed + max(room, 0)]
-            if chunk:
-                try:
-                    self.runner.reserve([(req.rid, chunk)])
-                except KVCacheExhausted:
-                    chunk = []  # the decode batch first; the chunk waits for pages
         decode = list(self.running)
-        if not chunk and not decode:
+        room = self.cfg.chunk_size - len(decode)
+        chunks: list[tuple[Request, list[int]]] = []  # prompts in order, as much of each as fits
+        for req in self._chunk_candidates():
+            if room <= 0 or len(decode) + len(chunks) >= self.runner.cfg.prefill_max_seqs:
+                break
+            part = req.prefill_tokens[req.computed: req.computed + room]
+            try:
+                self.runner.reserve([(req.rid, part)])
+            except KVCacheExhausted:
+                break  # the decode batch first; the chunk waits for pages
+            chunks.append((req, part))
+            room -= len(part)
+        if not chunks and not decode:
             return []
-        if not chunk:
+        if not chunks:
             return self._take_decode(self._launch_decode_planned(decode))
-        ids, fb = self.runner.plan_mixed([(req.rid, chunk)], [r.rid for r in decode], [r.output[-1] for r in decode])
+        ids, fb = self.runner.plan_mixed([(r.rid, part) for r, part in chunks], [r.rid for r in decode],
+                                         [r.output[-1] for r in decode])
         logits = self._launch(ids, fb, WHOLE_GPU, "prefill")
         self._sync("prefill")
         self.counters["mixed_steps"] += 1
-        events = [self._emit(r, self._sample(r, logits[1 + i])) for i, r in enumerate(decode)]
+        n = len(chunks)
+        events = [self._emit(r, self._sample(r, logits[n + i])) for i, r in enumerate(decode)]
         self.running = [r for r in self.running if not r.finished]
-        req.computed += len(chunk)
-        if req.computed == len(req.prefill_tokens):
-            self.prefilling = None
-            events += self._join([req], logits[:1])
+        done = []
+        for i, (req, part) in enumerate(chunks):
+            req.computed += len(part)
+            if req.computed == len(req.prefill_tokens):
+                self.prefilling.remove(req)
+                done.append((req, logits[i]))
+        for req, row in done:
+            events += self._join([req], row[None])
         return events
+
+    def _chunk_candidates(self):
+        """The prompts in progress, then new ones admitted while the step has room."""
+        yield from list(self.prefilling)
+        while True:
+            req = self._admit()
+            if req is None:
+                return
+            self.prefilling.append(req)
+            yield req
 
     def _launch_decode_planned(self, batch: list[Request]):
         """The decode step of ``batch``, whose slots are reserved already."""
@@ -342,14 +363,12 @@ class Scheduler:
         return batch, self._launch(ids, fb, WHOLE_GPU, "decode")
 
     def _bullet(self) -> list[Event]:
-        if self.prefilling is None:
-            req = self._admit()
-            if req is not None:
-                self.runner.reserve([(req.rid, req.prefill_tokens)])
-                self.prefilling, self._prefill_group = req, 0
-        req = self.prefilling
+        if not self.prefilling:
+            self._start_prefill()
+        reqs = self.prefilling
         groups = len(self.runner.groups)
-        prefill_work = None if req is None else (len(req.prefill_tokens), groups - self._prefill_group)
+        tokens = sum(len(r.prefill_tokens) for r in reqs)
+        prefill_work = (tokens, groups - self._prefill_group) if reqs else None
         decode_place, prefill_place = self.placements(self._decode_context(), prefill_work)
         if decode_place.split != self._split:
             self._sync("prefill")  # the SMs change hands: the last layer group must be done first
@@ -357,10 +376,7 @@ class Scheduler:
         self.last_split = {"decode": _sms(decode_place), "prefill": _sms(prefill_place)}
         decode_out = self._launch_decode(decode_place)  # first: the decode lane starts at once
         prefill_logits = None
-        if req is not None:
-            if self._prefill_step is None:
-                ids, fb = self.runner.plan_prefill([(req.rid, req.prefill_tokens)])
-                self._prefill_step = self.runner.prepare(ids, fb, prefill_place)
+        if reqs:
             out = self._prefill_step.launch_group(self._prefill_group, prefill_place, self._streams.get("prefill"))
             self._prefill_group += 1
             if self._prefill_group == groups:
@@ -368,10 +384,29 @@ class Scheduler:
         events = self._take_decode(decode_out)
         if prefill_logits is not None:
             self._sync("prefill")
-            self.prefilling, self._prefill_step = None, None
+            self.prefilling, self._prefill_step = [], None
             self.counters["prefills"] += 1
-            events += self._join([req], prefill_logits)
+            events += self._join(reqs, prefill_logits)
         return events
+
+    def _start_prefill(self) -> None:
+        """Admit the waiting prompts that fit one prefill (``max_prefill_tokens``, the graphs'
+        sequences) and prepare it; its layer groups then run one per step beside decode."""
+        tokens = 0
+        while self.waiting and len(self.prefilling) < self.runner.cfg.prefill_max_seqs:
+            if self.prefilling and tokens + len(self.waiting[0].prefill_tokens) > self.cfg.max_prefill_tokens:
+                break
+            req = self._admit()
+            if req is None:
+                break
+            self.runner.reserve([(req.rid, req.prefill_tokens)])
+            self.prefilling.append(req)
+            tokens += len(req.prefill_tokens)
+        if self.prefilling:
+            ids, fb = self.runner.plan_prefill([(r.rid, r.prefill_tokens) for r in self.prefilling])
+            prefill_tokens = (tokens, len(self.runner.groups))
+            self._prefill_step = self.runner.prepare(ids, fb, self.placements(self._decode_context(), prefill_tokens)[1])
+            self._prefill_group = 0
 
 
 def _sms(placement: Placement) -> int:
