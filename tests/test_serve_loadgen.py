@@ -315,3 +315,29 @@ def test_uniform_trace_random_module_untouched():
     state = random.getstate()
     traces.uniform_trace(10, 1.0)
     assert random.getstate() == state
+
+
+def test_goodput_report_across_engines(tmp_path):
+    """The --report table: per TPOT target each engine's goodput, the best chunked run, and
+    bullet's ratio to the best baseline (SGLang included)."""
+    from bullet_kernels.serve import report
+
+    def doc(label, goodputs):
+        summary = {f"goodput_tpot_{t:g}ms": {"by_attainment": g, "by_percentile": g} for t, g in goodputs.items()}
+        path = tmp_path / f"serving-{label}-h200-20261201.json"
+        path.write_text(json.dumps({"benchmark": f"serving-{label}", "summary": summary, "rows": []}))
+        return path
+
+    paths = [doc("bullet", {10: 15.0, 20: 25.0}), doc("sglang-chunk2048", {10: 12.0, 20: 22.0}),
+             doc("chunked512", {10: 10.0, 20: 24.0}), doc("chunked1024", {10: 11.0, 20: None})]
+    rows = report.goodput_rows(report.load(paths))
+    assert [r["tpot_ms"] for r in rows] == [10.0, 20.0]
+    assert rows[0]["chunked-best"] == 11.0 and rows[1]["chunked-best"] == 24.0
+    assert rows[0]["bullet_vs_best_baseline"] == pytest.approx(15 / 12)
+    assert rows[1]["bullet_vs_best_baseline"] == pytest.approx(25 / 24)
+    table = report.markdown(rows)
+    assert "| <= 10 ms | 15 | 12 | 10 | 11 | 11 | 1.25 |" in table
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"benchmark": "colocation", "summary": {}}))
+    with pytest.raises(ValueError, match="not a bench-serving result"):
+        report.load([bad])

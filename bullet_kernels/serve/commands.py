@@ -80,6 +80,8 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
                    help="P90 TPOT targets; goodput is reported for each")
     p.add_argument("--seed", type=int, default=0, help="seeds lengths, arrivals and prompt ids")
     p.add_argument("--out", type=out_dir_arg, default="bench/results", help="folder for the JSON and PNG")
+    p.add_argument("--report", nargs="+", default=None, metavar="JSON",
+                   help="instead of measuring: the goodput table of earlier runs (serving-*.json files)")
 
 
 def make_trace_fn(args):
@@ -94,6 +96,11 @@ def make_trace_fn(args):
 
 
 def bench_serving_main(args) -> int:
+    if args.report:
+        from . import report
+
+        print(report.markdown(report.goodput_rows(report.load(args.report))))
+        return 0
     from .. import results
     from ..models.presets import preset_config
     from . import loadgen

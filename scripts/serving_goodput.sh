@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The serving goodput benchmark on the GPU machine, in stages that each fit one device call:
+#
+#   bash scripts/serving_goodput.sh install                # ours (offline) + SGLang bins in .carry/sglang/bin*
+#   bash scripts/serving_goodput.sh sglang-start [CHUNK]   # SGLang 0.5.15 in the background (setsid)
+#   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
+#   bash scripts/serving_goodput.sh ours MODE [CHUNK]      # bullet serve MODE, measure, stop it
+#
+# Both engines get the llama-3.1-8b preset (config and shipped tokenizer; SGLang loads it with
+# --load-format dummy, random weights) and the same trace, prompts and rates from
+# `bullet bench-serving` (seeded). Results: $OUT/serving-<label>-<gpu>-<date>.json and .png;
+# `bullet bench-serving --report $OUT/serving-*.json` prints the goodput table.
+# Environment: RATES (req/s), PROMPTS (per rate), TRACE (uniform|sharegpt|azure-conversation),
+# MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), OUT (default /tmp/bullet-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/bullet-out}
+RATES=${RATES:-"10 13 16 19 22 28"}
+PROMPTS=${PROMPTS:-200}
+TRACE=${TRACE:-uniform}
+MODEL=${MODEL:-llama-3.1-8b}
+SG=.carry/sglang
+mkdir -p "$OUT"
+
+wait_up() {  # wait_up URL SECONDS: until URL answers
+  local url=$1 limit=$2 t=0
+  until python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url" 2>/dev/null; do
+    sleep 2; t=$((t + 2))
+    if [ "$t" -ge "$limit" ]; then echo "no answer from $url after $limit s"; return 1; fi
+  done
+  echo "$url answers after $t s"
+}
+
+bench() {  # bench URL LABEL
+  bullet bench-serving --url "$1" --label "$2" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT"
+}
+
+case ${1:-} in
+  install)
+    BULLET_OFFLINE=1 bash scripts/install.sh
+    for b in "$SG"/bin*; do [ -d "$b" ] && bash "$SG/install.sh" "$b"; done ;;
+  sglang-start)
+    chunk=${2:-2048}
+    python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
+    PYTHONPATH=/tmp/site setsid python3 -m sglang.launch_server --model-path "$SG/model" --load-format dummy \
+      --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache \
+      --chunked-prefill-size "$chunk" --mem-fraction-static 0.80 --port 30000 > "$OUT/sglang-$chunk.log" 2>&1 &
+    echo "SGLang (chunk $chunk) starting; its first start takes about 4.5 minutes" ;;
+  sglang-bench)
+    chunk=${2:-2048}
+    wait_up http://127.0.0.1:30000/health 540 || { tail -20 "$OUT/sglang-$chunk.log"; exit 1; }
+    bench http://127.0.0.1:30000 "sglang-chunk$chunk"
+    pkill -f sglang.launch_server ;;
+  ours)
+    mode=${2:?usage: ours MODE [CHUNK]}; chunk=${3:-512}
+    setsid bullet serve --model "$MODEL" --mode "$mode" --chunk-size "$chunk" --port 30001 \
+      ${DEVICE:+--device "$DEVICE"} > "$OUT/serve-$mode-$chunk.log" 2>&1 &
+    wait_up http://127.0.0.1:30001/health 600 || { tail -20 "$OUT/serve-$mode-$chunk.log"; exit 1; }
+    label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"
+    bench http://127.0.0.1:30001 "$label"
+    pkill -f "bullet serve" ;;
+  *) sed -n 2,15p "$0"; exit 2 ;;
+esac
