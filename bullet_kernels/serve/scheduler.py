@@ -37,6 +37,9 @@ from .request import MODES, BadRequest, Request, State
 
 
 
+PREFILL_AHEAD = 2  # bullet: prefill layer groups kept queued on the prefill lane
+
+
 class QueueFull(BulletError):
     """The waiting queue is at ``max_waiting`` (the server answers 429)."""
 
@@ -87,6 +90,7 @@ class Scheduler:
         self._prefill_step = None  # bullet: the prepared prefill step and its next layer group
         self._prefill_group = 0
         self._split = None  # the split of the last bullet step (None: whole GPU)
+        self._inflight: list = []  # bullet: events of the prefill layer groups queued on the GPU
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_split: dict[str, int] = {}  # lane -> SMs of the last step (for /metrics)
         cuda = runner.device.type == "cuda"
@@ -376,11 +380,19 @@ class Scheduler:
         self.last_split = {"decode": _sms(decode_place), "prefill": _sms(prefill_place)}
         decode_out = self._launch_decode(decode_place)  # first: the decode lane starts at once
         prefill_logits = None
-        if reqs:
+        # Keep the prefill lane fed: up to PREFILL_AHEAD layer groups queued on its stream (a
+        # group shorter than the decode step would otherwise leave its SMs idle until the next
+        # step). Without a GPU, one group per step.
+        self._inflight = [e for e in self._inflight if not e.query()]
+        while reqs and self._prefill_group < groups and (not self._inflight or len(self._inflight) < PREFILL_AHEAD):
             out = self._prefill_step.launch_group(self._prefill_group, prefill_place, self._streams.get("prefill"))
             self._prefill_group += 1
             if self._prefill_group == groups:
                 prefill_logits = out[: self._prefill_step.rows]
+            if "prefill" not in self._streams:
+                break
+            self._inflight.append(torch.cuda.Event())
+            self._inflight[-1].record(self._streams["prefill"])
         events = self._take_decode(decode_out)
         if prefill_logits is not None:
             self._sync("prefill")
