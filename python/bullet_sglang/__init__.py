@@ -1,7 +1,9 @@
-"""bullet_sglang: Bullet co-location inside SGLang's own runner, without a fork (skeleton).
+"""bullet_sglang: Bullet co-location inside SGLang's own runner, without a fork (in progress).
 
-Status: this package is an empty skeleton. It installs and imports, and holds no adapter code
-yet; nothing here touches SGLang.
+Status: the launcher and its checks exist (``options``: our flags and the SGLang options they
+refuse; ``version``: the supported SGLang; ``hooks``: SGLang's extension points, checked against
+its source without importing it). The co-location itself is not built yet. Importing this package
+never imports SGLang.
 
 What the adapter will do (the SGLang adapter issue): ``python -m bullet_sglang.launch_server
 <SGLang server args> --enable-bullet [--bullet-ttft-slo-ms N --bullet-tpot-slo-ms N

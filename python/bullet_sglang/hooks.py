@@ -1,0 +1,135 @@
+"""The SGLang extension points the adapter relies on, checked against SGLang's source.
+
+Each :class:`HookPoint` names a function or method by file and qualified name and the
+parameters we call it with or override it with. :func:`check_hook_points` reads the installed
+(or unpacked) SGLang source with ``ast``, without importing it (importing SGLang needs its GPU
+stack), and lists every point that moved, vanished or changed its parameters: an SGLang upgrade
+fails loudly here, not as a wrong call at serving time. The points and why each matters are in
+docs/sglang-adapter.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class HookPoint:
+    path: str  # relative to the directory that holds the ``sglang`` package
+    qualname: str  # "function", "Class.method", or "Class.ATTRIBUTE" for a class attribute
+    params: tuple[str, ...] | None  # the exact parameter names; None for an attribute
+    why: str
+
+
+HOOK_POINTS = (
+    HookPoint("sglang/srt/entrypoints/http_server.py", "launch_server",
+              ("server_args", "init_tokenizer_manager_func", "run_scheduler_process_func",
+               "run_detokenizer_process_func", "execute_warmup_func", "launch_callback"),
+              "we pass our own scheduler-process entry, which installs the hooks in the spawned child"),
+    HookPoint("sglang/srt/managers/scheduler.py", "run_scheduler_process",
+              ("server_args", "port_args", "gpu_id", "tp_rank", "attn_cp_rank", "moe_dp_rank", "moe_ep_rank",
+               "pp_rank", "dp_rank", "pipe_writer"),
+              "our child entry calls it after patching, with the same arguments"),
+    HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.__init__",
+              ("self", "server_args", "port_args", "gpu_id", "tp_rank", "moe_ep_rank", "pp_rank", "attn_cp_rank",
+               "moe_dp_rank", "dp_rank"),
+              "our scheduler subclass is constructed in its place"),
+    HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.get_next_batch_to_run", ("self",),
+              "the bullet event loop takes the next prefill and decode batches from it"),
+    HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.run_batch", ("self", "batch", "pp_proxy_tensors"),
+              "decode batches run through it on the decode lane"),
+    HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.process_batch_result", ("self", "batch", "result"),
+              "results of both lanes are processed by SGLang's own code"),
+    HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.run_event_loop", ("self",),
+              "replaced by the bullet event loop"),
+    HookPoint("sglang/srt/managers/tp_worker.py", "TpModelWorker.forward_batch_generation",
+              ("self", "batch", "forward_batch", "pp_proxy_tensors", "is_verify", "skip_attn_backend_init"),
+              "one decode step on a lane"),
+    HookPoint("sglang/srt/managers/tp_worker.py", "TpModelWorker.forward_batch_split_prefill", ("self", "batch"),
+              "one layer group of a prefill on the prefill lane"),
+    HookPoint("sglang/srt/model_executor/model_runner.py", "ModelRunner.forward",
+              ("self", "forward_batch", "skip_attn_backend_init", "pp_proxy_tensors", "reinit_attn_backend",
+               "split_forward_count"),
+              "the forward both lanes reach"),
+    HookPoint("sglang/srt/model_executor/model_runner.py", "ModelRunner.forward_split_prefill",
+              ("self", "forward_batch", "reinit_attn_backend", "forward_count"),
+              "layer-group prefill"),
+    HookPoint("sglang/srt/model_executor/model_runner.py", "ModelRunner.init_decode_cuda_graph", ("self",),
+              "where decode graphs are built: we build one set per SM configuration"),
+    HookPoint("sglang/srt/model_executor/runner/decode_cuda_graph_runner.py", "DecodeCudaGraphRunner.__init__",
+              ("self", "model_runner", "attn_backend", "speculative_num_steps", "speculative_num_draft_tokens"),
+              "our subclass captures decode graphs on each decode lane"),
+    HookPoint("sglang/srt/model_executor/runner/decode_cuda_graph_runner.py", "DecodeCudaGraphRunner.can_run_graph",
+              ("self", "forward_batch"), "bucket check before a graph replay"),
+    HookPoint("sglang/srt/model_executor/runner/decode_cuda_graph_runner.py", "DecodeCudaGraphRunner.execute",
+              ("self", "forward_batch", "pp_proxy_tensors"), "graph replay on the chosen lane"),
+    HookPoint("sglang/srt/model_executor/forward_batch_info.py", "ForwardMode.SPLIT_PREFILL", None,
+              "prefill batches run as layer groups are marked with it"),
+    HookPoint("sglang/srt/server_args.py", "prepare_server_args", ("argv",),
+              "SGLang's own argument parsing, after our options are removed"),
+)
+
+
+def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[str, ...]:
+    a = fn.args
+    names = [x.arg for x in (*a.posonlyargs, *a.args)]
+    names += [a.vararg.arg] if a.vararg else []
+    names += [x.arg for x in a.kwonlyargs]
+    names += [a.kwarg.arg] if a.kwarg else []
+    return tuple(names)
+
+
+def _find(tree: ast.Module, qualname: str):
+    node: ast.AST = tree
+    for part in qualname.split("."):
+        body = getattr(node, "body", [])
+        match = None
+        for child in body:
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and child.name == part:
+                match = child
+            elif isinstance(child, ast.Assign) and any(isinstance(t, ast.Name) and t.id == part for t in child.targets):
+                match = child
+            elif isinstance(child, ast.AnnAssign) and isinstance(child.target, ast.Name) and child.target.id == part:
+                match = child
+        if match is None:
+            return None
+        node = match
+    return node
+
+
+def check_hook_points(source_root: str | Path, points: Sequence[HookPoint] = HOOK_POINTS) -> list[str]:
+    """Problems found (empty: every point is where and as we expect) in the SGLang source under
+    ``source_root`` (the directory that holds the ``sglang`` package)."""
+    root, problems = Path(source_root), []
+    trees: dict[str, ast.Module | None] = {}
+    for p in points:
+        if p.path not in trees:
+            f = root / p.path
+            trees[p.path] = ast.parse(f.read_text(encoding="utf-8"), str(f)) if f.is_file() else None
+        tree = trees[p.path]
+        if tree is None:
+            problems.append(f"{p.path} is missing ({p.qualname}: {p.why})")
+            continue
+        node = _find(tree, p.qualname)
+        if node is None:
+            problems.append(f"{p.path}: {p.qualname} is missing ({p.why})")
+        elif p.params is not None:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                problems.append(f"{p.path}: {p.qualname} is no longer a function ({p.why})")
+            elif _params(node) != p.params:
+                problems.append(f"{p.path}: {p.qualname} takes ({', '.join(_params(node))}), we rely on "
+                                f"({', '.join(p.params)}) ({p.why})")
+    return problems
+
+
+def installed_source_root() -> Path:
+    """The directory holding the installed ``sglang`` package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("sglang is not installed (pip install 'bullet_sglang[sglang]')")
+    return Path(list(spec.submodule_search_locations)[0]).parent

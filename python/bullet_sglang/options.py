@@ -1,0 +1,102 @@
+"""The launcher's own options, split from SGLang's, and the setups the adapter refuses.
+
+``--enable-bullet`` and ``--bullet-*`` are removed from the command line before SGLang parses it
+(SGLang's parser rejects flags it does not know). Everything is decided from the command line
+alone, before SGLang starts or any GPU memory is taken. The options travel to SGLang's scheduler
+processes (spawned, so they inherit the environment, not our Python state) as JSON in
+``BULLET_SGLANG_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+ENV = "BULLET_SGLANG_CONFIG"
+PARTITIONS = ("green", "tpc")
+
+
+class UnsupportedSetup(ValueError):
+    """A setup the adapter cannot run; the message says which option and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BulletOptions:
+    enable: bool = False
+    ttft_slo_ms: float = 1000.0
+    tpot_slo_ms: float = 20.0
+    partition: str = "green"
+
+    def __post_init__(self):
+        for name in ("ttft_slo_ms", "tpot_slo_ms"):
+            if not getattr(self, name) > 0:
+                raise UnsupportedSetup(f"--bullet-{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.partition not in PARTITIONS:
+            raise UnsupportedSetup(f"--bullet-partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "BulletOptions | None":
+        raw = environ.get(ENV)
+        return None if not raw else cls(**json.loads(raw))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bullet_sglang.launch_server", add_help=False)
+    p.add_argument("--enable-bullet", action="store_true")
+    p.add_argument("--bullet-ttft-slo-ms", type=float, default=BulletOptions.ttft_slo_ms)
+    p.add_argument("--bullet-tpot-slo-ms", type=float, default=BulletOptions.tpot_slo_ms)
+    p.add_argument("--bullet-partition", default=BulletOptions.partition)
+    return p
+
+
+def split_argv(argv: Sequence[str]) -> tuple[BulletOptions, list[str]]:
+    """``(our options, SGLang's argv)``. A ``--bullet-*`` option without ``--enable-bullet`` is
+    refused (it would be silently ignored otherwise)."""
+    ours, rest = _parser().parse_known_args(list(argv))
+    bullet_given = [a for a in argv if a.startswith("--bullet-")]
+    if bullet_given and not ours.enable_bullet:
+        raise UnsupportedSetup(f"{bullet_given[0].split('=')[0]} needs --enable-bullet")
+    opts = BulletOptions(ours.enable_bullet, ours.bullet_ttft_slo_ms, ours.bullet_tpot_slo_ms, ours.bullet_partition)
+    return opts, rest
+
+
+def _value(argv: Sequence[str], *names: str) -> str | None:
+    """The value of the last ``--name value`` / ``--name=value`` among ``names`` in ``argv``."""
+    found = None
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                found = argv[i + 1]
+            elif arg.startswith(name + "="):
+                found = arg.split("=", 1)[1]
+    return found
+
+
+def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
+    """Refuse, with the reason, SGLang options the adapter cannot run beside ``--enable-bullet``
+    (nothing to check without it: then SGLang runs unmodified)."""
+    if not opts.enable:
+        return
+    tp = _value(sglang_argv, "--tp-size", "--tp", "--tensor-parallel-size")
+    if tp is not None and tp != "1":
+        raise UnsupportedSetup(f"--enable-bullet supports tensor parallel size 1 only (one GPU), got {tp}")
+    for flag in ("--pp-size", "--pipeline-parallel-size", "--dp-size", "--data-parallel-size"):
+        value = _value(sglang_argv, flag)
+        if value is not None and value != "1":
+            raise UnsupportedSetup(f"--enable-bullet supports {flag} 1 only, got {value}")
+    spec = _value(sglang_argv, "--speculative-algorithm")
+    if spec is not None and spec.lower() not in ("none", ""):
+        raise UnsupportedSetup(f"--enable-bullet does not support speculative decoding (--speculative-algorithm {spec})")
+    mode = _value(sglang_argv, "--disaggregation-mode")
+    if mode is not None and mode != "null":
+        raise UnsupportedSetup(f"--enable-bullet does not support PD disaggregation (--disaggregation-mode {mode}); "
+                               "it co-locates prefill and decode on one GPU instead")
+    if "--enable-pdmux" in sglang_argv:
+        raise UnsupportedSetup("--enable-bullet and --enable-pdmux both partition the GPU between prefill and decode; "
+                               "give one of them")
