@@ -73,7 +73,7 @@ class BenchPlan:
         if not self.tpot_factor > 1:
             raise ValueError(f"tpot_factor must be > 1 (a multiple of the whole-GPU decode step), got {self.tpot_factor}")
         if self.reps < 1 or any(c < 1 for c in self.chunks):
-            raise ValueError("reps and chunk sizes must be positive")
+            raise ValueError(f"reps and chunk sizes must be >= 1, got reps {self.reps} and chunks {self.chunks}")
 
     def modes(self, simulated: bool = False) -> list[str]:
         chunked = [] if simulated else [f"chunked-{c}" for c in self.chunks]

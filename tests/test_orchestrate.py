@@ -34,7 +34,6 @@ def est():
 def test_interp_inside_outside_and_floor():
     assert interp([1, 3], [10, 30], 2) == (20, False)
     assert interp([1, 3], [10, 30], 5) == (50, True)
-    assert interp([1, 3], [10, 30], 5, clamp_high=True) == (30, True)
     y, ex = interp([10, 20], [1.0, 11.0], 0)  # the line crosses zero: floored, flagged
     assert ex and y == pytest.approx(0.25)
 

@@ -143,3 +143,28 @@ def test_prompts_that_arrive_together_share_prefill_steps(mode, counter, expecte
     run_all(s, reqs)
     assert [r.output for r in reqs] == expected
     assert s.counters[counter] <= 2, dict(s.counters)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_max_running_counts_the_prompts_being_prefilled(mode, expected):
+    s = Scheduler(make_runner(), SchedulerConfig(mode=mode, chunk_size=64, max_running=2))
+    reqs = requests()
+    for r in reqs:
+        s.add(r)
+    while s.has_work():
+        s.step()
+        assert len(s.running) + len(s.prefilling) <= 2, (len(s.running), len(s.prefilling))
+    assert [r.output for r in reqs] == expected
+
+
+def test_a_failed_step_finishes_every_request_it_held():
+    runner = make_runner()
+    s = Scheduler(runner, SchedulerConfig(mode="sequential"))
+    reqs = requests()
+    for r in reqs:
+        s.add(r)
+    s.step()  # some prefilled and running, others waiting
+    events = s.fail_all("error: boom")
+    assert {e.request.rid for e in events} == {r.rid for r in reqs if r.finish_reason == "error: boom"}
+    assert events and all(r.finished for r in reqs)
+    assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages

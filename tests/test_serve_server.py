@@ -234,3 +234,56 @@ def test_serving_commands_refuse_bad_options(capsys, argv, words):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_request_id_already_in_flight_is_refused():
+    @serve()
+    async def run(s, url, svc):
+        body = {"rid": "same", "input_ids": [5, 6], "sampling_params": {"max_new_tokens": 60}, "stream": True}
+        first = await s.post(f"{url}/generate", json=body)
+        await first.content.readline()
+        second = await s.post(f"{url}/generate", json=body)
+        assert second.status == 400 and "already in flight" in (await second.json())["error"]["message"]
+        chunks = await sse(first)
+        assert chunks[-1] == "[DONE]" and chunks[-2]["meta_info"]["completion_tokens"] == 60
+
+
+@pytest.mark.parametrize("field,value,words", [("stream", "false", "stream must be true or false"),
+                                               ("ignore_eos", "false", "ignore_eos must be true or false"),
+                                               ("seed", 1.5, "seed must be an integer")])
+def test_flags_of_the_wrong_type_are_refused(field, value, words):
+    @serve()
+    async def run(s, url, svc):
+        body = {"text": "a", "sampling_params": {}}
+        if field == "stream":
+            body["stream"] = value
+        else:
+            body["sampling_params"][field] = value
+        r = await s.post(f"{url}/generate", json=body)
+        assert r.status == 400 and words in (await r.json())["error"]["message"]
+
+
+def test_a_sink_that_fails_does_not_stop_the_loop_and_shutdown_finishes_everyone():
+    from bullet_kernels.serve.request import Request, SamplingParams
+
+    svc = build_service(ServeOptions(model="tiny-llama3", device="cpu", kv_pages=64, max_context=128))
+
+    def broken(ev):
+        raise RuntimeError("client gone")
+
+    got = []
+    svc.engine.submit(Request("bad", [5, 6], SamplingParams(max_new_tokens=30)), broken)
+    svc.engine.submit(Request("good", [7, 8], SamplingParams(max_new_tokens=30)), got.append)
+    for _ in range(500):
+        if got and got[-1].finished:
+            break
+        import time
+        time.sleep(0.01)
+    assert got[-1].finished and got[-1].num_output == 30 and svc.engine.alive
+    held = []
+    svc.engine.submit(Request("long", [9, 10], SamplingParams(max_new_tokens=100)), held.append)
+    svc.engine.shutdown(drain=False, timeout_s=5)
+    assert held and held[-1].finished and held[-1].request.finish_reason == "shutdown"
+    assert not svc.engine.alive
+    kv = svc.engine.scheduler.runner.kv_cache
+    assert kv.num_free_pages == kv.num_pages

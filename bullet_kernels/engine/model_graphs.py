@@ -183,12 +183,14 @@ class ModelGraphs:
         rewrites the bucket's hand-off buffers, so a capture in the middle of a prefill would
         apply its layers more than once: keep the buffers as they were. (Group 0 only writes
         them from the input ids, the last group only reads them, decode has none.)"""
+        # Every lazy capture waits for all queued work first: its warm-up runs and probe replay
+        # share memory pools and buffers with graphs other streams may still be running.
+        torch.cuda.synchronize()
         middle = key.phase == "prefill" and 0 < key.group < len(self.groups) - 1
         if not middle:
             yield
             return
         bufs = self.buffers(key.phase, key.bucket)
-        torch.cuda.synchronize()  # the previous group may still be writing them on its stream
         kept = bufs.hidden.clone(), bufs.residual.clone()
         try:
             yield

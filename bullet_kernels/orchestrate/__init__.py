@@ -12,11 +12,11 @@ Importing this package needs no GPU; only :mod:`.orchestrator`, :mod:`.rig` and
 
 from .estimator import Estimate, EstimateError, Estimator, held_out_errors
 from .planner import Launch, MixWork, makespan, plan_mix, sequential_ms, sm_time_bound
-from .policy import Decision, InfeasibleSLO, SLOPolicy, StaticPolicy, Work
+from .policy import Decision, SLOPolicy, StaticPolicy, Work
 from .profile import MissingProfile, Profile, ProfileError, ProfileMismatch, find_profile, profile_path
 
 __all__ = [
-    "Decision", "Estimate", "EstimateError", "Estimator", "InfeasibleSLO", "Launch", "MissingProfile", "MixWork",
+    "Decision", "Estimate", "EstimateError", "Estimator", "Launch", "MissingProfile", "MixWork",
     "Profile", "ProfileError", "ProfileMismatch", "SLOPolicy", "StaticPolicy", "Work", "find_profile",
     "held_out_errors", "makespan", "plan_mix", "profile_path", "sequential_ms", "sm_time_bound",
 ]

@@ -48,9 +48,9 @@ class Estimate:
     corun_measured: bool = True  # False where a co-run slowdown was asked for but none measured
 
 
-def interp(xs: Sequence[float], ys: Sequence[float], x: float, clamp_high: bool = False) -> tuple[float, bool]:
+def interp(xs: Sequence[float], ys: Sequence[float], x: float) -> tuple[float, bool]:
     """Piecewise-linear ``y(x)`` through sorted ``xs``; linear extrapolation from the two nearest
-    points (flat above the last with ``clamp_high``). Returns ``(y, extrapolated)``."""
+    points. Returns ``(y, extrapolated)``."""
     if not xs:
         raise EstimateError("no points to interpolate")
     if len(xs) == 1:
@@ -59,8 +59,6 @@ def interp(xs: Sequence[float], ys: Sequence[float], x: float, clamp_high: bool 
         i = min(max(bisect.bisect_right(xs, x), 1), len(xs) - 1)
         x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
         return y0 + (y1 - y0) * (x - x0) / (x1 - x0), False
-    if x > xs[-1] and clamp_high:
-        return ys[-1], True
     i = 1 if x < xs[0] else len(xs) - 1
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
     y = y0 + (y1 - y0) * (x - x0) / (x1 - x0)

@@ -19,15 +19,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from ..errors import BulletError
 from ..partition import SMSplit
 from .estimator import Estimator
 
 PREFILL, DECODE = "prefill", "decode"
-
-
-class InfeasibleSLO(BulletError, ValueError):
-    """Raised only where a caller asks for strictness; policies otherwise fall back and report."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +46,6 @@ class Decision:
     ttft_at_risk: bool = False
     reason: str = ""
 
-    def lane_sms(self, lane: str, sm_count: int) -> int:
-        return sm_count if self.split is None else self.split[lane]
-
 
 def check_splits(splits: Sequence[SMSplit]) -> list[SMSplit]:
     """Candidate splits must have exactly the lanes ``prefill`` and ``decode``."""
@@ -71,6 +63,7 @@ class Policy:
         self.estimator = estimator
         self.splits = check_splits(splits)
         self.sm_count = estimator.sm_count
+        self.ttft_ms: float | None = None  # the TTFT budget when the work names none
 
     def decide(self, work: Work) -> Decision:
         if work.decode is None and work.prefill_tokens is None:
@@ -97,7 +90,8 @@ class Policy:
 
     def _decision(self, work: Work, split: SMSplit, feasible: bool, reason: str) -> Decision:
         prefill_ms = self._prefill_left(work, split[PREFILL], True, split[DECODE])
-        risk = work.ttft_left_ms is not None and prefill_ms > work.ttft_left_ms
+        budget = work.ttft_left_ms if work.ttft_left_ms is not None else self.ttft_ms
+        risk = budget is not None and prefill_ms > budget
         return Decision(split, self._decode_corun(work, split), prefill_ms, feasible, risk, reason)
 
 

@@ -57,25 +57,31 @@ def load_model(opts: ServeOptions, device: torch.device):
     return random_model(opts.model, seed=opts.seed, dtype=dtype, device=device, max_context=opts.max_context), opts.model
 
 
-def policy_placements(model_name: str, opts: ServeOptions, sm_count: int):
+def policy_placements(model_name: str, model_config, opts: ServeOptions):
     """The SLO policy's lanes for each bullet step (GPU): both lanes of its split, or the whole
-    GPU for a phase alone."""
+    GPU for a phase alone; with the profile's layer groups and candidate splits. The profile
+    must be of this GPU and model (refused otherwise, naming both)."""
     from ..orchestrate import Estimator, Profile, SLOPolicy, Work, find_profile
     from ..orchestrate.profiler import DEFAULT_SPLITS
     from ..results import gpu_slug
 
-    estimator = Estimator(Profile.load(find_profile(gpu_slug(torch.cuda.get_device_name()), model_name)))
-    policy = SLOPolicy(estimator, list(DEFAULT_SPLITS), tpot_ms=opts.tpot_slo_ms)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    profile = Profile.load(find_profile(gpu_slug(props.name), model_name))
+    profile.check_matches(device_name=props.name, sm_count=props.multi_processor_count, model_config=model_config)
+    estimator = Estimator(profile)
+    policy = SLOPolicy(estimator, list(DEFAULT_SPLITS), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms)
 
     def placements(decode, prefill):
+        # The TTFT target is watched, not enforced: the policy's decision marks a prefill whose
+        # estimate misses it; the split is chosen by the TPOT target.
         work = Work(decode=decode, prefill_tokens=prefill[0] if prefill else None,
-                    prefill_groups_left=prefill[1] if prefill else 0)
+                    prefill_groups_left=prefill[1] if prefill else 0, ttft_left_ms=opts.ttft_slo_ms)
         split = policy.decide(work).split
         if split is None:
             return WHOLE_GPU, WHOLE_GPU
         return Placement(split, "decode"), Placement(split, "prefill")
 
-    return placements, tuple(DEFAULT_SPLITS)
+    return placements, tuple(DEFAULT_SPLITS), len(estimator.groups)
 
 
 def static_placements(split_text: str):
@@ -108,15 +114,16 @@ def build_service(opts: ServeOptions) -> Service:
     model, name = load_model(opts, device)
     sched_cfg = SchedulerConfig(mode=opts.mode, chunk_size=opts.chunk_size, max_running=opts.max_running,
                                 max_waiting=opts.max_waiting, eos_token_ids=tuple(model.config.eos_token_ids))
-    placements, splits = whole_gpu, ()
+    placements, splits, groups = whole_gpu, (), None
     if device.type == "cuda" and opts.mode == "bullet" and opts.split:
-        placements, splits = static_placements(opts.split)
+        placements, splits, groups = static_placements(opts.split)
     elif device.type == "cuda" and opts.mode == "bullet":
-        placements, splits = policy_placements(name, opts, torch.cuda.get_device_properties(device).multi_processor_count)
+        placements, splits, groups = policy_placements(name, model.config, opts)
     gpu = device.type == "cuda"
     cfg = EngineConfig.from_env(
         kv_num_pages=opts.kv_pages, max_context=opts.max_context, lazy_capture=gpu, splits=splits,
         prefill_max_seqs=opts.max_running + 1,
+        **({"layer_groups": groups} if groups else {}),  # the profile's groups: the policy counts in them
         **({"decode_buckets": GPU_DECODE_BUCKETS, "prefill_buckets": GPU_PREFILL_BUCKETS} if gpu else {}),
     )
     runner = ModelRunner(model, cfg)

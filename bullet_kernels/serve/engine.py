@@ -5,7 +5,9 @@ request (the scheduler's own checks, so bad input is refused before it is queued
 over through a thread-safe inbox; the loop thread moves the inbox into the scheduler between
 steps, runs a step, and passes each :class:`~.scheduler.Event` to the request's sink (a callable
 the caller gives; the server's puts the event on its asyncio queue). A step that raises fails
-every request it held, with the error as finish reason, and the loop goes on.
+every request it held, with the error as finish reason, and the loop goes on; a sink that raises
+is logged and dropped. When the loop ends (shutdown, or a failure outside a step) every request
+still held is finished with a reason, so no client waits forever.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import time
 from typing import Callable
 
 from ..errors import BulletError
-from .request import Request
-from .scheduler import Event, QueueFull, Scheduler
+from .request import BadRequest, Request
+from .scheduler import Event, Scheduler
 
 log = logging.getLogger("bullet_kernels.serve")
 Sink = Callable[[Event], None]
@@ -29,8 +31,11 @@ class ShuttingDown(BulletError):
 
 
 class ServingEngine:
-    def __init__(self, scheduler: Scheduler, idle_wait_s: float = 0.05):
+    def __init__(self, scheduler: Scheduler, idle_wait_s: float = 0.05,
+                 observe_step: Callable[[float], None] | None = None):
+        """``observe_step(seconds)`` is called on the loop thread after every step (metrics)."""
         self.scheduler = scheduler
+        self.observe_step = observe_step
         self.idle_wait_s = idle_wait_s
         self._inbox: collections.deque[tuple[Request, Sink]] = collections.deque()
         self._aborts: collections.deque[str] = collections.deque()
@@ -39,7 +44,6 @@ class ServingEngine:
         self._stop = threading.Event()
         self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="bullet-serving-loop", daemon=True)
-        self.step_seconds: collections.deque[float] = collections.deque(maxlen=1024)
         self.errors = 0
 
     # -- the caller's side -------------------------------------------------------------------
@@ -50,14 +54,18 @@ class ServingEngine:
 
     def submit(self, req: Request, sink: Sink) -> None:
         """Queue ``req``; BadRequest, QueueFull or ShuttingDown instead, with nothing queued."""
-        if not self._accepting:
-            raise ShuttingDown("the server is shutting down; no new requests")
+        if not self._accepting or not self.alive:
+            raise ShuttingDown("the server is shutting down or its serving loop stopped; no new requests")
         self.scheduler.check(req)
-        queued = len(self.scheduler.waiting) + len(self._inbox)
-        if queued >= self.scheduler.cfg.max_waiting:
-            raise QueueFull(f"{queued} requests are waiting (max_waiting {self.scheduler.cfg.max_waiting}); retry later")
+        if req.rid in self._sinks or any(r.rid == req.rid for r, _ in list(self._inbox)):
+            raise BadRequest(f"request id {req.rid!r} is already in flight; give each request its own rid")
+        self.scheduler.check_room(len(self._inbox))
         self._inbox.append((req, sink))
         self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def abort(self, rid: str) -> None:
         self._aborts.append(rid)
@@ -68,32 +76,35 @@ class ServingEngine:
         return len(self.scheduler.waiting) + len(self._inbox)
 
     def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
-        """Stop accepting; finish what is queued (``drain``) or abort it, then stop the loop."""
+        """Stop accepting; finish what is queued (``drain``, within ``timeout_s``), then stop the
+        loop, which finishes anything left with reason "shutdown"."""
         self._accepting = False
         deadline = time.monotonic() + timeout_s
-        if drain and self._thread.is_alive():
-            while (self._inbox or self.scheduler.has_work()) and time.monotonic() < deadline:
+        if drain:
+            while self.alive and (self._inbox or self.scheduler.has_work()) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        for req, _ in list(self._inbox):
-            self.abort(req.rid)
-        for rid in list(self._sinks):
-            self.abort(rid)
-        while self._sinks and self._thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.01)
         self._stop.set()
         self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1)
+        if self.alive:
+            self._thread.join(timeout=60)
+        elif self._inbox or self._sinks:  # never started, or already dead: finish here
+            self._finish_everything("shutdown")
 
     # -- the loop thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except Exception:
+            log.exception("the serving loop failed")
+            self.errors += 1
+        finally:
+            self._finish_everything("shutdown" if self._stop.is_set() else "error: the serving loop stopped")
+
+    def _run(self) -> None:
         s = self.scheduler
         while not self._stop.is_set():
-            while self._inbox:
-                req, sink = self._inbox.popleft()
-                self._sinks[req.rid] = sink
-                s.waiting.append(req)  # checked in submit(); the queue bound was checked there too
+            self._take_inbox()
             while self._aborts:
                 s.abort(self._aborts.popleft())
             if not s.has_work():
@@ -107,8 +118,33 @@ class ServingEngine:
                 self.errors += 1
                 log.exception("scheduler step failed")
                 events = s.fail_all(f"error: {type(exc).__name__}: {exc}")
-            self.step_seconds.append(time.perf_counter() - t0)
-            for ev in events:
-                sink = self._sinks.pop(ev.request.rid, None) if ev.finished else self._sinks.get(ev.request.rid)
-                if sink is not None:
-                    sink(ev)
+            if self.observe_step is not None:
+                self.observe_step(time.perf_counter() - t0)
+            self._deliver(events)
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            req, sink = self._inbox.popleft()
+            self._sinks[req.rid] = sink
+            self.scheduler.waiting.append(req)  # checked in submit(), the queue bound too
+
+    def _deliver(self, events) -> None:
+        for ev in events:
+            sink = self._sinks.pop(ev.request.rid, None) if ev.finished else self._sinks.get(ev.request.rid)
+            if sink is None:
+                continue
+            try:
+                sink(ev)
+            except Exception:  # e.g. the client's event loop is gone: drop that client only
+                log.exception("dropping the sink of request %s", ev.request.rid)
+                self._sinks.pop(ev.request.rid, None)
+
+    def _finish_everything(self, reason: str) -> None:
+        """Finish every request the engine holds (scheduler and inbox) and tell its client."""
+        self._take_inbox()
+        try:
+            events = self.scheduler.fail_all(reason)
+        except Exception:
+            log.exception("could not finish the scheduler's requests")
+            events = []
+        self._deliver(events)

@@ -44,6 +44,10 @@ class SamplingParams:
         if not isinstance(stops, (list, tuple)) or any(isinstance(t, bool) or not isinstance(t, int) for t in stops):
             raise BadRequest(f"stop_token_ids must be a list of token ids, got {stops!r}")
         object.__setattr__(self, "stop_token_ids", tuple(stops))
+        if not isinstance(self.ignore_eos, bool):
+            raise BadRequest(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise BadRequest(f"seed must be an integer or null, got {self.seed!r}")
 
 
 @dataclasses.dataclass(eq=False)

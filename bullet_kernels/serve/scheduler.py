@@ -5,16 +5,18 @@ Every :meth:`Scheduler.step` runs one engine iteration and returns what each req
 - ``sequential`` (prefill-first): a waiting request that fits is prefilled (several at once up
   to ``max_prefill_tokens``) before the running batch takes its next decode step.
 - ``chunked`` (Sarathi-style): each step is one fused forward of the running batch's decode
-  tokens and a chunk of one prompt, ``chunk_size`` tokens in all; a prompt joins the decode batch
-  after its last chunk.
+  tokens and chunks of waiting prompts in order, ``chunk_size`` tokens in all; a prompt joins the
+  decode batch after its last chunk.
 - ``bullet``: prefill and decode are two lanes. Each step launches the decode batch's next step
-  on the decode lane and the next layer group of the prompt being prefilled on the prefill lane,
-  at the same time (on a GPU with a split policy: each on its lane's SMs, the split chosen per
-  step); a prompt joins the decode batch once its last layer group is done, so its KV is
-  complete first. Without a GPU the two launches simply run one after the other.
+  on the decode lane and the next layer groups of the prompts being prefilled (every waiting
+  prompt that fits one prefill) on the prefill lane, at the same time: on a GPU with a split
+  policy each on its lane's SMs, the split chosen per step, and up to ``PREFILL_AHEAD`` groups kept
+  queued on the prefill lane. A prompt joins the decode batch once its last layer group is done,
+  so its KV is complete first. Without a GPU the launches run one after the other.
 
 Admission takes a waiting request when the KV cache has pages for its prompt (plus one page per
-running request of headroom). When the cache runs out mid-generation, the newest running
+running request of headroom) and the decode batch has room (``max_running`` counts the prompts
+being prefilled too). When the cache runs out mid-generation, the newest running
 requests are **preempted**: their KV is freed and they go back to the front of the queue with
 the tokens made so far, which are recomputed on readmission (nothing is lost). A request that
 could never fit (longer than the context, or than the whole cache) is refused when added.
@@ -64,11 +66,13 @@ class SchedulerConfig:
 
 @dataclasses.dataclass
 class Event:
-    """What one step produced for one request."""
+    """What one step produced for one request. ``num_output`` is the request's output length
+    after this event (the request object keeps changing on the loop thread)."""
 
     request: Request
     new_tokens: list[int]
     finished: bool
+    num_output: int = 0
 
 
 # ``placements(decode_work, prefill_work) -> (decode placement, prefill placement)``; the work is
@@ -85,7 +89,9 @@ class Scheduler:
         self.runner, self.cfg, self.placements = runner, cfg or SchedulerConfig(), placements
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
-        # chunked: prompts partly computed, in order; bullet: the prompts of the prefill in flight
+        # Admitted prompts whose KV is not complete yet: chunked, partly computed, in order;
+        # bullet and sequential, the prompts of the prefill in flight. Held here (not in locals)
+        # until they join the decode batch, so fail_all() always finds them.
         self.prefilling: list[Request] = []
         self._prefill_step = None  # bullet: the prepared prefill step and its next layer group
         self._prefill_group = 0
@@ -103,7 +109,9 @@ class Scheduler:
         if not req.prompt:
             raise BadRequest("the prompt is empty: give at least one token")
         vocab = self.runner.model.config.vocab_size
-        bad = [t for t in req.prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in req.prompt):
+            raise BadRequest(f"token ids must be integers, got {[t for t in req.prompt if not isinstance(t, int) or isinstance(t, bool)][:4]}")
+        bad = [t for t in req.prompt if not 0 <= t < vocab]
         if bad:
             raise BadRequest(f"token ids {bad[:4]} are outside the vocabulary 0..{vocab - 1}")
         need = len(req.prompt) + req.params.max_new_tokens
@@ -116,26 +124,36 @@ class Scheduler:
         if -(-need // kv.page_size) > kv.num_pages:
             raise BadRequest(f"{need} tokens need {-(-need // kv.page_size)} KV pages; the cache has {kv.num_pages}")
 
+    def check_room(self, queued_elsewhere: int = 0) -> None:
+        """QueueFull when ``max_waiting`` requests wait (counting those queued before the scheduler)."""
+        queued = len(self.waiting) + queued_elsewhere
+        if queued >= self.cfg.max_waiting:
+            raise QueueFull(f"{queued} requests are waiting (max_waiting {self.cfg.max_waiting}); retry later")
+
     def add(self, req: Request) -> None:
         self.check(req)
-        if len(self.waiting) >= self.cfg.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting {self.cfg.max_waiting}); retry later")
+        self.check_room()
         self.waiting.append(req)
 
     def abort(self, rid: str) -> None:
-        """Stop a request (its client went away); its KV is freed at the next step."""
+        """Stop a request (its client went away). Its KV is freed at the next step, or, for a
+        prompt whose bullet prefill is in flight, when that prefill lands."""
         for req in [*self.waiting, *self.running, *self.prefilling]:
             if req.rid == rid:
                 req.aborted = True
 
     def fail_all(self, reason: str) -> list[Event]:
-        """Finish every request with ``reason`` (after a failed step) and free their KV."""
-        self._sync("prefill")
-        self._sync("decode")
+        """Finish every request with ``reason`` (after a failed step, or at shutdown) and free
+        their KV."""
+        for lane in self._streams:
+            try:
+                self._sync(lane)
+            except Exception:  # a sticky CUDA error: the pages are freed anyway, nothing runs after
+                pass
         reqs = [*self.waiting, *self.running, *self.prefilling]
         self.waiting.clear()
         self.running.clear()
-        self.prefilling, self._prefill_step = [], None
+        self.prefilling, self._prefill_step, self._inflight = [], None, []
         return [self._finish(req, reason) for req in reqs]
 
     def has_work(self) -> bool:
@@ -144,6 +162,33 @@ class Scheduler:
     def _fits(self, req: Request, tokens: int) -> bool:
         kv = self.runner.kv_cache
         return kv.pages_needed(req.rid, tokens) + len(self.running) <= kv.num_free_pages
+
+    def _admit(self) -> Request | None:
+        """The head of the queue, if the cache has room for its prompt and the decode batch for
+        one more request (prompts being prefilled count)."""
+        if not self.waiting or len(self.running) + len(self.prefilling) >= self.cfg.max_running:
+            return None
+        req = self.waiting[0]
+        if not self._fits(req, len(req.prefill_tokens)):
+            return None
+        self.waiting.popleft()
+        req.state = State.PREFILLING
+        self.prefilling.append(req)
+        return req
+
+    def _admit_prefill(self) -> int:
+        """Admit waiting prompts into one prefill (``max_prefill_tokens``, the graphs' sequences)
+        and reserve their KV; their total tokens."""
+        tokens = 0
+        while self.waiting and len(self.prefilling) < self.runner.cfg.prefill_max_seqs:
+            if self.prefilling and tokens + len(self.waiting[0].prefill_tokens) > self.cfg.max_prefill_tokens:
+                break
+            req = self._admit()
+            if req is None:
+                break
+            self.runner.reserve([(req.rid, req.prefill_tokens)])
+            tokens += len(req.prefill_tokens)
+        return tokens
 
     # -- one iteration ---------------------------------------------------------------------------
 
@@ -168,9 +213,8 @@ class Scheduler:
         for req in [r for r in self.running if r.aborted]:
             self.running.remove(req)
             events.append(self._finish(req, "abort"))
-        if self._prefill_step is None:  # chunked: drop aborted prompts now (a bullet prefill
-            for req in [r for r in self.prefilling if r.aborted]:  # in flight ends first: _join)
-                self._sync("prefill")  # a chunk in flight still writes its KV pages
+        if self._prefill_step is None:  # chunked (a bullet prefill in flight finishes first: _join)
+            for req in [r for r in self.prefilling if r.aborted]:
                 self.prefilling.remove(req)
                 events.append(self._finish(req, "abort"))
         return events
@@ -179,8 +223,8 @@ class Scheduler:
         if req.rid in self.runner.kv_cache:
             self.runner.release(req.rid)
         req.state, req.finish_reason = State.FINISHED, reason
-        self.counters[f"finished_{reason}"] += 1
-        return Event(req, [], True)
+        self.counters["finished_error" if reason.startswith("error") else f"finished_{reason}"] += 1
+        return Event(req, [], True, len(req.output))
 
     def _emit(self, req: Request, token: int) -> Event:
         """Append a sampled token; finish the request on a stop token or its length."""
@@ -191,20 +235,29 @@ class Scheduler:
             ev = self._finish(req, "stop" if stop else "length")
             ev.new_tokens = [token]
             return ev
-        return Event(req, [token], False)
+        return Event(req, [token], False, len(req.output))
+
+    def _sample_rows(self, reqs: Sequence[Request], logits: torch.Tensor) -> list[int]:
+        """The next token of each request from its logits row: greedy rows in one argmax (one
+        host sync for the batch), sampled rows one by one."""
+        tokens = logits[: len(reqs)].argmax(-1).tolist()
+        for i, req in enumerate(reqs):
+            if req.params.temperature > 0:
+                tokens[i] = self._sample(req, logits[i])
+        return tokens
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
         p = req.params
-        if p.temperature == 0:
-            return int(logits.argmax())
         probs = torch.softmax(logits.float() / p.temperature, dim=-1)
         if p.top_p < 1:
             sorted_p, order = probs.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # the smallest set reaching top_p
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         gen = torch.Generator(device=probs.device)
-        # crc32, not hash(): str hashes change per process, a seed must not
-        gen.manual_seed(zlib.crc32(f"{p.seed}:{req.rid}:{len(req.output)}".encode()) if p.seed is not None else torch.seed())
+        if p.seed is None:
+            gen.seed()  # fresh entropy for this generator only (torch.seed() would reseed the globals)
+        else:  # crc32, not hash(): str hashes change per process, a seed must not
+            gen.manual_seed(zlib.crc32(f"{p.seed}:{req.rid}:{len(req.output)}".encode()))
         return int(torch.multinomial(probs, 1, generator=gen))
 
     # -- decode ----------------------------------------------------------------------------------
@@ -230,33 +283,30 @@ class Scheduler:
             return None
         return len(self.running), max(r.total_len for r in self.running)
 
-    def _launch_decode(self, placement: Placement):
-        """Reserve, plan and launch the running batch's next step; ``(batch, logits)`` or None."""
-        self._reserve_decode()
+    def _launch_decode(self, placement: Placement, reserved: bool = False):
+        """Plan and launch the running batch's next step (reserving its KV slots first unless
+        ``reserved``); ``(batch, logits)`` or None."""
+        if not reserved:
+            self._reserve_decode()
         if not self.running:
             return None
         batch = list(self.running)
         ids, fb = self.runner.plan_decode([r.rid for r in batch], [r.output[-1] for r in batch])
-        logits = self._launch(ids, fb, placement, "decode")
-        return batch, logits
+        return batch, self._launch(ids, fb, placement, "decode")
 
-    def _launch(self, ids, fb, placement: Placement, lane: str, group: int | None = None):
-        stream = self._streams.get(lane)
+    def _launch(self, ids, fb, placement: Placement, lane: str):
         step = self.runner.prepare(ids, fb, placement)
-        if group is None:
-            return step.launch(stream)[: step.rows]
-        return step
+        return step.launch(self._streams.get(lane))[: step.rows]
 
     def _decode_only(self) -> list[Event]:
-        out = self._launch_decode(self.placements(self._decode_context(), None)[0])
-        return self._take_decode(out)
+        return self._take_decode(self._launch_decode(self.placements(self._decode_context(), None)[0]))
 
     def _take_decode(self, out) -> list[Event]:
         if out is None:
             return []
         batch, logits = out
         self._sync("decode")
-        events = [self._emit(r, self._sample(r, logits[i])) for i, r in enumerate(batch)]
+        events = [self._emit(r, t) for r, t in zip(batch, self._sample_rows(batch, logits))]
         self.running = [r for r in self.running if not r.finished]
         self.counters["decode_steps"] += 1
         return events
@@ -267,47 +317,30 @@ class Scheduler:
 
     # -- prefill, three ways ---------------------------------------------------------------------
 
-    def _admit(self) -> Request | None:
-        """The head of the queue, if the cache has room for its prompt and the batch for it."""
-        if not self.waiting or len(self.running) >= self.cfg.max_running:
-            return None
-        req = self.waiting[0]
-        if not self._fits(req, len(req.prefill_tokens)):
-            return None
-        self.waiting.popleft()
-        req.state = State.PREFILLING
-        return req
-
     def _prefill_batch(self) -> list[Event]:
-        """sequential: prefill waiting requests that fit, up to max_prefill_tokens, in one step."""
-        batch, tokens = [], 0
-        while self.waiting and len(batch) < self.runner.cfg.prefill_max_seqs:
-            head = self.waiting[0]
-            if batch and tokens + len(head.prefill_tokens) > self.cfg.max_prefill_tokens:
-                break
-            req = self._admit()
-            if req is None:
-                break
-            self.runner.reserve([(req.rid, req.prefill_tokens)])
-            batch.append(req)
-            tokens += len(req.prefill_tokens)
-        if not batch:
+        """sequential: prefill the waiting prompts that fit, up to max_prefill_tokens, in one step."""
+        tokens = self._admit_prefill()
+        if not self.prefilling:
             return []
-        ids, fb = self.runner.plan_prefill([(r.rid, r.prefill_tokens) for r in batch])
+        reqs = list(self.prefilling)
+        ids, fb = self.runner.plan_prefill([(r.rid, r.prefill_tokens) for r in reqs])
         logits = self._launch(ids, fb, self.placements(None, (tokens, 1))[1], "prefill")
         self._sync("prefill")
         self.counters["prefill_steps"] += 1
-        return self._join(batch, logits)
+        return self._join(reqs, logits)
 
     def _join(self, reqs: Sequence[Request], logits) -> list[Event]:
-        """Prompts whose KV is complete: sample their next token and join the decode batch."""
+        """Prompts whose KV is complete: sample their next token and join the decode batch. Each
+        leaves ``prefilling`` only once it is handled."""
         events = []
-        for i, req in enumerate(reqs):
+        tokens = self._sample_rows([r for r in reqs], logits)
+        for req, token in zip(reqs, tokens):
+            self.prefilling.remove(req)
             if req.aborted:
                 events.append(self._finish(req, "abort"))
                 continue
             req.computed = len(req.prefill_tokens)
-            ev = self._emit(req, self._sample(req, logits[i]))
+            ev = self._emit(req, token)
             if not ev.finished:
                 req.state = State.RUNNING
                 self.running.append(req)
@@ -319,8 +352,10 @@ class Scheduler:
         decode = list(self.running)
         room = self.cfg.chunk_size - len(decode)
         chunks: list[tuple[Request, list[int]]] = []  # prompts in order, as much of each as fits
-        for req in self._chunk_candidates():
-            if room <= 0 or len(decode) + len(chunks) >= self.runner.cfg.prefill_max_seqs:
+        candidates = iter(list(self.prefilling))
+        while room > 0 and len(decode) + len(chunks) < self.runner.cfg.prefill_max_seqs:
+            req = next(candidates, None) or self._admit()  # in progress first, then new ones
+            if req is None:
                 break
             part = req.prefill_tokens[req.computed: req.computed + room]
             try:
@@ -329,47 +364,29 @@ class Scheduler:
                 break  # the decode batch first; the chunk waits for pages
             chunks.append((req, part))
             room -= len(part)
-        if not chunks and not decode:
-            return []
         if not chunks:
-            return self._take_decode(self._launch_decode_planned(decode))
+            return self._take_decode(self._launch_decode(WHOLE_GPU, reserved=True))
         ids, fb = self.runner.plan_mixed([(r.rid, part) for r, part in chunks], [r.rid for r in decode],
                                          [r.output[-1] for r in decode])
         logits = self._launch(ids, fb, WHOLE_GPU, "prefill")
         self._sync("prefill")
         self.counters["mixed_steps"] += 1
         n = len(chunks)
-        events = [self._emit(r, self._sample(r, logits[n + i])) for i, r in enumerate(decode)]
+        events = [self._emit(r, t) for r, t in zip(decode, self._sample_rows(decode, logits[n:]))]
         self.running = [r for r in self.running if not r.finished]
         done = []
         for i, (req, part) in enumerate(chunks):
             req.computed += len(part)
             if req.computed == len(req.prefill_tokens):
-                self.prefilling.remove(req)
-                done.append((req, logits[i]))
-        for req, row in done:
-            events += self._join([req], row[None])
+                done.append(i)
+        if done:
+            events += self._join([chunks[i][0] for i in done], logits[done])
         return events
-
-    def _chunk_candidates(self):
-        """The prompts in progress, then new ones admitted while the step has room."""
-        yield from list(self.prefilling)
-        while True:
-            req = self._admit()
-            if req is None:
-                return
-            self.prefilling.append(req)
-            yield req
-
-    def _launch_decode_planned(self, batch: list[Request]):
-        """The decode step of ``batch``, whose slots are reserved already."""
-        ids, fb = self.runner.plan_decode([r.rid for r in batch], [r.output[-1] for r in batch])
-        return batch, self._launch(ids, fb, WHOLE_GPU, "decode")
 
     def _bullet(self) -> list[Event]:
         if not self.prefilling:
             self._start_prefill()
-        reqs = self.prefilling
+        reqs = list(self.prefilling)
         groups = len(self.runner.groups)
         tokens = sum(len(r.prefill_tokens) for r in reqs)
         prefill_work = (tokens, groups - self._prefill_group) if reqs else None
@@ -384,7 +401,7 @@ class Scheduler:
         # group shorter than the decode step would otherwise leave its SMs idle until the next
         # step). Without a GPU, one group per step.
         self._inflight = [e for e in self._inflight if not e.query()]
-        while reqs and self._prefill_group < groups and (not self._inflight or len(self._inflight) < PREFILL_AHEAD):
+        while reqs and self._prefill_group < groups and len(self._inflight) < PREFILL_AHEAD:
             out = self._prefill_step.launch_group(self._prefill_group, prefill_place, self._streams.get("prefill"))
             self._prefill_group += 1
             if self._prefill_group == groups:
@@ -396,28 +413,19 @@ class Scheduler:
         events = self._take_decode(decode_out)
         if prefill_logits is not None:
             self._sync("prefill")
-            self.prefilling, self._prefill_step = [], None
+            self._prefill_step, self._inflight = None, []
             self.counters["prefills"] += 1
             events += self._join(reqs, prefill_logits)
         return events
 
     def _start_prefill(self) -> None:
-        """Admit the waiting prompts that fit one prefill (``max_prefill_tokens``, the graphs'
-        sequences) and prepare it; its layer groups then run one per step beside decode."""
-        tokens = 0
-        while self.waiting and len(self.prefilling) < self.runner.cfg.prefill_max_seqs:
-            if self.prefilling and tokens + len(self.waiting[0].prefill_tokens) > self.cfg.max_prefill_tokens:
-                break
-            req = self._admit()
-            if req is None:
-                break
-            self.runner.reserve([(req.rid, req.prefill_tokens)])
-            self.prefilling.append(req)
-            tokens += len(req.prefill_tokens)
+        """Admit the waiting prompts that fit one prefill and prepare it; its layer groups then
+        run beside decode steps."""
+        tokens = self._admit_prefill()
         if self.prefilling:
             ids, fb = self.runner.plan_prefill([(r.rid, r.prefill_tokens) for r in self.prefilling])
-            prefill_tokens = (tokens, len(self.runner.groups))
-            self._prefill_step = self.runner.prepare(ids, fb, self.placements(self._decode_context(), prefill_tokens)[1])
+            placement = self.placements(self._decode_context(), (tokens, len(self.runner.groups)))[1]
+            self._prefill_step = self.runner.prepare(ids, fb, placement)
             self._prefill_group = 0
 
 

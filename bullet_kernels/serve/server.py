@@ -5,7 +5,8 @@ Built on aiohttp (server and the load generator's client alike; it is also on ou
 image, unlike other ASGI stacks) and prometheus_client. Errors are JSON ``{"error": {"message",
 "type", "code"}}``: 400 for a malformed body, an unknown field or a request that can never be
 served (longer than the context or the KV cache), 429 when the queue is full, 503 while shutting
-down. A client that disconnects is aborted and its KV pages are freed at the next step.
+down. A client that disconnects is aborted and its KV pages are freed at the next step (or, for
+a prompt whose bullet prefill is in flight, when that prefill lands).
 
 Streaming formats: ``/generate`` sends ``data: {"text": <all text so far>, "output_ids": <ids of
 this chunk>, "meta_info": {"id", "prompt_tokens", "completion_tokens", "finish_reason"}}`` per
@@ -64,6 +65,13 @@ def sampling(fields: dict) -> SamplingParams:
         raise BadRequest(str(exc)) from None
 
 
+def stream_flag(body: dict) -> bool:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"stream must be true or false, got {json.dumps(stream)}")
+    return stream
+
+
 class Metrics:
     def __init__(self, app_state: "Service"):
         self.registry = r = CollectorRegistry()
@@ -76,7 +84,7 @@ class Metrics:
         self.preemptions = Gauge("bullet_preemptions", "requests preempted for KV pages so far", registry=r)
         self.step = Histogram("bullet_step_seconds", "wall time of one engine step", registry=r,
                               buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
-        self._state, self._steps_seen = app_state, 0
+        self._state = app_state
 
     def render(self) -> bytes:
         s = self._state.engine.scheduler
@@ -86,11 +94,6 @@ class Metrics:
         self.preemptions.set(s.counters["preemptions"])
         for lane, sms in s.last_split.items():
             self.lane_sms.labels(lane).set(sms)
-        steps = list(self._state.engine.step_seconds)
-        new = s.counters["steps"] - self._steps_seen
-        for t in steps[-new:] if new > 0 else []:
-            self.step.observe(t)
-        self._steps_seen = s.counters["steps"]
         return generate_latest(self.registry)
 
 
@@ -100,6 +103,7 @@ class Service:
     def __init__(self, engine: ServingEngine, tokenizer: TextTokenizer, model: str, mode: str):
         self.engine, self.tokenizer, self.model, self.mode = engine, tokenizer, model, mode
         self.metrics = Metrics(self)
+        engine.observe_step = self.metrics.step.observe  # on the loop thread; prometheus_client is thread-safe
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
@@ -116,6 +120,8 @@ class Service:
 
     async def health(self, request: web.Request) -> web.Response:
         s = self.engine.scheduler
+        if not self.engine.alive:
+            return error(503, "the serving loop has stopped", "unavailable")
         return web.json_response({"status": "ok", "model": self.model, "mode": self.mode, "tokenizer": self.tokenizer.kind,
                                   "kv_free_pages": s.runner.kv_cache.num_free_pages, "queue_depth": self.engine.queue_depth,
                                   "running": len(s.running)})
@@ -136,10 +142,10 @@ class Service:
             params = body.get("sampling_params", {})
             if not isinstance(params, dict):
                 raise BadRequest("sampling_params must be an object")
-            return ids, sampling(params), bool(body.get("stream", False)), str(body.get("rid") or uuid.uuid4().hex)
+            return ids, sampling(params), stream_flag(body), str(body.get("rid") or uuid.uuid4().hex)
 
-        def chunk(req, new, text, done):
-            return {"text": text, "output_ids": new, "meta_info": self._meta(req, done)}
+        def chunk(req, ev, text):
+            return {"text": text, "output_ids": ev.new_tokens, "meta_info": self._meta(req, ev.finished, ev.num_output)}
 
         def final(req, text):
             return {"text": text, "output_ids": req.output, "meta_info": self._meta(req, True)}
@@ -168,7 +174,7 @@ class Service:
                     raise BadRequest("prompt must be a string or a list of token ids")
             fields = {k: body[k] for k in ("temperature", "top_p", "seed", "ignore_eos", "stop_token_ids") if k in body}
             fields["max_new_tokens"] = body.get("max_tokens", 16)
-            return ids, sampling(fields), bool(body.get("stream", False)), f"cmpl-{uuid.uuid4().hex}"
+            return ids, sampling(fields), stream_flag(body), f"cmpl-{uuid.uuid4().hex}"
 
         def choice(req, text, delta: bool, done: bool):
             reason = req.finish_reason if done else None
@@ -182,7 +188,8 @@ class Service:
 
         previous: dict[str, str] = {}
 
-        def chunk(req, new, text, done):
+        def chunk(req, ev, text):
+            done = ev.finished
             # A token can end inside a multi-byte character: its text ends in U+FFFD until the
             # next token completes it. Send only the settled part; the end sends the rest.
             settled = text if done else text.rstrip("\ufffd")
@@ -217,6 +224,8 @@ class Service:
                 pass
             if req.finish_reason and req.finish_reason.startswith("error"):
                 return self._count(error(500, req.finish_reason, "server_error"))
+            if req.finish_reason == "shutdown":
+                return self._count(error(503, "the server shut down before this request finished", "unavailable"))
             self.metrics.tokens.inc(len(req.output))
             return self._count(web.json_response(final(req, self.tokenizer.decode(req.output))))
         except (asyncio.CancelledError, ConnectionResetError):
@@ -228,8 +237,9 @@ class Service:
         await resp.prepare(request)
         while True:
             ev = await queue.get()
-            text = self.tokenizer.decode(req.output)
-            await resp.write(f"data: {json.dumps(chunk(req, ev.new_tokens, text, ev.finished))}\n\n".encode())
+            # The request keeps growing on the loop thread: read it as of this event.
+            text = self.tokenizer.decode(req.output[: ev.num_output])
+            await resp.write(f"data: {json.dumps(chunk(req, ev, text))}\n\n".encode())
             self.metrics.tokens.inc(len(ev.new_tokens))
             if ev.finished:
                 break
@@ -242,9 +252,10 @@ class Service:
         self.metrics.requests.labels(str(resp.status)).inc()
         return resp
 
-    def _meta(self, req: Request, done: bool) -> dict:
+    def _meta(self, req: Request, done: bool, num_output: int | None = None) -> dict:
         reason = {"type": req.finish_reason} if done and req.finish_reason else None
-        return {"id": req.rid, "prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
+        tokens = len(req.output) if num_output is None else num_output
+        return {"id": req.rid, "prompt_tokens": len(req.prompt), "completion_tokens": tokens,
                 "finish_reason": reason, "e2e_latency": time.perf_counter() - req.arrival}
 
 

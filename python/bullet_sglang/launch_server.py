@@ -45,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bullet_sglang: " + NOT_BUILT.format(version=version, points=len(HOOK_POINTS), ours=__version__),
               file=sys.stderr)
         return 2
-    from sglang.srt.entrypoints.http_server import launch_server
-    from sglang.srt.server_args import prepare_server_args
+    # SGLang's own entry module, exactly as `python -m sglang.launch_server` runs it (plugins,
+    # server dispatch, and its clean-up of child processes on the way out).
+    import runpy
 
-    launch_server(prepare_server_args(sglang_argv))
+    sys.argv = ["sglang.launch_server", *sglang_argv]
+    runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
     return 0
 
 
