@@ -180,15 +180,7 @@ class MixBench:
     def _split_mode(self, mode: str, work: MixWork):
         """``(run once -> orchestrator Run, launches)`` for a split-based mode."""
         launches = plan_mode(mode, work, self.estimator, self.plan)
-        rig = self.rig
-        from .engine.placement import WHOLE_GPU
-
-        with self.torch.cuda.stream(self.orch.streams[PREFILL]):
-            prefill = rig.prepare(rig.prefill_batch(work.prompt_tokens), WHOLE_GPU)
-        with self.torch.cuda.stream(self.orch.streams[DECODE]):
-            decode = rig.prepare(rig.decode_batch(work.decode_batch, work.context), WHOLE_GPU)
-        fns = {PREFILL: lambda i, p, s: prefill.launch_group(i, p, s),
-               DECODE: lambda i, p, s: decode.launch_group(0, p, s)}
+        fns = self.rig.mix_launchers(work, self.orch.streams)
         return (lambda: self.orch.issue(launches, fns).synchronize()), launches
 
     def _chunked_mode(self, chunk: int, work: MixWork):

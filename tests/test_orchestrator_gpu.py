@@ -14,7 +14,6 @@ import torch
 
 from bullet_kernels.colocation import plan_mode, BenchPlan
 from bullet_kernels.config import EngineConfig
-from bullet_kernels.engine import WHOLE_GPU
 from bullet_kernels.orchestrate import Estimator, MixWork
 from bullet_kernels.orchestrate.orchestrator import Orchestrator
 from bullet_kernels.orchestrate.rig import Rig
@@ -45,13 +44,7 @@ def rig():
 
 def run_plan(rig, orch, launches, work):
     """Issue ``launches``; the prompt's logits and the decode step's logits afterwards."""
-    with torch.cuda.stream(orch.streams["prefill"]):
-        prefill = rig.prepare(rig.prefill_batch(work.prompt_tokens), WHOLE_GPU)
-    with torch.cuda.stream(orch.streams["decode"]):
-        decode = rig.prepare(rig.decode_batch(work.decode_batch, work.context), WHOLE_GPU)
-    fns = {"prefill": lambda i, p, s: prefill.launch_group(i, p, s),
-           "decode": lambda i, p, s: decode.launch_group(0, p, s)}
-    run = orch.issue(launches, fns).synchronize()
+    run = orch.issue(launches, rig.mix_launchers(work, orch.streams)).synchronize()
     graphs = rig.runner.graphs
     return graphs.buffers("prefill", work.prompt_tokens).logits[0].clone(), graphs.buffers(
         "decode", work.decode_batch).logits.clone(), run

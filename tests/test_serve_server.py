@@ -227,6 +227,9 @@ def test_bench_serving_against_our_server_writes_goodput(tmp_path, capsys):
     (["serve", "--mode", "fast"], "invalid choice"),
     (["bench-serving", "--rates", "0"], "number > 0"),
     (["bench-serving", "--trace", "lmsys"], "invalid choice"),
+    (["bench-serving", "--trace-file", "/no/such/trace.jsonl"], "is not a file"),
+    (["serve", "--split", "prefill=100"], "'prefill' and 'decode'"),
+    (["serve", "--split", "prefill=100,decode=x"], "--split"),
 ])
 def test_serving_commands_refuse_bad_options(capsys, argv, words):
     from bullet_kernels import cli

@@ -21,9 +21,10 @@ import torch
 
 from ..config import EngineConfig
 from ..engine.batch import SeqChunk, pack_input_ids, plan_decode, plan_prefill
-from ..engine.placement import Placement
+from ..engine.placement import WHOLE_GPU, Placement
 from ..engine.runner import ModelRunner
 from ..engine.step import Step
+from .planner import MixWork
 
 PROMPT = "prompt"
 
@@ -49,6 +50,7 @@ class Rig:
         self.runner.kv_cache.allocate_many([(r, max_context + 1) for r in self.decode_ids] + [(PROMPT, max_prompt)])
         self.tokens = torch.randint(0, vocab, (max_prompt,), generator=gen).tolist()
         self.decode_tokens = torch.randint(0, vocab, (max_batch,), generator=gen).tolist()
+        self._geometry = dict(page_size=self.runner.page_size, max_pages=self.runner.max_pages)
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -67,22 +69,19 @@ class Rig:
         return SeqChunk(self._pages(PROMPT, start + tokens), start, tokens)
 
     def decode_batch(self, batch: int, context: int):
-        geo = dict(page_size=self.runner.page_size, max_pages=self.runner.max_pages)
-        fb = plan_decode(self._decode_chunks(batch, context), **geo)
+        fb = plan_decode(self._decode_chunks(batch, context), **self._geometry)
         return pack_input_ids([[t] for t in self.decode_tokens[:batch]], batch), fb
 
     def prefill_batch(self, tokens: int, start: int = 0):
-        geo = dict(page_size=self.runner.page_size, max_pages=self.runner.max_pages)
-        fb = plan_prefill([self._prompt_chunk(start, tokens)], **geo)
+        fb = plan_prefill([self._prompt_chunk(start, tokens)], **self._geometry)
         return pack_input_ids([self.tokens[start:start + tokens]], tokens), fb
 
     def mixed_batch(self, start: int, chunk: int, batch: int, context: int):
         """One chunked-prefill step: prompt tokens ``start..start+chunk`` then one token for each
         of ``batch`` decode sequences (``chunk`` 0: decode rows only, on the prefill path)."""
-        geo = dict(page_size=self.runner.page_size, max_pages=self.runner.max_pages)
         chunks = ([self._prompt_chunk(start, chunk)] if chunk else []) + self._decode_chunks(batch, context)
         lists = ([self.tokens[start:start + chunk]] if chunk else []) + [[t] for t in self.decode_tokens[:batch]]
-        fb = plan_prefill(chunks, **geo)
+        fb = plan_prefill(chunks, **self._geometry)
         return pack_input_ids(lists, fb.bucket.num_tokens), fb
 
     # -- steps -------------------------------------------------------------------------------
@@ -92,6 +91,17 @@ class Rig:
         if step.eager_reason:  # lazy capture is on: an eager step here is a sizing bug
             raise RuntimeError(f"no graph for this step on {placement}: {step.eager_reason}")
         return step
+
+    def mix_launchers(self, work: MixWork, streams: dict) -> dict:
+        """The orchestrator's launch functions for ``work``'s prompt and decode batch: each step
+        prepared once, on its phase's stream (``streams["prefill"]``, ``streams["decode"]``), so
+        its static-buffer copies come before its replays there."""
+        with torch.cuda.stream(streams["prefill"]):
+            prefill = self.prepare(self.prefill_batch(work.prompt_tokens), WHOLE_GPU)
+        with torch.cuda.stream(streams["decode"]):
+            decode = self.prepare(self.decode_batch(work.decode_batch, work.context), WHOLE_GPU)
+        return {"prefill": lambda i, p, s: prefill.launch_group(i, p, s),
+                "decode": lambda i, p, s: decode.launch_group(0, p, s)}
 
     def close(self) -> None:
         self.runner.close()

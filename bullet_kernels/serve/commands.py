@@ -22,6 +22,26 @@ def positive_float(text: str) -> float:
     return value
 
 
+def lane_split(text: str) -> str:
+    """A split with exactly the lanes prefill and decode (checked here, before any GPU work)."""
+    from ..errors import InvalidSplitError
+    from ..orchestrate.policy import check_splits
+
+    try:
+        check_splits([text])
+    except (InvalidSplitError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def existing_file(text: str) -> str:
+    from pathlib import Path
+
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file (a JSONL trace: prompt_len, output_len per line)")
+    return text
+
+
 def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> None:
     p.add_argument("--model", default="llama-3.1-8b", metavar="PRESET|DIR",
                    help="a preset (random weights; one of: %s) or a Hugging Face model directory" % ", ".join(presets))
@@ -39,7 +59,7 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
     p.add_argument("--ttft-slo-ms", type=positive_float, default=1000.0, help="time-to-first-token target (bullet mode)")
     p.add_argument("--tpot-slo-ms", type=positive_float, default=20.0,
                    help="time-per-output-token target: the bullet policy keeps decode steps within it")
-    p.add_argument("--split", default=None, metavar="prefill=P,decode=D",
+    p.add_argument("--split", type=lane_split, default=None, metavar="prefill=P,decode=D",
                    help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
                    "SLO policy over the shipped profile (default: the policy)")
 
@@ -68,7 +88,7 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
     p.add_argument("--trace", default="uniform", choices=TRACES,
                    help="uniform: inputs 512-1536, outputs 128-384 tokens (the project's standard trace); "
                    "sharegpt and azure-conversation: lengths from published statistics (serve/traces.py)")
-    p.add_argument("--trace-file", default=None, metavar="JSONL",
+    p.add_argument("--trace-file", type=existing_file, default=None, metavar="JSONL",
                    help="a JSONL trace (prompt_len, output_len per line) instead of --trace")
     p.add_argument("--rates", type=positive_float, nargs="+", default=[4.0, 8.0, 12.0, 16.0],
                    metavar="REQ_PER_S", help="offered rates (Poisson arrivals), one run each")
