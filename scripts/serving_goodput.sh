@@ -58,6 +58,8 @@ case ${1:-} in
     wait_up http://127.0.0.1:30001/health 600 || { tail -20 "$OUT/serve-$mode-$chunk.log"; exit 1; }
     label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"
     bench http://127.0.0.1:30001 "$label"
+    python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())" \
+      http://127.0.0.1:30001/metrics > "$OUT/metrics-$label.txt" || true
     pkill -f "bullet serve" ;;
   *) sed -n 2,15p "$0"; exit 2 ;;
 esac

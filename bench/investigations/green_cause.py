@@ -1,0 +1,190 @@
+"""Why does a green lane run on another lane's SMs after Inductor work? A diagnostic (issue #10).
+
+Reproduces the failing state of ``tests/fresh_process/green_cross_lane_checks.py`` ("late":
+three splits opened one after another while Inductor graphs run on the earlier ones), but opens
+every split without verification, then looks at every lane six ways:
+
+- ``library``: our probe (context-independent kernel from ``cuLibraryLoadData``, resolved with
+  ``cuKernelGetFunction`` while the lane's context is current): what verification uses;
+- ``library-primary``: the same kernel resolved with the primary context current, launched on
+  the lane's stream (what a runtime launch with the primary context current looks like);
+- ``module-lane``: a module loaded with ``cuModuleLoadData`` while the lane's context is current;
+- ``module-primary``: a module loaded while the primary context is current (Triton's path);
+- ``triton``: a Triton kernel reading ``%smid`` (loaded by Triton, as Inductor's kernels are);
+- ``recreated``: a new green context of the same size made after the work.
+
+and prints, per lane, the context ids (``cuCtxGetId``), the SM count each context reports
+(``cuCtxGetDevResource``) and the ``CUfunction`` handle ``cuKernelGetFunction`` returned, so a
+function shared between two lanes' contexts shows. Writes JSON to ``$OUT`` (or the cwd).
+
+    python3 bench/investigations/green_cause.py [late|fresh]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from bullet_kernels import Partitioner, SMSplit
+from bullet_kernels.device import check, driver_module
+from bullet_kernels.partition import get_backend, probe
+from bullet_kernels.partition.base import format_ranges
+
+SPLITS = [SMSplit.parse(s) for s in ("prefill=96,decode=36", "prefill=104,decode=28", "prefill=112,decode=20")]
+
+
+@triton.jit
+def _triton_smid(out_ptr, spin_ns):
+    smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    t = t0
+    while t - t0 < spin_ns:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+    tl.store(out_ptr + tl.program_id(0), smid)
+
+
+def work(parts: Partitioner) -> None:
+    from bench.test_compile_backend import TinyGPT
+    import bullet_kernels
+
+    torch.manual_seed(0)
+    model = TinyGPT().cuda().to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
+    step = torch.randint(0, 32000, (64, 1), device="cuda")
+    with torch.no_grad():
+        compiled = [torch.compile(model, backend=name, dynamic=False) for name in ("bullet", "cudagraphs")]
+        compiled.append(torch.compile(model, mode="reduce-overhead", dynamic=False))
+        for fn in compiled:
+            for _ in range(3):
+                fn(step, decode=True)
+        fn = compiled[0]
+        for split in SPLITS:
+            for _ in range(10):
+                with bullet_kernels.on_lane("prefill", split, partitioner=parts, join=False):
+                    fn(prompt)
+                with bullet_kernels.on_lane("decode", split, partitioner=parts, join=False):
+                    for _ in range(4):
+                        fn(step, decode=True)
+                torch.cuda.synchronize()
+
+
+class Variants:
+    def __init__(self, sm_count: int):
+        self.drv = driver_module()
+        self.sm_count = sm_count
+        self.kernel, self.smem, _ = probe._kernel(0)
+        self.primary = check(self.drv.cuDevicePrimaryCtxRetain(check(self.drv.cuDeviceGet(0), "dev")), "retain")
+        self.modules: dict[int, object] = {}
+
+    def _out(self):
+        torch.cuda.synchronize()
+        return torch.full((4 * self.sm_count,), -1, dtype=torch.int32, device="cuda")
+
+    def _launch(self, function, stream, out):
+        drv = self.drv
+        params = ((out.data_ptr(), 20_000), (ctypes.c_void_p, ctypes.c_uint64))
+        check(drv.cuLaunchKernel(function, out.numel(), 1, 1, probe.THREADS, 1, 1, self.smem,
+                                 drv.CUstream(stream.cuda_stream), params, 0), "launch")
+        stream.synchronize()
+        return probe.sms_written(out)
+
+    def _function_in(self, ctx):
+        drv = self.drv
+        check(drv.cuCtxPushCurrent(ctx), "push")
+        try:
+            return check(drv.cuKernelGetFunction(self.kernel), "cuKernelGetFunction")
+        finally:
+            check(drv.cuCtxPopCurrent(), "pop")
+
+    def _module_function(self, ctx):
+        drv = self.drv
+        key = int(ctx)
+        if key not in self.modules:
+            check(drv.cuCtxPushCurrent(ctx), "push")
+            try:
+                mod = check(drv.cuModuleLoadData(probe.PROBE_PTX.encode() + b"\0"), "cuModuleLoadData")
+                fn = check(drv.cuModuleGetFunction(mod, b"bullet_smid_probe"), "cuModuleGetFunction")
+                check(drv.cuFuncSetAttribute(fn, drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                             self.smem), "cuFuncSetAttribute")
+            finally:
+                check(drv.cuCtxPopCurrent(), "pop")
+            self.modules[key] = fn
+        return self.modules[key]
+
+    def lane(self, lane) -> dict:
+        drv = self.drv
+        stream = lane.stream
+        ctx = check(drv.cuStreamGetCtx(drv.CUstream(stream.cuda_stream)), "cuStreamGetCtx")
+        row = {
+            "granted": lane.granted,
+            "at_open": format_ranges(sorted(lane.observed_sms)),
+            "ctx_id": int(check(drv.cuCtxGetId(ctx), "cuCtxGetId")),
+            "ctx_handle": hex(int(ctx)),
+        }
+        res = check(drv.cuCtxGetDevResource(ctx, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM), "cuCtxGetDevResource")
+        row["ctx_sm_count"] = int(res.sm.smCount)
+        fn_lane = self._function_in(ctx)
+        fn_primary = self._function_in(self.primary)
+        row["function_lane"] = hex(int(fn_lane))
+        row["function_primary"] = hex(int(fn_primary))
+        variants = {
+            "library": lambda: self._launch(fn_lane, stream, self._out()),
+            "library-primary": lambda: self._launch(fn_primary, stream, self._out()),
+            "module-lane": lambda: self._launch(self._module_function(ctx), stream, self._out()),
+            "module-primary": lambda: self._launch(self._module_function(self.primary), stream, self._out()),
+            "triton": lambda: self._triton(stream),
+        }
+        for name, run in variants.items():
+            try:
+                seen = run()
+                row[name] = f"{len(seen)}: {format_ranges(sorted(seen))}"
+            except Exception as exc:  # a diagnostic: record and go on
+                row[name] = f"error: {exc}"
+        return row
+
+    def _triton(self, stream):
+        out = self._out()
+        with torch.cuda.stream(stream):
+            _triton_smid[(out.numel(),)](out, 20_000, num_warps=32)
+        stream.synchronize()
+        return probe.sms_written(out)
+
+
+def main() -> None:
+    mode = sys.argv[1] if len(sys.argv) > 1 else "late"
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    report = {"mode": mode, "device": torch.cuda.get_device_name(0), "lanes": {}}
+    parts = Partitioner("green", verify=False)
+    if mode == "late":
+        work(parts)
+    else:
+        for split in SPLITS:
+            parts.get(split)
+    v = Variants(sm_count)
+    for pset in parts.open_sets():
+        for lane in pset.lanes.values():
+            report["lanes"][f"{pset.split.key}:{lane.name}"] = v.lane(lane)
+    # A fresh green context of each size after the work.
+    backend = get_backend("green")
+    for split in SPLITS:
+        try:
+            fresh = backend.open(split, verify=False)
+            for lane in fresh.lanes.values():
+                report["lanes"][f"recreated {split.key}:{lane.name}"] = v.lane(lane)
+        except Exception as exc:
+            report["lanes"][f"recreated {split.key}"] = f"error: {exc}"
+    for name, row in report["lanes"].items():
+        print(name, json.dumps(row))
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, f"green-cause-{mode}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
