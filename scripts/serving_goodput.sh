@@ -11,7 +11,8 @@
 # `bullet bench-serving` (seeded). Results: $OUT/serving-<label>-<gpu>-<date>.json and .png;
 # `bullet bench-serving --report $OUT/serving-*.json` prints the goodput table.
 # Environment: RATES (req/s), PROMPTS (per rate), TRACE (uniform|sharegpt|azure-conversation),
-# MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), OUT (default /tmp/bullet-out).
+# MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
+# options, e.g. --tpot-slo-ms 10), LABEL (results name), OUT (default /tmp/bullet-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bullet-out}
@@ -45,21 +46,23 @@ case ${1:-} in
     PYTHONPATH=/tmp/site setsid python3 -m sglang.launch_server --model-path "$SG/model" --load-format dummy \
       --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache \
       --chunked-prefill-size "$chunk" --mem-fraction-static 0.80 --port 30000 > "$OUT/sglang-$chunk.log" 2>&1 &
+    echo $! > /tmp/sglang.pid
     echo "SGLang (chunk $chunk) starting; its first start takes about 4.5 minutes" ;;
   sglang-bench)
     chunk=${2:-2048}
     wait_up http://127.0.0.1:30000/health 540 || { tail -20 "$OUT/sglang-$chunk.log"; exit 1; }
     bench http://127.0.0.1:30000 "sglang-chunk$chunk"
-    pkill -f sglang.launch_server ;;
+    kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server" ;;
   ours)
     mode=${2:?usage: ours MODE [CHUNK]}; chunk=${3:-512}
     setsid bullet serve --model "$MODEL" --mode "$mode" --chunk-size "$chunk" --port 30001 \
-      ${DEVICE:+--device "$DEVICE"} > "$OUT/serve-$mode-$chunk.log" 2>&1 &
+      ${DEVICE:+--device "$DEVICE"} ${SERVE_ARGS:-} > "$OUT/serve-$mode-$chunk.log" 2>&1 &
+    pid=$!
     wait_up http://127.0.0.1:30001/health 600 || { tail -20 "$OUT/serve-$mode-$chunk.log"; exit 1; }
-    label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"
+    label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"; label=${LABEL:-$label}
     bench http://127.0.0.1:30001 "$label"
     python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())" \
       http://127.0.0.1:30001/metrics > "$OUT/metrics-$label.txt" || true
-    pkill -f "bullet serve" ;;
+    kill "$pid"; wait "$pid" 2>/dev/null ;;  # by pid: a pattern could match the caller's command line
   *) sed -n 2,15p "$0"; exit 2 ;;
 esac

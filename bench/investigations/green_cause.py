@@ -17,7 +17,7 @@ and prints, per lane, the context ids (``cuCtxGetId``), the SM count each contex
 (``cuCtxGetDevResource``) and the ``CUfunction`` handle ``cuKernelGetFunction`` returned, so a
 function shared between two lanes' contexts shows. Writes JSON to ``$OUT`` (or the cwd).
 
-    python3 bench/investigations/green_cause.py [late|fresh]
+    python3 bench/investigations/green_cause.py [late|fresh|verified|verified-old-workspaces]
 """
 
 from __future__ import annotations
@@ -156,8 +156,32 @@ class Variants:
         return probe.sms_written(out)
 
 
+def verified(old_workspaces: bool) -> None:
+    """The failing sequence with verification on (as in the test); with ``old_workspaces`` our
+    graph captures do not clear cuBLAS workspaces (the code before 124822c), everything else
+    (Inductor's cudagraph trees included) does."""
+    from bullet_kernels import BulletError
+
+    if old_workspaces:
+        original = torch._C._cuda_clearCublasWorkspaces
+
+        def clear():
+            if sys._getframe(1).f_code.co_name != "capture_on_stream":
+                original()
+
+        torch._C._cuda_clearCublasWorkspaces = clear
+    try:
+        with Partitioner("green") as parts:
+            work(parts)
+        print(f"verified (old workspaces: {old_workspaces}): every split opened and verified")
+    except BulletError as exc:
+        print(f"verified (old workspaces: {old_workspaces}): REFUSED: {exc}")
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "late"
+    if mode in ("verified", "verified-old-workspaces"):
+        return verified(mode == "verified-old-workspaces")
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     report = {"mode": mode, "device": torch.cuda.get_device_name(0), "lanes": {}}
     parts = Partitioner("green", verify=False)
