@@ -357,6 +357,10 @@ def nvml_device(index: int = 0) -> tuple[Any, Any]:
     try:
         import torch
 
+        if not torch.cuda.is_initialized() and os.environ.get("CUDA_VISIBLE_DEVICES") is None:
+            # NVML numbers GPUs as CUDA does here; no CUDA context just to find the handle (a
+            # load generator beside a server should not take GPU memory).
+            return pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
         uuid = str(torch.cuda.get_device_properties(index).uuid)
         uuid = uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
         return pynvml, pynvml.nvmlDeviceGetHandleByUUID(uuid)

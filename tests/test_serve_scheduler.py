@@ -168,3 +168,57 @@ def test_a_failed_step_finishes_every_request_it_held():
     assert {e.request.rid for e in events} == {r.rid for r in reqs if r.finish_reason == "error: boom"}
     assert events and all(r.finished for r in reqs)
     assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages
+
+
+def test_bullet_keeps_the_split_mid_prefill_unless_decode_needs_more_sms(expected):
+    """Changing the split waits for the prefill groups queued on its lane, so mid-prefill only a
+    decision giving decode more SMs is taken; the outputs stay the greedy continuation."""
+    from bullet_kernels.engine import Placement
+    from bullet_kernels.engine.placement import WHOLE_GPU
+    from bullet_kernels.partition import SMSplit
+
+    small, large = SMSplit(prefill=100, decode=32), SMSplit(prefill=68, decode=64)
+    asked = iter(range(10_000))
+
+    def flip_flop(decode, prefill):  # alternates between the two splits at every decision
+        if decode is None or prefill is None:
+            return WHOLE_GPU, WHOLE_GPU
+        split = small if next(asked) % 2 else large
+        return Placement(split, "decode"), Placement(split, "prefill")
+
+    # One prompt per prefill (max_prefill_tokens), so later prompts prefill beside decode steps.
+    s = Scheduler(make_runner(), SchedulerConfig(mode="bullet", max_prefill_tokens=8), flip_flop)
+    reqs = requests()
+    for r in reqs:
+        s.add(r)
+    used = []
+    while s.has_work():
+        mid_prefill = s._prefill_step is not None and s._prefill_group > 0
+        s.step()
+        if mid_prefill and s.last_split.get("decode"):
+            used.append(s.last_split["decode"])
+    assert used and set(used) == {64}, used  # once it had 64, mid-prefill it never went back to 32
+    assert [r.output for r in reqs] == expected
+
+
+def test_policy_decisions_are_cached_per_rounded_work():
+    from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy, Work, find_profile
+    from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
+    from bullet_kernels.serve.app import CONTEXT_QUANTUM, ServeOptions, placements_from_profile
+
+    profile = Profile.load(find_profile("h200", "llama-3.1-8b"))
+    opts = ServeOptions(model="llama-3.1-8b", tpot_slo_ms=10.0)
+    placements, splits, groups = placements_from_profile(profile, opts)
+    policy = SLOPolicy(Estimator(profile), list(DEFAULT_SPLITS), tpot_ms=10.0, ttft_ms=opts.ttft_slo_ms)
+    assert splits == tuple(DEFAULT_SPLITS) and groups == len(Estimator(profile).groups)
+    for batch, context, tokens in [(16, 1000, 1024), (40, 1500, 2048), (80, 1500, 2048), (8, 100, 512)]:
+        decode_place, prefill_place = placements((batch, context), (tokens, groups))
+        rounded = -(-context // CONTEXT_QUANTUM) * CONTEXT_QUANTUM
+        want = policy.decide(Work(decode=(batch, rounded), prefill_tokens=tokens, prefill_groups_left=groups,
+                                  ttft_left_ms=opts.ttft_slo_ms)).split
+        assert decode_place.split == want and prefill_place.split == want
+        assert (decode_place.lane, prefill_place.lane) == ("decode", "prefill")
+    hits = placements.cache_info().hits
+    placements((16, 1000 - CONTEXT_QUANTUM // 2), (1024, groups))  # rounds up to the same work
+    assert placements.cache_info().hits == hits + 1
+    assert placements((16, 1000), None)[0].split is None  # decode alone: the whole GPU

@@ -17,7 +17,7 @@ and prints, per lane, the context ids (``cuCtxGetId``), the SM count each contex
 (``cuCtxGetDevResource``) and the ``CUfunction`` handle ``cuKernelGetFunction`` returned, so a
 function shared between two lanes' contexts shows. Writes JSON to ``$OUT`` (or the cwd).
 
-    python3 bench/investigations/green_cause.py [late|fresh|verified|verified-old-workspaces]
+    python3 bench/investigations/green_cause.py [late|fresh|verified|verified-old-workspaces|settle]
 """
 
 from __future__ import annotations
@@ -178,8 +178,33 @@ def verified(old_workspaces: bool) -> None:
         print(f"verified (old workspaces: {old_workspaces}): REFUSED: {exc}")
 
 
+def settle() -> None:
+    """The failing sequence with verification on; when a set fails its probe at open, probe its
+    lanes again five times each (same streams, nothing else launched) and print what each saw:
+    does a refused lane stay wrong, or does it settle after its first launches?"""
+    from bullet_kernels.partition import verification
+
+    original = verification.probe_and_check
+
+    def probe_then_retry(pset):
+        try:
+            original(pset)
+        except Exception as exc:
+            print(f"refused at open: {exc}")
+            for lane in pset.lanes.values():
+                seen = [probe.observed_sms(lane.stream, pset.device.sm_count) for _ in range(5)]
+                print(f"  {pset.split.key}:{lane.name} granted {lane.granted}: again x5 -> "
+                      + " | ".join(f"{len(s)}: {format_ranges(sorted(s))}" for s in seen))
+            raise
+
+    verification.probe_and_check = probe_then_retry
+    verified(False)
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "late"
+    if mode == "settle":
+        return settle()
     if mode in ("verified", "verified-old-workspaces"):
         return verified(mode == "verified-old-workspaces")
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count

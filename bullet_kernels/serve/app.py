@@ -13,6 +13,7 @@ device (and without a GPU, eagerly).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -61,27 +62,52 @@ def policy_placements(model_name: str, model_config, opts: ServeOptions):
     """The SLO policy's lanes for each bullet step (GPU): both lanes of its split, or the whole
     GPU for a phase alone; with the profile's layer groups and candidate splits. The profile
     must be of this GPU and model (refused otherwise, naming both)."""
-    from ..orchestrate import Estimator, Profile, SLOPolicy, Work, find_profile
-    from ..orchestrate.profiler import DEFAULT_SPLITS
+    from ..orchestrate import Profile, find_profile
     from ..results import gpu_slug
 
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     profile = Profile.load(find_profile(gpu_slug(props.name), model_name))
     profile.check_matches(device_name=props.name, sm_count=props.multi_processor_count, model_config=model_config)
+    return placements_from_profile(profile, opts)
+
+
+def placements_from_profile(profile, opts: ServeOptions):
+    """:func:`policy_placements` for a loaded profile (no GPU needed): ``(placements, the
+    candidate splits, the profile's layer groups)``."""
+    from ..orchestrate import Estimator, SLOPolicy, Work
+    from ..orchestrate.profiler import DEFAULT_SPLITS
+
     estimator = Estimator(profile)
     policy = SLOPolicy(estimator, list(DEFAULT_SPLITS), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms)
 
-    def placements(decode, prefill):
+    @functools.lru_cache(maxsize=8192)
+    def decide(batch, context, tokens, groups_left):
         # The TTFT target is watched, not enforced: the policy's decision marks a prefill whose
         # estimate misses it; the split is chosen by the TPOT target.
-        work = Work(decode=decode, prefill_tokens=prefill[0] if prefill else None,
-                    prefill_groups_left=prefill[1] if prefill else 0, ttft_left_ms=opts.ttft_slo_ms)
+        work = Work(decode=(batch, context) if batch else None, prefill_tokens=tokens,
+                    prefill_groups_left=groups_left, ttft_left_ms=opts.ttft_slo_ms)
         split = policy.decide(work).split
         if split is None:
             return WHOLE_GPU, WHOLE_GPU
         return Placement(split, "decode"), Placement(split, "prefill")
 
+    def placements(decode, prefill):
+        # A decision costs about 1 ms of estimator arithmetic, a tenth of a decode step: decide
+        # once per (batch, context and prompt tokens rounded up to CONTEXT_QUANTUM, groups left).
+        batch, context = decode if decode else (0, 0)
+        tokens, groups = prefill if prefill else (None, 0)
+        return decide(batch, _round_up(context), tokens and _round_up(tokens), groups)
+
+    placements.cache_info = decide.cache_info
+
     return placements, tuple(DEFAULT_SPLITS), len(estimator.groups)
+
+
+CONTEXT_QUANTUM = 64  # tokens; rounded up, so a decision is made for at least the real length
+
+
+def _round_up(n: int) -> int:
+    return -(-n // CONTEXT_QUANTUM) * CONTEXT_QUANTUM
 
 
 def static_placements(split_text: str):

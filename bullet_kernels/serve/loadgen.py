@@ -174,12 +174,13 @@ def sweep(base_url: str, rates: Sequence[float], make_trace: Callable[[float], S
           vocab_size: int, seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
           max_concurrency: int | None = None, warm_up: bool = True, ttft_slo_s: float | None = None,
           tpot_slo_s: float | None = None, keep_results: bool = True,
-          progress: Callable[[dict], Any] | None = None) -> list[dict]:
+          progress: Callable[[dict], Any] | None = None, monitor: Callable[[], Any] | None = None) -> list[dict]:
     """Run ``make_trace(rate)`` at each rate in turn (each run drains before the next starts)
     and return one row per rate: ``{"rate", "n", **summarize(...)}``, plus ``"results"`` (each
     request as a dict, JSON-ready) when ``keep_results``. With ``warm_up`` one short request goes
     first and a failed warm-up raises ``RuntimeError`` (no server: nothing to measure).
-    ``progress(row)`` is called after each rate. Not callable from inside a running event loop
+    ``progress(row)`` is called after each rate. ``monitor()`` (e.g. :class:`~bullet_kernels.measure.GpuMonitor`)
+    gives a context manager run around each rate whose ``summary()`` joins the row (SM clock, power). Not callable from inside a running event loop
     (it uses ``asyncio.run``); await :func:`run_trace` there."""
     _check_args(base_url, vocab_size, timeout_s, max_concurrency)
     if not rates:
@@ -194,9 +195,13 @@ def sweep(base_url: str, rates: Sequence[float], make_trace: Callable[[float], S
         rows = []
         for rate in rates:
             trace = list(make_trace(rate))
-            results = await run_trace(base_url, trace, vocab_size, seed, timeout_s, max_concurrency)
+            watch = monitor() if monitor is not None else contextlib.nullcontext()
+            with watch:
+                results = await run_trace(base_url, trace, vocab_size, seed, timeout_s, max_concurrency)
             row = {"rate": rate, "n": len(trace),
                    **summarize(results, duration_of(results), ttft_slo_s, tpot_slo_s)}
+            if monitor is not None:
+                row["gpu"] = watch.summary()
             if keep_results:
                 row["results"] = [dataclasses.asdict(r) for r in results]
             rows.append(row)

@@ -3,7 +3,8 @@
 Each file is one engine's sweep (``serving-<label>-<gpu>-<date>.json``). Per TPOT target, the
 table gives each engine's goodput (highest offered rate at which >= 90% of requests met both
 SLOs), the best of our chunked runs (``chunked<size>`` labels: the best chunk for that target),
-and bullet's ratio to the best baseline, SGLang included.
+the best of our bullet runs (``bullet*`` labels, e.g. one per policy TPOT target), and bullet's
+ratio to the best baseline, SGLang included.
 """
 
 from __future__ import annotations
@@ -42,12 +43,36 @@ def goodput_rows(docs: dict[str, dict]) -> list[dict]:
             row[label] = None if g is None else g.get("by_attainment")
         chunked = [row[k] for k in docs if k.startswith("chunked") and row[k] is not None]
         row["chunked-best"] = max(chunked) if chunked else None
-        baselines = [v for k, v in row.items() if k not in ("tpot_ms", "bullet") and not k.startswith("chunked") and v]
+        ours = [row[k] for k in docs if k.startswith("bullet") and row[k] is not None]
+        row["bullet-best"] = max(ours) if ours else None
+        baselines = [row[k] for k in docs if not k.startswith(("bullet", "chunked")) and row[k]]
         baselines += [row["chunked-best"]] if row["chunked-best"] else []
         best = max(baselines) if baselines else None
-        row["bullet_vs_best_baseline"] = (row["bullet"] / best) if row.get("bullet") and best else None
+        row["bullet_vs_best_baseline"] = (row["bullet-best"] / best) if row["bullet-best"] and best else None
         rows.append(row)
     return rows
+
+
+def gpu_rows(docs: dict[str, dict]) -> list[dict]:
+    """Per run and rate: the SM clock and power the load generator sampled (where it could)."""
+    out = []
+    for label, doc in docs.items():
+        for r in doc.get("rows", []):
+            gpu = r.get("gpu") or {}
+            if isinstance(gpu.get("sm_clock_mhz"), (int, float)):
+                out.append({"label": label, "rate": r.get("rate"), "sm_clock_mhz": gpu["sm_clock_mhz"],
+                            "sm_clock_mhz_min": gpu.get("sm_clock_mhz_min"), "power_w": gpu["power_w"],
+                            "power_w_max": gpu.get("power_w_max")})
+    return out
+
+
+def gpu_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return "(no SM clock or power samples in these files)"
+    lines = ["| run | rate (req/s) | SM clock median (min) MHz | power median (max) W |", "|---|---|---|---|"]
+    lines += [f"| {r['label']} | {r['rate']:g} | {r['sm_clock_mhz']:.0f} ({r['sm_clock_mhz_min']:.0f}) | "
+              f"{r['power_w']:.0f} ({r['power_w_max']:.0f}) |" for r in rows]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -96,6 +96,7 @@ class Scheduler:
         self._prefill_step = None  # bullet: the prepared prefill step and its next layer group
         self._prefill_group = 0
         self._split = None  # the split of the last bullet step (None: whole GPU)
+        self._placed = (WHOLE_GPU, WHOLE_GPU)  # bullet: the last step's (decode, prefill) placements
         self._inflight: list = []  # bullet: events of the prefill layer groups queued on the GPU
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_split: dict[str, int] = {}  # lane -> SMs of the last step (for /metrics)
@@ -391,6 +392,9 @@ class Scheduler:
         tokens = sum(len(r.prefill_tokens) for r in reqs)
         prefill_work = (tokens, groups - self._prefill_group) if reqs else None
         decode_place, prefill_place = self.placements(self._decode_context(), prefill_work)
+        if self._keep_split(reqs, decode_place):
+            decode_place, prefill_place = self._placed
+        self._placed = decode_place, prefill_place
         if decode_place.split != self._split:
             self._sync("prefill")  # the SMs change hands: the last layer group must be done first
             self._split = decode_place.split
@@ -417,6 +421,14 @@ class Scheduler:
             self.counters["prefills"] += 1
             events += self._join(reqs, prefill_logits)
         return events
+
+    def _keep_split(self, reqs, decode_place: Placement) -> bool:
+        """Mid-prefill, keep the split unless the new one gives decode more SMs. Changing hands
+        waits for the prefill groups queued on the lane (several ms), so a decision that would
+        only give decode fewer SMs (its batch shrank) waits for the prefill to end."""
+        if not reqs or self._prefill_group == 0 or self._split is None or decode_place.split is None:
+            return False
+        return _sms(decode_place) <= self._split["decode"]
 
     def _start_prefill(self) -> None:
         """Admit the waiting prompts that fit one prefill and prepare it; its layer groups then
