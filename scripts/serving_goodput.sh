@@ -51,6 +51,10 @@ case ${1:-} in
   sglang-bench)
     chunk=${2:-2048}
     wait_up http://127.0.0.1:30000/health 540 || { tail -20 "$OUT/sglang-$chunk.log"; exit 1; }
+    # The first load after start pays FlashInfer JIT work (a 10 s stall, measured): a short
+    # unrecorded pass first.
+    bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
+      --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
     bench http://127.0.0.1:30000 "sglang-chunk$chunk"
     kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server" ;;
   ours)
