@@ -222,3 +222,17 @@ def test_policy_decisions_are_cached_per_rounded_work():
     placements((16, 1000 - CONTEXT_QUANTUM // 2), (1024, groups))  # rounds up to the same work
     assert placements.cache_info().hits == hits + 1
     assert placements((16, 1000), None)[0].split is None  # decode alone: the whole GPU
+
+
+def test_static_placements_give_the_split_only_while_both_lanes_have_work():
+    """``bullet serve --split``: the shape build_service unpacks (placements, splits, groups)."""
+    from bullet_kernels.partition import SMSplit
+    from bullet_kernels.serve.app import static_placements
+
+    placements, splits, groups = static_placements("prefill=84,decode=48")
+    split = SMSplit(prefill=84, decode=48)
+    assert splits == (split,) and groups is None
+    decode_place, prefill_place = placements((8, 512), (1024, 4))
+    assert (decode_place.split, decode_place.lane, prefill_place.split, prefill_place.lane) == (
+        split, "decode", split, "prefill")
+    assert placements((8, 512), None)[0].split is None and placements(None, (1024, 4))[1].split is None

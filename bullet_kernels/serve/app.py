@@ -111,7 +111,8 @@ def _round_up(n: int) -> int:
 
 
 def static_placements(split_text: str):
-    """One split for both lanes whenever both have work; the whole GPU for a phase alone."""
+    """One split for both lanes whenever both have work; the whole GPU for a phase alone.
+    ``(placements, (split,), None)``: no profile, so the engine's own layer groups."""
     from ..orchestrate.policy import check_splits
 
     (split,) = check_splits([split_text])
@@ -121,7 +122,7 @@ def static_placements(split_text: str):
             return WHOLE_GPU, WHOLE_GPU
         return Placement(split, "decode"), Placement(split, "prefill")
 
-    return placements, (split,)
+    return placements, (split,), None
 
 
 def capture_all(runner: ModelRunner, splits) -> None:
