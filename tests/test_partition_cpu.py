@@ -131,3 +131,44 @@ def test_green_grants_follow_the_device_granularity():
     assert backend.grant(SMSplit(prefill=61, decode=17)) == {"prefill": 62, "decode": 18}
     with pytest.raises(InvalidSplitError, match="multiples of 2 SMs \\(at least 4\\)"):
         backend.grant(SMSplit(prefill=61, decode=19))  # 62 + 20 > 80, and no remainder fits
+
+
+def test_a_refused_set_is_set_aside_and_made_again():
+    """open_verified_retrying: a set failing verification keeps its resources aside (not
+    released, so a rebuild cannot get them back) and a fresh one is built and checked."""
+    from bullet_kernels.errors import PartitionVerificationError
+    from bullet_kernels.partition.base import PartitionSet
+    from bullet_kernels.partition.config import SMSplit
+    from bullet_kernels.partition.verification import open_verified_retrying
+
+    events = []
+    verdicts = iter([False, False, True])
+
+    def build():
+        events.append("build")
+        return PartitionSet("green", SMSplit(prefill=100, decode=32), None, {})
+
+    def check(pset):
+        if not next(verdicts):
+            raise PartitionVerificationError("lane 'prefill' was granted 104 SMs but the probe ran on 96")
+
+    pset, failures = open_verified_retrying(build, lambda: events.append("release"),
+                                            lambda: events.append("aside"), 3, check=check)
+    assert events == ["build", "aside", "build", "aside", "build"] and len(failures) == 2
+    assert isinstance(pset, PartitionSet)
+
+    verdicts = iter([False, False])
+    events.clear()
+    with pytest.raises(PartitionVerificationError, match="refused 2 times") as err:
+        open_verified_retrying(build, lambda: events.append("release"), lambda: events.append("aside"), 2, check=check)
+    assert "earlier: " in str(err.value) and events == ["build", "aside", "build", "aside"]
+
+    def broken(pset):
+        raise RuntimeError("driver error")
+
+    events.clear()
+    with pytest.raises(RuntimeError, match="driver error"):
+        open_verified_retrying(build, lambda: events.append("release"), lambda: events.append("aside"), 3, check=broken)
+    assert events == ["build", "release"]  # not a verification failure: released, not retried
+    with pytest.raises(ValueError, match="attempts must be >= 1"):
+        open_verified_retrying(build, lambda: None, lambda: None, 0)

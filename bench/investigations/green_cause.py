@@ -173,7 +173,9 @@ def verified(old_workspaces: bool) -> None:
     try:
         with Partitioner("green") as parts:
             work(parts)
-        print(f"verified (old workspaces: {old_workspaces}): every split opened and verified")
+            reopened = parts.backend.reopened
+        print(f"verified (old workspaces: {old_workspaces}): every split opened and verified; "
+              f"{len(reopened)} set(s) made again after a refusal: {reopened}")
     except BulletError as exc:
         print(f"verified (old workspaces: {old_workspaces}): REFUSED: {exc}")
 

@@ -8,6 +8,8 @@ call ``cuda.bindings.driver`` directly.
 
 from __future__ import annotations
 
+import warnings
+
 from ..device import DeviceInfo, check, driver_module
 from ..errors import UnsupportedError
 from . import hook_state, verification
@@ -15,8 +17,15 @@ from .base import Backend, Lane, PartitionSet
 from .config import SMSplit, grant_green
 
 
+GREEN_OPEN_ATTEMPTS = 3  # fresh sets tried before a split is refused
+
+
 class GreenBackend(Backend):
     name = "green"
+
+    def __init__(self, device: DeviceInfo | None):
+        super().__init__(device)
+        self.reopened: list[tuple[str, list[str]]] = []  # (split, refusals) of sets made again
 
     @classmethod
     def unavailable_reason(cls, device: DeviceInfo | None) -> str:
@@ -59,12 +68,15 @@ class GreenBackend(Backend):
         torch.cuda.init()  # the primary context must exist before green contexts (driver advice)
         created: list[tuple[object, object]] = []  # (green ctx or None, CUstream)
 
-        def release() -> None:
-            for gctx, stream in reversed(created):
+        def destroy(entries: list) -> None:
+            for gctx, stream in reversed(entries):
                 if gctx is not None:
                     check(drv.cuStreamDestroy(stream), "cuStreamDestroy")
                     check(drv.cuGreenCtxDestroy(gctx), "cuGreenCtxDestroy")
-            created.clear()
+            entries.clear()
+
+        def release() -> None:
+            destroy(created)
 
         def build() -> PartitionSet:
             if whole:
@@ -74,7 +86,27 @@ class GreenBackend(Backend):
                 lanes = self._carve(drv, dev, split, granted, created)
             return PartitionSet(self.name, split, d, lanes, release, disjoint=True)
 
-        return verification.open_verified(build, release, verify)
+        if not verify or whole:
+            return verification.open_verified(build, release, verify)
+        # A new green context's stream has run on an earlier context's SMs (docs/green-contexts.md).
+        # Such a set is never handed out: its contexts are kept aside until a fresh set has been
+        # made and verified (so the driver cannot hand the same ones back), then destroyed.
+        refused: list = []
+
+        def set_aside() -> None:
+            refused.extend(created)
+            created.clear()
+
+        try:
+            pset, failures = verification.open_verified_retrying(build, release, set_aside, GREEN_OPEN_ATTEMPTS)
+        finally:
+            destroy(refused)
+        if failures:
+            self.reopened.append((split.key, failures))
+            warnings.warn(f"bullet_kernels: green split {split.key} failed verification {len(failures)} time(s) and "
+                          f"was made again with fresh contexts; the verified set is used. First refusal: {failures[0]}",
+                          RuntimeWarning, stacklevel=2)
+        return pset
 
     def _carve(self, drv, dev, split: SMSplit, granted: dict[str, int], created: list) -> dict[str, Lane]:
         import torch

@@ -68,3 +68,36 @@ def open_verified(build: Callable[[], PartitionSet], release: Callable[[], None]
     except BaseException:
         release()
         raise
+
+
+def open_verified_retrying(
+    build: Callable[[], PartitionSet],
+    release: Callable[[], None],
+    set_aside: Callable[[], None],
+    attempts: int,
+    check: Callable[[PartitionSet], None] = probe_and_check,
+) -> tuple[PartitionSet, list[str]]:
+    """``build()`` and ``check()`` a PartitionSet; a set that fails verification is ``set_aside()``
+    (its resources kept, not released, so a rebuild cannot be handed the same ones) and built
+    again, up to ``attempts`` sets. Returns the verified set and the refusals before it; raises
+    PartitionVerificationError naming every refusal when all fail. Any other error releases the
+    set being built and propagates."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    failures: list[str] = []
+    for _ in range(attempts):
+        try:
+            pset = build()
+            check(pset)
+        except PartitionVerificationError as exc:
+            failures.append(str(exc))
+            set_aside()
+            continue
+        except BaseException:
+            release()
+            raise
+        return pset, failures
+    raise PartitionVerificationError(
+        f"{failures[-1]} (refused {len(failures)} times, each time with fresh resources; earlier: "
+        + " | ".join(failures[:-1]) + ")" if len(failures) > 1 else failures[-1]
+    )
