@@ -96,10 +96,13 @@ def validate(doc: dict) -> None:
         raise ValueError("results document breaks the schema: " + "; ".join(problems))
 
 
-def write(benchmark: str, rows: list[dict], summary: dict, out_dir: str | Path = "bench/results", **extra) -> Path:
+def write(benchmark: str, rows: list[dict], summary: dict, out_dir: str | Path = "bench/results",
+          compact: bool = False, **extra) -> Path:
     """Write one run as ``<out_dir>/<benchmark>-<gpu>-<yyyymmdd>.json``; returns the path.
 
     ``extra`` holds run facts (model, shapes, backend...) placed beside the environment.
+    ``compact``: one line per row instead of indented JSON (rows holding long arrays, such as a
+    serving sweep's per-token times, would otherwise take one line per number).
     """
     check_name(benchmark)
     env = environment()
@@ -107,8 +110,17 @@ def write(benchmark: str, rows: list[dict], summary: dict, out_dir: str | Path =
     validate(doc)
     path = result_path(benchmark, env["device"], env["timestamp"], out_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    path.write_text(dumps(doc, compact) + "\n")
     return path
+
+
+def dumps(doc: dict, compact: bool = False) -> str:
+    if not compact:
+        return json.dumps(doc, indent=2, default=str)
+    head = {k: v for k, v in doc.items() if k != "rows"}
+    rows = ",\n".join(json.dumps(r, separators=(",", ":"), default=str) for r in doc["rows"])
+    text = json.dumps(head, indent=2, default=str)
+    return text[:-2] + f',\n  "rows": [\n{rows}\n  ]\n}}'  # the rows last, one per line
 
 
 class Recorder:

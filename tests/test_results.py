@@ -80,3 +80,12 @@ def test_environment_commit_can_be_stamped(monkeypatch):
     env = results.environment()
     assert env["commit"] == "deadbeef (copy without .git)"
     assert isinstance(env["sms"], int) and env["torch"]
+
+
+def test_compact_results_read_back_the_same(tmp_path):
+    rows = [{"rate": 8.0, "results": [{"token_times_s": [0.1, 0.2, 0.3]}]}, {"rate": 12.0, "results": []}]
+    path = results.write("serving-x", rows, {"goodput": 8.0}, tmp_path, compact=True, url="http://h")
+    text = path.read_text()
+    doc = json.loads(text)
+    assert doc["rows"] == rows and doc["summary"] == {"goodput": 8.0} and doc["url"] == "http://h"
+    assert len(text.splitlines()) < 40  # one line per row, not one per number

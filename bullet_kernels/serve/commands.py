@@ -156,7 +156,7 @@ def bench_serving_main(args) -> int:
                          progress=lambda row: print(loadgen.table([row]).splitlines()[-1], flush=True),
                          monitor=gpu_monitor(args.url))
     summary = {f"goodput_tpot_{t:g}ms": goodput(rows, ttft_s, t / 1e3) for t in args.tpot_slo_ms}
-    path = results.write(f"serving-{args.label}", rows, summary, args.out, url=args.url,
+    path = results.write(f"serving-{args.label}", rows, summary, args.out, compact=True, url=args.url,
                          trace=args.trace_file or args.trace, num_prompts=args.num_prompts,
                          rates=[r if math.isfinite(r) else "inf" for r in args.rates], ttft_slo_ms=args.ttft_slo_ms)
     png = loadgen.plot([{k: v for k, v in r.items() if k != "results"} for r in rows], path,

@@ -165,6 +165,18 @@ async def warmup(base_url: str, vocab_size: int, seed: int = 0, timeout_s: float
                               time.perf_counter(), None, timeout_s)
 
 
+def _compact(result: dict) -> dict:
+    """Times rounded to 1 us: the clock's useful resolution here, and a third of the JSON size
+    (a sweep keeps every token's arrival time)."""
+    out = dict(result)
+    for key, v in result.items():
+        if isinstance(v, float):
+            out[key] = round(v, 6)
+        elif isinstance(v, list):
+            out[key] = [round(x, 6) if isinstance(x, float) else x for x in v]
+    return out
+
+
 def duration_of(results: Sequence[RequestResult]) -> float:
     """A run's length: from its start to the last reply (the throughputs' denominator)."""
     return max(max(r.end_s for r in results), 1e-9)
@@ -203,7 +215,7 @@ def sweep(base_url: str, rates: Sequence[float], make_trace: Callable[[float], S
             if monitor is not None:
                 row["gpu"] = watch.summary()
             if keep_results:
-                row["results"] = [dataclasses.asdict(r) for r in results]
+                row["results"] = [_compact(dataclasses.asdict(r)) for r in results]
             rows.append(row)
             if progress is not None:
                 progress(row)

@@ -1,8 +1,9 @@
 """The green cross-lane reproduction (docs/green-contexts.md), one scenario per process.
 
 ``BULLET_SCENARIO=late``: splits are opened one after another while Inductor-compiled graphs
-run on the earlier ones (what bench_compile did at fa48be4). On the H200 (driver 580) the third
-split's 112-SM lane then ran on the earlier 104-SM lane's SMs, and verification refused it.
+run on the earlier ones (what bench_compile did at fa48be4). On the H200 (driver 580) a growing
+lane then usually ran on the earlier, smaller lane's SMs; verification refuses such a set and
+makes it again (up to three sets), so the split is either verified or refused, never misplaced.
 ``BULLET_SCENARIO=upfront``: the same work, but every split is opened and verified first (what
 ``EngineConfig.splits`` does); every lane and every captured graph must then hold.
 tests/test_green_cross_lane_gpu.py runs this file; not collected by a plain ``pytest``.
@@ -71,8 +72,15 @@ def test_scenario():
             _work(parts)
             _assert_no_lane_escapes(parts)
         elif scenario == "late":
-            with pytest.raises(BulletError, match="failed verification") as err:
+            # Measured on the H200 (docs/green-contexts.md): a late split usually fails its probe;
+            # it is made again up to three times. Either it is refused, naming every attempt, or
+            # a verified set is used; never a set that ran on other SMs than it verified on.
+            try:
                 _work(parts)
-            print(f"refused as measured before: {err.value}")
+                print(f"late splits verified; made again after refusals: {parts.backend.reopened}")
+            except BulletError as err:
+                assert "failed verification" in str(err) and "refused 3 times" in str(err), err
+                print(f"refused after three fresh sets, as measured before: {err}")
+            _assert_no_lane_escapes(parts)
         else:
             pytest.fail(f"BULLET_SCENARIO must be 'upfront' or 'late', got {scenario!r}")
