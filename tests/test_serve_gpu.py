@@ -19,9 +19,9 @@ pytestmark = pytest.mark.gpu
 PROMPTS = [[2 + (13 * i + j) % 40000 for j in range(40 + 37 * i)] for i in range(12)]
 
 
-def outputs(mode: str, split: str | None = None) -> list[list[int]]:
+def outputs(mode: str, split: str | None = None, overlap: bool = False) -> list[list[int]]:
     svc = build_service(ServeOptions(model="smollm2-135m", mode=mode, device="cuda", max_context=1024, kv_pages=2048,
-                                     chunk_size=256, max_running=16, split=split))
+                                     chunk_size=256, max_running=16, split=split, overlap=overlap))
 
     async def main():
         runner = await server.start(svc, port=0)
@@ -50,3 +50,12 @@ def test_greedy_outputs_are_equal_in_every_mode():
     assert all(len(o) == 12 for o in sequential)
     assert outputs("chunked") == sequential
     assert outputs("bullet", split="prefill=84,decode=48") == sequential
+
+
+def test_overlapped_decode_gives_the_same_greedy_outputs():
+    """Decode steps prepared while the previous one runs, its tokens fed on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sequential = outputs("sequential")
+    for mode, split in (("sequential", None), ("chunked", None), ("bullet", "prefill=84,decode=48")):
+        assert outputs(mode, split=split, overlap=True) == sequential, mode

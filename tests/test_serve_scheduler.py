@@ -45,24 +45,27 @@ def requests(**kw):
     return [Request(f"r{i}", list(p), SamplingParams(max_new_tokens=n, **kw)) for i, (p, n) in enumerate(zip(PROMPTS, NEW))]
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("chunk,max_running", [(8, 3), (64, 64)])
-def test_every_mode_gives_the_greedy_continuation(expected, mode, chunk, max_running):
+def test_every_mode_gives_the_greedy_continuation(expected, mode, chunk, max_running, overlap):
     runner = make_runner()
-    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=chunk, max_running=max_running))
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=chunk, max_running=max_running, overlap=overlap))
     reqs = requests()
     run_all(s, reqs)
     assert [r.output for r in reqs] == expected
+    assert (s.counters["overlapped_decode_steps"] > 0) == overlap
     assert all(r.finish_reason == "length" for r in reqs)
     assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages, "finished requests must free their KV"
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_a_full_kv_cache_preempts_and_recomputes_without_losing_tokens(mode):
+def test_a_full_kv_cache_preempts_and_recomputes_without_losing_tokens(mode, overlap):
     prompts = [[(11 * i + j) % 250 + 2 for j in range(4)] for i in range(6)]
     want = [make_runner().generate([p], 40)[0] for p in prompts]
     runner = make_runner(pages=24)  # 96 tokens of KV; the six requests grow to 44 tokens each
-    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=16))
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=16, overlap=overlap))
     reqs = [Request(f"p{i}", list(p), SamplingParams(max_new_tokens=40)) for i, p in enumerate(prompts)]
     run_all(s, reqs)
     assert [r.output for r in reqs] == want
@@ -70,18 +73,24 @@ def test_a_full_kv_cache_preempts_and_recomputes_without_losing_tokens(mode):
     assert runner.kv_cache.num_free_pages == 24
 
 
-def test_stop_tokens_and_eos_finish_early(expected):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stop_tokens_and_eos_finish_early(expected, mode, overlap):
+    """With overlap, a request that stops computes one wasted row; its tokens and its KV come
+    out the same."""
     runner = make_runner()
     stop = expected[2][7]  # first seen at position 7 of this continuation
     assert stop not in expected[2][:7]
-    s = Scheduler(runner, SchedulerConfig(mode="chunked", eos_token_ids=(expected[0][1],)))
+    s = Scheduler(runner, SchedulerConfig(mode=mode, eos_token_ids=(expected[0][1],), overlap=overlap))
     a = Request("a", list(PROMPTS[0]), SamplingParams(max_new_tokens=6))
     b = Request("b", list(PROMPTS[2]), SamplingParams(max_new_tokens=10, stop_token_ids=[stop], ignore_eos=True))
     c = Request("c", list(PROMPTS[0]), SamplingParams(max_new_tokens=6, ignore_eos=True))
     run_all(s, [a, b, c])
+    assert (s.counters["overlapped_decode_steps"] > 0) == overlap
     assert a.output == expected[0][:2] and a.finish_reason == "stop"
     assert b.output == expected[2][:8] and b.finish_reason == "stop"
     assert c.output == expected[0] and c.finish_reason == "length"
+    assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages
 
 
 def test_seeded_sampling_repeats_and_differs_from_greedy(expected):
@@ -116,10 +125,13 @@ def test_bad_requests_are_refused_before_queueing():
         SchedulerConfig(mode="fast")
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("mode", MODES)
-def test_aborted_requests_free_their_kv_at_the_next_step(mode):
+def test_aborted_requests_free_their_kv_at_the_next_step(mode, overlap):
+    """(With overlap, the pages of a request in the decode step in flight come back when that
+    step is read, one step later.)"""
     runner = make_runner()
-    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=8))
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=8, overlap=overlap))
     reqs = requests()
     for r in reqs:
         s.add(r)
@@ -128,7 +140,8 @@ def test_aborted_requests_free_their_kv_at_the_next_step(mode):
     for r in reqs:
         s.abort(r.rid)
     events = s.step()
-    assert not s.has_work()
+    while s.has_work():
+        events += s.step()
     assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages
     aborted = [e.request for e in events if e.request.finish_reason == "abort"]
     assert aborted and all(e.finished for e in events if e.request.finish_reason == "abort")
@@ -157,13 +170,16 @@ def test_max_running_counts_the_prompts_being_prefilled(mode, expected):
     assert [r.output for r in reqs] == expected
 
 
-def test_a_failed_step_finishes_every_request_it_held():
+@pytest.mark.parametrize("mode,overlap", [("sequential", False), ("bullet", True)])
+def test_a_failed_step_finishes_every_request_it_held(mode, overlap):
     runner = make_runner()
-    s = Scheduler(runner, SchedulerConfig(mode="sequential"))
+    s = Scheduler(runner, SchedulerConfig(mode=mode, overlap=overlap, max_prefill_tokens=8))
     reqs = requests()
     for r in reqs:
         s.add(r)
-    s.step()  # some prefilled and running, others waiting
+    for _ in range(3):
+        s.step()  # some prefilled and running, others waiting
+    assert (s._flight is not None) == overlap  # with overlap, a decode step in flight too
     events = s.fail_all("error: boom")
     assert {e.request.rid for e in events} == {r.rid for r in reqs if r.finish_reason == "error: boom"}
     assert events and all(r.finished for r in reqs)

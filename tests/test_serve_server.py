@@ -149,10 +149,11 @@ def test_overload_answers_429_and_health_and_metrics_report():
             assert name in text, name
 
 
-@pytest.mark.parametrize("mode", ["bullet", "chunked", "sequential"])
-def test_a_bounded_load_loses_no_request(mode):
+@pytest.mark.parametrize("mode,overlap", [("bullet", False), ("chunked", False), ("sequential", False),
+                                          ("bullet", True), ("chunked", True)])
+def test_a_bounded_load_loses_no_request(mode, overlap):
     opts = ServeOptions(model="tiny-llama3", mode=mode, device="cpu", kv_pages=48, max_context=256, chunk_size=16,
-                        max_running=16)
+                        max_running=16, overlap=overlap)
 
     @serve(opts)
     async def run(s, url, svc):

@@ -5,7 +5,7 @@ MODE), adds requests on a Poisson schedule (the uniform trace's lengths) as the 
 wall time, and runs to completion twice: once timed step by step (step time against the GPU
 time of the decode graph alone at that batch), once under cProfile (host hot spots).
 
-    python3 bench/investigations/serve_step_profile.py MODE [RATE] [N] [--tpot-slo-ms X]
+    python3 bench/investigations/serve_step_profile.py MODE [RATE] [N] [--tpot-slo-ms X] [--overlap]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bullet_kernels.serve.request import Request, SamplingParams
 from bullet_kernels.serve.scheduler import Scheduler, SchedulerConfig, whole_gpu
 
 
-def build(mode: str, tpot: float, chunk: int):
+def build(mode: str, tpot: float, chunk: int, overlap: bool = False):
     from bullet_kernels.config import EngineConfig
     from bullet_kernels.engine import ModelRunner
     from bullet_kernels.serve.app import GPU_DECODE_BUCKETS, GPU_PREFILL_BUCKETS
@@ -41,7 +41,7 @@ def build(mode: str, tpot: float, chunk: int):
                                 **({"layer_groups": groups} if groups else {}))
     runner = ModelRunner(model, cfg)
     capture_all(runner, splits)
-    return Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=chunk), placements)
+    return Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=chunk, overlap=overlap), placements)
 
 
 def drive(sched: Scheduler, rate: float, n: int, seed: int, record: bool):
@@ -109,8 +109,9 @@ def main():
     ap.add_argument("n", type=int, nargs="?", default=100)
     ap.add_argument("--tpot-slo-ms", type=float, default=10.0)
     ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--overlap", action="store_true")
     a = ap.parse_args()
-    sched = build(a.mode, a.tpot_slo_ms, a.chunk)
+    sched = build(a.mode, a.tpot_slo_ms, a.chunk, a.overlap)
     drive(sched, a.rate, 8, 1, False)  # warm-up
     steps, tpots = drive(sched, a.rate, a.n, 0, True)
     by = collections.defaultdict(list)

@@ -150,7 +150,16 @@ class PagedKVCache:
 
     def free(self, request_id: Hashable) -> None:
         """Return the pages of ``request_id`` to the free list (its KV contents become garbage)."""
+        self.give_back(self.detach(request_id))
+
+    def detach(self, request_id: Hashable) -> list[int]:
+        """Forget ``request_id`` and return its pages without freeing them: for a caller whose
+        GPU work still writes them (a step in flight), to :meth:`give_back` once it is done."""
         if request_id not in self._pages:
             raise KeyError(f"request {request_id!r} holds no KV pages")
-        self._free_pages.extend(reversed(self._pages.pop(request_id)))
         del self._lengths[request_id]
+        return self._pages.pop(request_id)
+
+    def give_back(self, pages: list[int]) -> None:
+        """Free pages from :meth:`detach`."""
+        self._free_pages.extend(reversed(pages))

@@ -43,6 +43,7 @@ class ServeOptions:
     ttft_slo_ms: float = 1000.0
     tpot_slo_ms: float = 20.0
     split: str | None = None  # bullet mode: this split whenever both lanes have work (no profile needed)
+    overlap: bool = False  # overlap host work with the decode step in flight (SchedulerConfig.overlap)
     seed: int = 0
 
 
@@ -140,7 +141,8 @@ def build_service(opts: ServeOptions) -> Service:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, name = load_model(opts, device)
     sched_cfg = SchedulerConfig(mode=opts.mode, chunk_size=opts.chunk_size, max_running=opts.max_running,
-                                max_waiting=opts.max_waiting, eos_token_ids=tuple(model.config.eos_token_ids))
+                                max_waiting=opts.max_waiting, eos_token_ids=tuple(model.config.eos_token_ids),
+                                overlap=opts.overlap)
     placements, splits, groups = whole_gpu, (), None
     if device.type == "cuda" and opts.mode == "bullet" and opts.split:
         placements, splits, groups = static_placements(opts.split)

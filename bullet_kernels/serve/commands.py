@@ -60,6 +60,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
     p.add_argument("--ttft-slo-ms", type=positive_float, default=1000.0, help="time-to-first-token target (bullet mode)")
     p.add_argument("--tpot-slo-ms", type=positive_float, default=20.0,
                    help="time-per-output-token target: the bullet policy keeps decode steps within it")
+    p.add_argument("--overlap", action="store_true",
+                   help="prepare each decode step while the previous one runs on the GPU, feeding its tokens "
+                   "there (greedy batches; new, not yet measured on a GPU: docs/serving.md)")
     p.add_argument("--split", type=lane_split, default=None, metavar="prefill=P,decode=D",
                    help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
                    "SLO policy over the shipped profile (default: the policy)")
@@ -75,7 +78,7 @@ def serve_main(args) -> int:
     opts = ServeOptions(model=args.model, mode=args.mode, device=args.device, max_context=args.max_context,
                         kv_pages=args.kv_pages, chunk_size=args.chunk_size, max_running=args.max_running,
                         max_waiting=args.max_waiting, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
-                        split=args.split)
+                        split=args.split, overlap=args.overlap)
     service = build_service(opts)
     kv = service.engine.scheduler.runner.kv_cache
     print(f"bullet serve: {service.model} ({opts.mode} mode) on {service.engine.scheduler.runner.device}, "

@@ -25,6 +25,7 @@ could never fit (longer than the context, or than the whole cache) is refused wh
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import zlib
 from typing import Callable, Sequence
@@ -54,8 +55,14 @@ class SchedulerConfig:
     max_waiting: int = 1024  # queued requests before add() refuses (overload)
     max_prefill_tokens: int = 8192  # sequential: prompt tokens prefilled in one step
     eos_token_ids: tuple[int, ...] = ()  # the model's end-of-sequence ids (ignore_eos skips them)
+    # Overlap the host's work for decode step N+1 with the GPU running step N (greedy batches):
+    # step N's tokens stay on the GPU and feed step N+1's input ids there. Off by default until
+    # it is measured on a GPU (docs/serving.md).
+    overlap: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False, got {self.overlap!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         for name in ("chunk_size", "max_running", "max_waiting", "max_prefill_tokens"):
@@ -73,6 +80,21 @@ class Event:
     new_tokens: list[int]
     finished: bool
     num_output: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class DecodeFlight:
+    """A decode step launched but not yet read back (overlap mode). ``tokens`` (on the GPU) feed
+    the next step's input ids; ``host`` receives them without blocking, ``done`` marks that copy.
+    ``held``: KV pages of requests finished while this step may still write them, freed once it
+    is done."""
+
+    batch: list[Request]
+    row_of: dict[int, int]  # id(request) -> row
+    tokens: torch.Tensor
+    host: torch.Tensor
+    done: object | None  # torch.cuda.Event; None on the CPU (already done)
+    held: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 # ``placements(decode_work, prefill_work) -> (decode placement, prefill placement)``; the work is
@@ -98,6 +120,7 @@ class Scheduler:
         self._split = None  # the split of the last bullet step (None: whole GPU)
         self._placed = (WHOLE_GPU, WHOLE_GPU)  # bullet: the last step's (decode, prefill) placements
         self._inflight: list = []  # bullet: events of the prefill layer groups queued on the GPU
+        self._flight: DecodeFlight | None = None  # overlap: the decode step launched, not yet read
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_split: dict[str, int] = {}  # lane -> SMs of the last step (for /metrics)
         cuda = runner.device.type == "cuda"
@@ -151,6 +174,10 @@ class Scheduler:
                 self._sync(lane)
             except Exception:  # a sticky CUDA error: the pages are freed anyway, nothing runs after
                 pass
+        if self._flight is not None:  # its results are dropped with the requests; its pages come back
+            for pages in self._flight.held:
+                self.runner.kv_cache.give_back(pages)
+            self._flight = None
         reqs = [*self.waiting, *self.running, *self.prefilling]
         self.waiting.clear()
         self.running.clear()
@@ -158,7 +185,7 @@ class Scheduler:
         return [self._finish(req, reason) for req in reqs]
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.prefilling)
+        return bool(self.waiting or self.running or self.prefilling or self._flight)
 
     def _fits(self, req: Request, tokens: int) -> bool:
         kv = self.runner.kv_cache
@@ -198,9 +225,17 @@ class Scheduler:
         events = self._reap_aborted()
         mode = self.cfg.mode
         if mode == "sequential":
-            events += self._prefill_batch() or self._decode_only()
+            if self._overlapping() and not self.waiting:
+                events += self._decode_overlapped(self.placements(self._decode_context(), None)[0])
+            else:
+                events += self._drain()
+                events += self._prefill_batch() or self._decode_only()
         elif mode == "chunked":
-            events += self._chunked()
+            if self._overlapping() and not self.waiting and not self.prefilling:
+                events += self._decode_overlapped(WHOLE_GPU)
+            else:
+                events += self._drain()
+                events += self._chunked()
         else:
             events += self._bullet()
         self.counters["steps"] += 1
@@ -222,7 +257,10 @@ class Scheduler:
 
     def _finish(self, req: Request, reason: str) -> Event:
         if req.rid in self.runner.kv_cache:
-            self.runner.release(req.rid)
+            if self._flight is None:
+                self.runner.release(req.rid)
+            else:  # the step in flight may still write these pages: free them once it is done
+                self._flight.held.append(self.runner.kv_cache.detach(req.rid))
         req.state, req.finish_reason = State.FINISHED, reason
         self.counters["finished_error" if reason.startswith("error") else f"finished_{reason}"] += 1
         return Event(req, [], True, len(req.output))
@@ -273,6 +311,7 @@ class Scheduler:
                 self._preempt(self.running.pop())
 
     def _preempt(self, req: Request) -> None:
+        assert self._flight is None, "preemption runs only with no decode step in flight"
         self.runner.release(req.rid)
         req.state, req.computed = State.WAITING, 0
         req.preemptions += 1
@@ -315,6 +354,93 @@ class Scheduler:
     def _sync(self, lane: str) -> None:
         if lane in self._streams:
             self._streams[lane].synchronize()
+
+    # -- decode, overlapped (cfg.overlap) ---------------------------------------------------------
+
+    def _overlapping(self) -> bool:
+        """Overlap this step: asked for, and every running request greedy (a sampled row needs
+        its logits on the host before the next step)."""
+        return self.cfg.overlap and all(r.params.temperature == 0 for r in self.running)
+
+    def _drain(self) -> list[Event]:
+        """Read back the decode step in flight (waiting for it): its events."""
+        flight, self._flight = self._flight, None
+        return self._collect(flight) if flight is not None else []
+
+    def _decode_overlapped(self, placement: Placement) -> list[Event]:
+        prev, sync_out, events = self._launch_next(placement)
+        return events + self._read_decode(prev, sync_out)
+
+    def _launch_next(self, placement: Placement):
+        """Launch the running batch's next decode step. Overlapped: while the step in flight still
+        runs, with its tokens fed on the GPU; returns ``(that earlier flight, None, [])`` to
+        collect after other launches. When the KV cache cannot take the next slots, preemption
+        needs every token on the host: the flight is drained and the ordinary step launched,
+        ``(None, (batch, logits), drained events)``."""
+        prev = self._flight
+        pending = prev.row_of if prev is not None else {}
+        # A request reaching its length at the step in flight is left out; one that hits a stop
+        # token there cannot be known yet and computes one wasted row.
+        rows = [r for r in self.running if len(r.output) + (id(r) in pending) < r.params.max_new_tokens]
+        if rows:
+            try:
+                self.runner.reserve([(r.rid, [0]) for r in rows])  # one slot each; tokens come later
+            except KVCacheExhausted:
+                events = self._drain()
+                return None, self._launch_decode(placement), events
+        self._flight = self._launch_flight(rows, prev, placement) if rows else None
+        return prev, None, []
+
+    def _read_decode(self, prev: DecodeFlight | None, sync_out) -> list[Event]:
+        """The events of what :meth:`_launch_next` left to read."""
+        if prev is not None:
+            return self._collect(prev)
+        return self._take_decode(sync_out)
+
+    def _launch_flight(self, rows: list[Request], prev: DecodeFlight | None, placement: Placement) -> DecodeFlight:
+        pending = prev.row_of if prev is not None else {}
+        host_tokens = [0 if id(r) in pending else r.output[-1] for r in rows]
+        ids, fb = self.runner.plan_decode([r.rid for r in rows], host_tokens)
+        cuda = self.runner.device.type == "cuda"
+        stream = self._streams.get("decode")
+        # Everything below is queued on the decode stream, behind the step in flight: the copies
+        # into a graph's static buffers cannot overtake a replay still reading them, and the
+        # earlier step's tokens are read on the stream that made them.
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if any(id(r) in pending for r in rows):
+                src = torch.tensor([pending.get(id(r), -1) for r in rows], dtype=torch.int64)
+                if cuda:
+                    src = src.pin_memory().to(self.runner.device, non_blocking=True)
+                    ids = ids.pin_memory().to(self.runner.device, non_blocking=True)
+                ids = torch.where(src >= 0, prev.tokens[src.clamp(min=0)], ids)
+            step = self.runner.prepare(ids, fb, placement)
+            logits = step.launch(stream)[: step.rows]
+            tokens = logits[: len(rows)].argmax(-1)
+            done = None
+            if cuda:
+                host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            else:
+                host = tokens
+        self.counters["overlapped_decode_steps"] += 1
+        return DecodeFlight(rows, {id(r): i for i, r in enumerate(rows)}, tokens, host, done)
+
+    def _collect(self, flight: DecodeFlight) -> list[Event]:
+        """Wait for ``flight``'s tokens and hand them to its requests; then free what it held."""
+        if flight.done is not None:
+            flight.done.synchronize()
+        events = []
+        for req, token in zip(flight.batch, flight.host.tolist()):
+            if req.finished:  # stopped at the step before, or aborted: a wasted row
+                continue
+            events.append(self._emit(req, token))
+        self.running = [r for r in self.running if not r.finished]
+        for pages in flight.held:
+            self.runner.kv_cache.give_back(pages)
+        self.counters["decode_steps"] += 1
+        return events
 
     # -- prefill, three ways ---------------------------------------------------------------------
 
@@ -399,7 +525,12 @@ class Scheduler:
             self._sync("prefill")  # the SMs change hands: the last layer group must be done first
             self._split = decode_place.split
         self.last_split = {"decode": _sms(decode_place), "prefill": _sms(prefill_place)}
-        decode_out = self._launch_decode(decode_place)  # first: the decode lane starts at once
+        # First the decode step, so the decode lane starts at once.
+        if self._overlapping():
+            prev, decode_out, events = self._launch_next(decode_place)
+        else:
+            prev, events = None, self._drain()
+            decode_out = self._launch_decode(decode_place)
         prefill_logits = None
         # Keep the prefill lane fed: up to PREFILL_AHEAD layer groups queued on its stream (a
         # group shorter than the decode step would otherwise leave its SMs idle until the next
@@ -414,7 +545,7 @@ class Scheduler:
                 break
             self._inflight.append(torch.cuda.Event())
             self._inflight[-1].record(self._streams["prefill"])
-        events = self._take_decode(decode_out)
+        events += self._read_decode(prev, decode_out)
         if prefill_logits is not None:
             self._sync("prefill")
             self._prefill_step, self._inflight = None, []
