@@ -17,7 +17,7 @@ and prints, per lane, the context ids (``cuCtxGetId``), the SM count each contex
 (``cuCtxGetDevResource``) and the ``CUfunction`` handle ``cuKernelGetFunction`` returned, so a
 function shared between two lanes' contexts shows. Writes JSON to ``$OUT`` (or the cwd).
 
-    python3 bench/investigations/green_cause.py [late|fresh|verified|verified-old-workspaces|settle]
+    python3 bench/investigations/green_cause.py [late|fresh|verified]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ SPLITS = [SMSplit.parse(s) for s in ("prefill=96,decode=36", "prefill=104,decode
 
 
 @triton.jit
-def _triton_smid(out_ptr, spin_ns):
+def triton_smid(out_ptr, spin_ns):
     smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
     t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
     t = t0
@@ -78,15 +78,15 @@ class Variants:
     def __init__(self, sm_count: int):
         self.drv = driver_module()
         self.sm_count = sm_count
-        self.kernel, self.smem, _ = probe._kernel(0)
+        self.kernel, self.smem, _ = probe.probe_kernel(0)
         self.primary = check(self.drv.cuDevicePrimaryCtxRetain(check(self.drv.cuDeviceGet(0), "dev")), "retain")
         self.modules: dict[int, object] = {}
 
-    def _out(self):
+    def out(self):
         torch.cuda.synchronize()
         return torch.full((4 * self.sm_count,), -1, dtype=torch.int32, device="cuda")
 
-    def _launch(self, function, stream, out):
+    def launch(self, function, stream, out):
         drv = self.drv
         params = ((out.data_ptr(), 20_000), (ctypes.c_void_p, ctypes.c_uint64))
         check(drv.cuLaunchKernel(function, out.numel(), 1, 1, probe.THREADS, 1, 1, self.smem,
@@ -94,7 +94,7 @@ class Variants:
         stream.synchronize()
         return probe.sms_written(out)
 
-    def _function_in(self, ctx):
+    def function_in(self, ctx):
         drv = self.drv
         check(drv.cuCtxPushCurrent(ctx), "push")
         try:
@@ -102,7 +102,7 @@ class Variants:
         finally:
             check(drv.cuCtxPopCurrent(), "pop")
 
-    def _module_function(self, ctx):
+    def module_function(self, ctx):
         drv = self.drv
         key = int(ctx)
         if key not in self.modules:
@@ -129,16 +129,16 @@ class Variants:
         }
         res = check(drv.cuCtxGetDevResource(ctx, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM), "cuCtxGetDevResource")
         row["ctx_sm_count"] = int(res.sm.smCount)
-        fn_lane = self._function_in(ctx)
-        fn_primary = self._function_in(self.primary)
+        fn_lane = self.function_in(ctx)
+        fn_primary = self.function_in(self.primary)
         row["function_lane"] = hex(int(fn_lane))
         row["function_primary"] = hex(int(fn_primary))
         variants = {
-            "library": lambda: self._launch(fn_lane, stream, self._out()),
-            "library-primary": lambda: self._launch(fn_primary, stream, self._out()),
-            "module-lane": lambda: self._launch(self._module_function(ctx), stream, self._out()),
-            "module-primary": lambda: self._launch(self._module_function(self.primary), stream, self._out()),
-            "triton": lambda: self._triton(stream),
+            "library": lambda: self.launch(fn_lane, stream, self.out()),
+            "library-primary": lambda: self.launch(fn_primary, stream, self.out()),
+            "module-lane": lambda: self.launch(self.module_function(ctx), stream, self.out()),
+            "module-primary": lambda: self.launch(self.module_function(self.primary), stream, self.out()),
+            "triton": lambda: self.triton_sms(stream),
         }
         for name, run in variants.items():
             try:
@@ -148,67 +148,33 @@ class Variants:
                 row[name] = f"error: {exc}"
         return row
 
-    def _triton(self, stream):
-        out = self._out()
+    def triton_sms(self, stream):
+        out = self.out()
         with torch.cuda.stream(stream):
-            _triton_smid[(out.numel(),)](out, 20_000, num_warps=32)
+            triton_smid[(out.numel(),)](out, 20_000, num_warps=32)
         stream.synchronize()
         return probe.sms_written(out)
 
 
-def verified(old_workspaces: bool) -> None:
-    """The failing sequence with verification on (as in the test); with ``old_workspaces`` our
-    graph captures do not clear cuBLAS workspaces (the code before 124822c), everything else
-    (Inductor's cudagraph trees included) does."""
+def verified() -> None:
+    """The failing sequence with verification on (as in the library and the test); prints the
+    refusal, or which sets were made again after refusals."""
     from bullet_kernels import BulletError
 
-    if old_workspaces:
-        original = torch._C._cuda_clearCublasWorkspaces
-
-        def clear():
-            if sys._getframe(1).f_code.co_name != "capture_on_stream":
-                original()
-
-        torch._C._cuda_clearCublasWorkspaces = clear
     try:
         with Partitioner("green") as parts:
             work(parts)
             reopened = parts.backend.reopened
-        print(f"verified (old workspaces: {old_workspaces}): every split opened and verified; "
-              f"{len(reopened)} set(s) made again after a refusal: {reopened}")
+        print(f"verified: every split opened and verified; {len(reopened)} set(s) made again after a refusal: "
+              f"{reopened}")
     except BulletError as exc:
-        print(f"verified (old workspaces: {old_workspaces}): REFUSED: {exc}")
-
-
-def settle() -> None:
-    """The failing sequence with verification on; when a set fails its probe at open, probe its
-    lanes again five times each (same streams, nothing else launched) and print what each saw:
-    does a refused lane stay wrong, or does it settle after its first launches?"""
-    from bullet_kernels.partition import verification
-
-    original = verification.probe_and_check
-
-    def probe_then_retry(pset):
-        try:
-            original(pset)
-        except Exception as exc:
-            print(f"refused at open: {exc}")
-            for lane in pset.lanes.values():
-                seen = [probe.observed_sms(lane.stream, pset.device.sm_count) for _ in range(5)]
-                print(f"  {pset.split.key}:{lane.name} granted {lane.granted}: again x5 -> "
-                      + " | ".join(f"{len(s)}: {format_ranges(sorted(s))}" for s in seen))
-            raise
-
-    verification.probe_and_check = probe_then_retry
-    verified(False)
+        print(f"verified: REFUSED: {exc}")
 
 
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "late"
-    if mode == "settle":
-        return settle()
-    if mode in ("verified", "verified-old-workspaces"):
-        return verified(mode == "verified-old-workspaces")
+    if mode == "verified":
+        return verified()
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     report = {"mode": mode, "device": torch.cuda.get_device_name(0), "lanes": {}}
     parts = Partitioner("green", verify=False)

@@ -56,8 +56,9 @@ THREADS = 1024
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(device_index: int):
-    """(kernel handle, dynamic shared bytes that force one block per SM)."""
+def probe_kernel(device_index: int):
+    """``(kernel handle, dynamic shared bytes that force one block per SM, library)`` of the
+    probe on ``device_index`` (loaded once; diagnostics launch it their own ways)."""
     drv = driver_module()
     dev = check(drv.cuDeviceGet(device_index), "cuDeviceGet")
     lib = check(
@@ -93,7 +94,7 @@ def launch_probe(stream, out, spin_us: int = 20, device_index: int = 0) -> None:
     has current, and the launch could carry another partition's SMs.
     """
     drv = driver_module()
-    kernel, smem, _ = _kernel(device_index)
+    kernel, smem, _ = probe_kernel(device_index)
     handle = stream.cuda_stream if hasattr(stream, "cuda_stream") else int(stream)
     cu_stream = drv.CUstream(handle)
     ctx = check(drv.cuStreamGetCtx(cu_stream), "cuStreamGetCtx")
