@@ -28,28 +28,20 @@ import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 from bullet_kernels import Partitioner, SMSplit
 from bullet_kernels.device import check, driver_module
 from bullet_kernels.partition import get_backend, probe
 from bullet_kernels.partition.base import format_ranges
+from bullet_kernels.partition.probe_triton import triton_observed_sms
 
 SPLITS = [SMSplit.parse(s) for s in ("prefill=96,decode=36", "prefill=104,decode=28", "prefill=112,decode=20")]
 
 
-@triton.jit
-def triton_smid(out_ptr, spin_ns):
-    smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-    t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-    t = t0
-    while t - t0 < spin_ns:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-    tl.store(out_ptr + tl.program_id(0), smid)
-
-
 def work(parts: Partitioner) -> None:
+    """The sequence that reproduced it: Inductor graphs of three backends on the whole GPU, then
+    prefill and decode concurrently on the two lanes of each split (bench/test_compile_backend.py's
+    model). tests/fresh_process/green_cross_lane_checks.py runs it too."""
     from bench.test_compile_backend import TinyGPT
     import bullet_kernels
 
@@ -149,11 +141,7 @@ class Variants:
         return row
 
     def triton_sms(self, stream):
-        out = self.out()
-        with torch.cuda.stream(stream):
-            triton_smid[(out.numel(),)](out, 20_000, num_warps=32)
-        stream.synchronize()
-        return probe.sms_written(out)
+        return triton_observed_sms(stream, self.sm_count)
 
 
 def verified() -> None:

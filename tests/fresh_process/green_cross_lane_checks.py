@@ -14,40 +14,12 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
-import bullet_kernels
-from bullet_kernels import BulletError, Partitioner, SMSplit
+from bench.investigations.green_cause import SPLITS, work
+from bullet_kernels import BulletError, Partitioner
 from bullet_kernels.partition import probe
 
 pytestmark = pytest.mark.gpu
-SPLITS = [SMSplit.parse(s) for s in ("prefill=96,decode=36", "prefill=104,decode=28", "prefill=112,decode=20")]
-
-
-def _work(parts: Partitioner) -> None:
-    """The sequence that reproduced it: Inductor graphs of three backends on the whole GPU, then
-    prefill and decode concurrently on the two lanes of each split (bench/test_compile_backend.py's model)."""
-    from bench.test_compile_backend import TinyGPT
-
-    torch.manual_seed(0)
-    model = TinyGPT().cuda().to(torch.bfloat16).eval()
-    prompt = torch.randint(0, 32000, (1, 2048), device="cuda")
-    step = torch.randint(0, 32000, (64, 1), device="cuda")
-    with torch.no_grad():
-        compiled = [torch.compile(model, backend=name, dynamic=False) for name in ("bullet", "cudagraphs")]
-        compiled.append(torch.compile(model, mode="reduce-overhead", dynamic=False))
-        for fn in compiled:
-            for _ in range(3):
-                fn(step, decode=True)
-        fn = compiled[0]
-        for split in SPLITS:
-            for _ in range(10):
-                with bullet_kernels.on_lane("prefill", split, partitioner=parts, join=False):
-                    fn(prompt)
-                with bullet_kernels.on_lane("decode", split, partitioner=parts, join=False):
-                    for _ in range(4):
-                        fn(step, decode=True)
-                torch.cuda.synchronize()
 
 
 def _assert_no_lane_escapes(parts: Partitioner) -> None:
@@ -69,14 +41,14 @@ def test_scenario():
         if scenario == "upfront":
             for split in SPLITS:
                 parts.get(split)
-            _work(parts)
+            work(parts)
             _assert_no_lane_escapes(parts)
         elif scenario == "late":
             # Measured on the H200 (docs/green-contexts.md): a late split usually fails its probe;
             # it is made again up to three times. Either it is refused, naming every attempt, or
             # a verified set is used; never a set that ran on other SMs than it verified on.
             try:
-                _work(parts)
+                work(parts)
                 print(f"late splits verified; made again after refusals: {parts.backend.reopened}")
             except BulletError as err:
                 assert "failed verification" in str(err) and "refused 3 times" in str(err), err

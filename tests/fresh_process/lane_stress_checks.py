@@ -16,14 +16,13 @@ import random
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 from bullet_kernels import Partitioner, SMSplit
 from bullet_kernels.engine.graph_bank import capture_on_stream
 from bullet_kernels.engine.graph_check import LaneExpectation
 from bullet_kernels.kernels.norm import rms_norm
 from bullet_kernels.partition import probe
+from bullet_kernels.partition.probe_triton import triton_observed_sms
 from bullet_kernels.partition.base import format_ranges
 
 pytestmark = pytest.mark.gpu
@@ -31,25 +30,6 @@ SPLITS = ["prefill=96,decode=36", "prefill=104,decode=28", "prefill=112,decode=2
           "prefill=64,decode=68", "prefill=48,decode=84", "prefill=32,decode=100", "prefill=120,decode=12",
           "prefill=16,decode=116", "prefill=88,decode=44"]
 OPS = ("triton", "inductor", "inductor-graphs", "cublas", "capture", "replay")
-
-
-@triton.jit
-def _triton_smid(out_ptr, spin_ns):
-    smid = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-    t0 = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-    t = t0
-    while t - t0 < spin_ns:
-        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-    tl.store(out_ptr + tl.program_id(0), smid)
-
-
-def triton_observed_sms(stream, sm_count: int) -> frozenset[int]:
-    out = torch.full((4 * sm_count,), -1, dtype=torch.int32, device="cuda")
-    torch.cuda.synchronize()
-    with torch.cuda.stream(stream):
-        _triton_smid[(out.numel(),)](out, 20_000, num_warps=32)
-    stream.synchronize()
-    return probe.sms_written(out)
 
 
 def _mlp(x, w1, w2):
