@@ -4,6 +4,8 @@ refused before anything is queued, aborted requests give their KV back."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -252,3 +254,122 @@ def test_static_placements_give_the_split_only_while_both_lanes_have_work():
     assert (decode_place.split, decode_place.lane, prefill_place.split, prefill_place.lane) == (
         split, "decode", split, "prefill")
     assert placements((8, 512), None)[0].split is None and placements(None, (1024, 4))[1].split is None
+
+
+# -- overlapped decode under staggered arrivals, stops, aborts, preemption and failures ---------
+
+def _staggered(seed: int):
+    """12 requests arriving over 30 steps, half with a stop token taken from their own greedy
+    continuation, a quarter aborted at some step."""
+    rnd = random.Random(seed)
+    prompts = [[rnd.randrange(2, 250) for _ in range(rnd.randrange(2, 16))] for _ in range(12)]
+    news = [rnd.randrange(1, 16) for _ in prompts]
+    full = [make_runner().generate([p], n)[0] for p, n in zip(prompts, news)]
+    stops = [[f[rnd.randrange(len(f))]] if rnd.random() < 0.5 else [] for f in full]
+    arrive = sorted(rnd.randrange(0, 30) for _ in prompts)
+    aborts = {i: rnd.randrange(0, 40) for i in range(len(prompts)) if rnd.random() < 0.25}
+    want = []
+    for f, stop in zip(full, stops):
+        cut = next((k + 1 for k, t in enumerate(f) if t in stop), len(f))
+        want.append(f[:cut])
+    return prompts, news, stops, arrive, aborts, want
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("pages,max_running", [(256, 4), (9, 8)])  # 9 pages: preemptions
+@pytest.mark.parametrize("overlap", [False, True])
+def test_staggered_requests_get_the_greedy_continuation(seed, mode, pages, max_running, overlap):
+    prompts, news, stops, arrive, aborts, want = _staggered(seed)
+    runner = make_runner(pages=pages)
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=8, max_running=max_running, overlap=overlap))
+    reqs = [Request(f"q{i}", list(p), SamplingParams(max_new_tokens=n, stop_token_ids=st))
+            for i, (p, n, st) in enumerate(zip(prompts, news, stops))]
+    emitted = {r.rid: [] for r in reqs}
+    finished = {r.rid: 0 for r in reqs}
+    step = added = 0
+    while added < len(reqs) or s.has_work():
+        while added < len(reqs) and arrive[added] <= step:
+            s.add(reqs[added])
+            added += 1
+        for i, at in aborts.items():
+            if at == step and i < added:
+                s.abort(reqs[i].rid)
+        for ev in s.step() if s.has_work() else []:
+            emitted[ev.request.rid] += ev.new_tokens
+            finished[ev.request.rid] += ev.finished
+        step += 1
+        assert step < 5000, "the scheduler stopped making progress"
+    assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages, "KV pages leaked"
+    assert set(finished.values()) == {1}, finished  # every request finished exactly once
+    for r, w in zip(reqs, want):
+        assert emitted[r.rid] == r.output, r.rid  # every token reached the client once, in order
+        assert r.output == (w[:len(r.output)] if r.finish_reason == "abort" else w), (r.rid, r.finish_reason)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_overlap_leaves_sampled_requests_as_they_were(mode):
+    """A sampled row needs its logits on the host: with any in the batch, the ordinary step runs,
+    so seeded sampling gives the same tokens with and without overlap."""
+    def run(overlap):
+        rnd = random.Random(5)
+        s = Scheduler(make_runner(pages=14), SchedulerConfig(mode=mode, chunk_size=8, max_running=6, overlap=overlap))
+        reqs = [Request(f"q{i}", [rnd.randrange(2, 250) for _ in range(rnd.randrange(2, 14))],
+                        SamplingParams(max_new_tokens=rnd.randrange(4, 14),
+                                       **(dict(temperature=0.8, seed=3) if i % 3 == 0 else {})))
+                for i in range(10)]
+        run_all(s, reqs)
+        return [r.output for r in reqs]
+
+    assert run(True) == run(False)
+
+
+def test_pages_of_a_stopped_request_wait_for_the_step_in_flight(expected):
+    """With overlap, the step after a stop already holds a row for the stopped request: its KV
+    pages come back only once that step is read."""
+    runner = make_runner()
+    kv = runner.kv_cache
+    stop = expected[2][7]  # first seen at position 7 of this continuation
+    s = Scheduler(runner, SchedulerConfig(mode="bullet", overlap=True))
+    a = Request("a", list(PROMPTS[2]), SamplingParams(max_new_tokens=10, stop_token_ids=[stop]))
+    b = Request("b", list(PROMPTS[1]), SamplingParams(max_new_tokens=30))
+    s.add(a)
+    s.add(b)
+    while not a.finished:
+        s.step()
+    assert a.output == expected[2][:8] and s._unread, "a decode step was in flight when a stopped"
+    held = -(-(len(PROMPTS[2]) + 8) // kv.page_size)
+    assert kv.num_free_pages <= kv.num_pages - held - 1  # a's pages not back yet (b holds >= 1)
+    s.step()  # reads the step in flight
+    assert "a" not in kv and kv.num_free_pages == kv.num_pages - len(kv.pages("b"))
+    run_all(s, [])
+
+
+def test_a_failed_step_with_a_decode_step_in_flight_loses_no_kv_page():
+    """The step read late still holds pages when a launch after it fails: fail_all frees them."""
+    from bullet_kernels.engine.step import EagerStep
+
+    runner = make_runner()
+    s = Scheduler(runner, SchedulerConfig(mode="bullet", overlap=True))
+    s.add(Request("a", list(PROMPTS[0]), SamplingParams(max_new_tokens=30)))
+    s.add(Request("b", list(PROMPTS[1]), SamplingParams(max_new_tokens=30)))
+    for _ in range(6):
+        s.step()
+    assert s._unread
+    s.abort("a")  # its pages are held by the decode step in flight
+    s.add(Request("c", list(PROMPTS[3]), SamplingParams(max_new_tokens=5)))  # a prefill to launch
+    original = EagerStep.launch_group
+
+    def failing(self, g, placement=None, stream=None):
+        if self.phase == "prefill":
+            raise RuntimeError("the prefill lane failed")
+        return original(self, g, placement, stream)
+
+    EagerStep.launch_group = failing
+    try:
+        with pytest.raises(RuntimeError, match="prefill lane failed"):
+            s.step()
+    finally:
+        EagerStep.launch_group = original
+    s.fail_all("error: boom")
+    assert not s.has_work() and runner.kv_cache.num_free_pages == runner.kv_cache.num_pages

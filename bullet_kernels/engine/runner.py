@@ -256,11 +256,12 @@ class ModelRunner:
         shape = self.graphs.bucket_shape(phase, bucket)
         padded = batch.pad_to(shape.num_tokens, shape.batch_size)
         ids = pad_input_ids(input_ids, shape.num_tokens)
+        # Page-locked, so the copies never wait for the stream's earlier work: a caller may
+        # prepare the next step while the current one still runs (torch's pinned allocator keeps
+        # the memory until the copies are done). The ids may already be on the GPU.
+        padded = padded.pin_memory()
         if not ids.is_cuda:
-            # Page-locked, so the copies never wait for the stream's earlier work: a caller may
-            # prepare the next step while the current one still runs (torch's pinned allocator
-            # keeps the memory until the copies are done).
-            padded, ids = padded.pin_memory(), ids.pin_memory()
+            ids = ids.pin_memory()
         self.graphs.load(phase, bucket, ids, padded)
         self._steps["graph"] += 1
         return GraphStep(self.graphs, phase, bucket, placements, batch.bucket.batch_size)

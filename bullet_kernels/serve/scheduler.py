@@ -120,7 +120,8 @@ class Scheduler:
         self._split = None  # the split of the last bullet step (None: whole GPU)
         self._placed = (WHOLE_GPU, WHOLE_GPU)  # bullet: the last step's (decode, prefill) placements
         self._inflight: list = []  # bullet: events of the prefill layer groups queued on the GPU
-        self._flight: DecodeFlight | None = None  # overlap: the decode step launched, not yet read
+        self._flight: DecodeFlight | None = None  # overlap: the newest decode step launched
+        self._unread: list[DecodeFlight] = []  # overlap: launched and not yet read (the newest last)
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_split: dict[str, int] = {}  # lane -> SMs of the last step (for /metrics)
         cuda = runner.device.type == "cuda"
@@ -174,10 +175,10 @@ class Scheduler:
                 self._sync(lane)
             except Exception:  # a sticky CUDA error: the pages are freed anyway, nothing runs after
                 pass
-        if self._flight is not None:  # its results are dropped with the requests; its pages come back
-            for pages in self._flight.held:
+        for flight in self._unread:  # their results are dropped with the requests; their pages come back
+            for pages in flight.held:
                 self.runner.kv_cache.give_back(pages)
-            self._flight = None
+        self._flight, self._unread = None, []
         reqs = [*self.waiting, *self.running, *self.prefilling]
         self.waiting.clear()
         self.running.clear()
@@ -185,11 +186,16 @@ class Scheduler:
         return [self._finish(req, reason) for req in reqs]
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.prefilling or self._flight)
+        return bool(self.waiting or self.running or self.prefilling or self._unread)
 
     def _fits(self, req: Request, tokens: int) -> bool:
         kv = self.runner.kv_cache
         return kv.pages_needed(req.rid, tokens) + len(self.running) <= kv.num_free_pages
+
+    def _would_admit(self) -> bool:
+        """Would :meth:`_admit` take the head of the queue now? (No side effects.)"""
+        return (bool(self.waiting) and len(self.running) + len(self.prefilling) < self.cfg.max_running
+                and self._fits(self.waiting[0], len(self.waiting[0].prefill_tokens)))
 
     def _admit(self) -> Request | None:
         """The head of the queue, if the cache has room for its prompt and the decode batch for
@@ -225,13 +231,13 @@ class Scheduler:
         events = self._reap_aborted()
         mode = self.cfg.mode
         if mode == "sequential":
-            if self._overlapping() and not self.waiting:
+            if self._overlapping() and not self._would_admit():
                 events += self._decode_overlapped(self.placements(self._decode_context(), None)[0])
             else:
                 events += self._drain()
                 events += self._prefill_batch() or self._decode_only()
         elif mode == "chunked":
-            if self._overlapping() and not self.waiting and not self.prefilling:
+            if self._overlapping() and not self.prefilling and not self._would_admit():
                 events += self._decode_overlapped(WHOLE_GPU)
             else:
                 events += self._drain()
@@ -257,10 +263,11 @@ class Scheduler:
 
     def _finish(self, req: Request, reason: str) -> Event:
         if req.rid in self.runner.kv_cache:
-            if self._flight is None:
+            if not self._unread:
                 self.runner.release(req.rid)
-            else:  # the step in flight may still write these pages: free them once it is done
-                self._flight.held.append(self.runner.kv_cache.detach(req.rid))
+            else:  # a decode step in flight may still write these pages: free them once the
+                # newest is read (the older ones are read before it)
+                self._unread[-1].held.append(self.runner.kv_cache.detach(req.rid))
         req.state, req.finish_reason = State.FINISHED, reason
         self.counters["finished_error" if reason.startswith("error") else f"finished_{reason}"] += 1
         return Event(req, [], True, len(req.output))
@@ -311,7 +318,7 @@ class Scheduler:
                 self._preempt(self.running.pop())
 
     def _preempt(self, req: Request) -> None:
-        assert self._flight is None, "preemption runs only with no decode step in flight"
+        assert not self._unread, "preemption runs only with no decode step in flight"
         self.runner.release(req.rid)
         req.state, req.computed = State.WAITING, 0
         req.preemptions += 1
@@ -363,9 +370,12 @@ class Scheduler:
         return self.cfg.overlap and all(r.params.temperature == 0 for r in self.running)
 
     def _drain(self) -> list[Event]:
-        """Read back the decode step in flight (waiting for it): its events."""
-        flight, self._flight = self._flight, None
-        return self._collect(flight) if flight is not None else []
+        """Read back the decode steps in flight (waiting for them): their events."""
+        self._flight = None
+        events = []
+        while self._unread:
+            events += self._collect(self._unread[0])
+        return events
 
     def _decode_overlapped(self, placement: Placement) -> list[Event]:
         prev, sync_out, events = self._launch_next(placement)
@@ -389,6 +399,8 @@ class Scheduler:
                 events = self._drain()
                 return None, self._launch_decode(placement), events
         self._flight = self._launch_flight(rows, prev, placement) if rows else None
+        if self._flight is not None:
+            self._unread.append(self._flight)
         return prev, None, []
 
     def _read_decode(self, prev: DecodeFlight | None, sync_out) -> list[Event]:
@@ -439,6 +451,7 @@ class Scheduler:
         self.running = [r for r in self.running if not r.finished]
         for pages in flight.held:
             self.runner.kv_cache.give_back(pages)
+        self._unread.remove(flight)  # only now: until here a failure must still find its pages
         self.counters["decode_steps"] += 1
         return events
 
@@ -523,6 +536,9 @@ class Scheduler:
         self._placed = decode_place, prefill_place
         if decode_place.split != self._split:
             self._sync("prefill")  # the SMs change hands: the last layer group must be done first
+            if self._flight is not None and self._flight.done is not None:
+                # and the decode step in flight on the old split (a GPU-side wait: no host block)
+                self._streams["prefill"].wait_event(self._flight.done)
             self._split = decode_place.split
         self.last_split = {"decode": _sms(decode_place), "prefill": _sms(prefill_place)}
         # First the decode step, so the decode lane starts at once.
