@@ -309,19 +309,41 @@ def test_staggered_requests_get_the_greedy_continuation(seed, mode, pages, max_r
 
 @pytest.mark.parametrize("mode", MODES)
 def test_overlap_leaves_sampled_requests_as_they_were(mode):
-    """A sampled row needs its logits on the host: with any in the batch, the ordinary step runs,
-    so seeded sampling gives the same tokens with and without overlap."""
+    """A sampled row needs its logits on the host: once one joins a batch with a decode step in
+    flight, that step is read first and the ordinary step runs, so seeded sampling and greedy
+    rows give the same tokens with and without overlap. Greedy requests come first, so steps
+    are in flight when the sampled ones arrive."""
     def run(overlap):
         rnd = random.Random(5)
-        s = Scheduler(make_runner(pages=14), SchedulerConfig(mode=mode, chunk_size=8, max_running=6, overlap=overlap))
+        s = Scheduler(make_runner(pages=128), SchedulerConfig(mode=mode, chunk_size=8, max_running=6, overlap=overlap))
         reqs = [Request(f"q{i}", [rnd.randrange(2, 250) for _ in range(rnd.randrange(2, 14))],
-                        SamplingParams(max_new_tokens=rnd.randrange(4, 14),
-                                       **(dict(temperature=0.8, seed=3) if i % 3 == 0 else {})))
-                for i in range(10)]
-        run_all(s, reqs)
-        return [r.output for r in reqs]
+                        SamplingParams(max_new_tokens=rnd.randrange(30, 40) if i < 3 else rnd.randrange(8, 20),
+                                       **(dict(temperature=0.8, seed=3) if i >= 3 else {})))
+                for i in range(8)]
+        step = 0
+        while step < 400 and (step < 4 * len(reqs) or s.has_work()):
+            if step % 4 == 0 and step // 4 < len(reqs):
+                s.add(reqs[step // 4])
+            if s.has_work():
+                s.step()
+            step += 1
+        assert not s.has_work() and s.runner.kv_cache.num_free_pages == s.runner.kv_cache.num_pages
+        return [r.output for r in reqs], s.counters["overlapped_decode_steps"]
 
-    assert run(True) == run(False)
+    (with_overlap, overlapped), (without, _) = run(True), run(False)
+    assert overlapped > 0 and with_overlap == without
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_overlap_never_reserves_past_the_context(mode):
+    """A request ending exactly at the context completes with overlap on (its KV slots, the
+    step in flight's included, stay within the context)."""
+    runner = make_runner(max_context=64)
+    s = Scheduler(runner, SchedulerConfig(mode=mode, overlap=True))
+    reqs = [Request("full", [3 + j % 200 for j in range(54)], SamplingParams(max_new_tokens=10)),
+            Request("short", [5, 6, 7], SamplingParams(max_new_tokens=20))]
+    run_all(s, reqs)
+    assert [len(r.output) for r in reqs] == [10, 20] and all(r.finish_reason == "length" for r in reqs)
 
 
 def test_pages_of_a_stopped_request_wait_for_the_step_in_flight(expected):
@@ -338,8 +360,9 @@ def test_pages_of_a_stopped_request_wait_for_the_step_in_flight(expected):
     while not a.finished:
         s.step()
     assert a.output == expected[2][:8] and s._unread, "a decode step was in flight when a stopped"
-    held = -(-(len(PROMPTS[2]) + 8) // kv.page_size)
-    assert kv.num_free_pages <= kv.num_pages - held - 1  # a's pages not back yet (b holds >= 1)
+    held = sum(len(pages) for pages in s._unread[-1].held)
+    assert "a" not in kv and held == -(-(len(PROMPTS[2]) + 8) // kv.page_size)  # all of a's pages...
+    assert kv.num_free_pages == kv.num_pages - len(kv.pages("b")) - held  # ...and none of them free yet
     s.step()  # reads the step in flight
     assert "a" not in kv and kv.num_free_pages == kv.num_pages - len(kv.pages("b"))
     run_all(s, [])
