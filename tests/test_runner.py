@@ -31,7 +31,8 @@ def test_plan_prefill_continues_a_cached_prefix_and_pads_to_the_bucket():
     assert batch.bucket == Bucket(False, 10, 3, 3)
     assert batch.positions.tolist() == [2, 3, 4, 5, 6, 0, 1, 0, 0, 0]
     assert batch.slot_mapping.tolist() == [14, 15, 28, 29, 30, 4, 5, -1, -1, -1]
-    assert batch.page_table.tolist() == [[3, 7, 0], [1, 0, 0], [0, 0, 0]]
+    # Only the columns in use are planned; the bucket keeps its width (3 pages).
+    assert batch.page_table.tolist() == [[3, 7], [1, 0], [0, 0]] and batch.max_pages == 3
     assert batch.seq_lens.tolist() == [7, 2, 0]
     assert batch.cu_seqlens_q.tolist() == [0, 5, 7, 7]
     assert batch.logits_indices.tolist() == [4, 6, 0]
@@ -57,10 +58,16 @@ def test_plan_refuses_what_does_not_fit():
 def test_copy_into_fills_static_buffers_of_the_same_bucket_only():
     batch = plan_prefill([SeqChunk([3, 7], 2, 5)], page_size=4, max_pages=3, num_tokens=8, batch_size=2)
     static = ForwardBatch.padding(batch.bucket)
+    static.page_table.fill_(9)  # an earlier step's pages
     batch.copy_into(static)
-    assert all(torch.equal(a, b) for a, b in zip(static.tensors().values(), batch.tensors().values()))
+    for name, value in batch.tensors().items():
+        target = static.page_table[:, :2] if name == "page_table" else getattr(static, name)
+        assert torch.equal(target, value), name
+    assert static.page_table[:, 2].tolist() == [9, 9]  # columns past every sequence's pages: never read, not copied
     with pytest.raises(ValueError, match="cannot copy a batch of bucket"):
         batch.copy_into(ForwardBatch.padding(Bucket(False, 16, 2, 3)))
+    with pytest.raises(ValueError, match="wider than the bucket"):
+        ForwardBatch(**batch.tensors(), is_decode=False, max_pages=1)
 
 
 # -- runner --------------------------------------------------------------------------------

@@ -47,11 +47,22 @@ class ForwardBatch:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32, offsets of each sequence's tokens in the T rows
     logits_indices: torch.Tensor  # [B] int64, row of each sequence's last token
     is_decode: bool  # one token per sequence (T == B); fixed per captured graph
+    # The bucket's page-table width. A planned batch holds only the columns its sequences use
+    # (kernels read no page past a sequence's length): at a 128k context the full table of a
+    # 128-row decode step is 4 MB, copied every step for a few dozen pages per row.
+    # None: the table's own width.
+    max_pages: int | None = None
+
+    def __post_init__(self):
+        width = self.page_table.shape[1]
+        if self.max_pages is None:
+            self.max_pages = width
+        elif width > self.max_pages:
+            raise ValueError(f"a page table of {width} columns is wider than the bucket's {self.max_pages}")
 
     @property
     def bucket(self) -> Bucket:
-        b, p = self.page_table.shape
-        return Bucket(self.is_decode, self.positions.shape[0], b, p)
+        return Bucket(self.is_decode, self.positions.shape[0], self.page_table.shape[0], self.max_pages)
 
     @classmethod
     def padding(
@@ -73,17 +84,18 @@ class ForwardBatch:
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor field by name (all but ``is_decode``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "is_decode"}
+        """Every tensor field by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("is_decode", "max_pages")}
 
     def to(self, device, non_blocking: bool = False) -> "ForwardBatch":
         moved = {k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors().items()}
-        return ForwardBatch(**moved, is_decode=self.is_decode)
+        return ForwardBatch(**moved, is_decode=self.is_decode, max_pages=self.max_pages)
 
     def pin_memory(self) -> "ForwardBatch":
         """A page-locked copy, so :meth:`copy_into` a GPU batch does not block the host."""
         pinned = {k: v.pin_memory() for k, v in self.tensors().items()}
-        return ForwardBatch(**pinned, is_decode=self.is_decode)
+        return ForwardBatch(**pinned, is_decode=self.is_decode, max_pages=self.max_pages)
 
     def pad_to(self, num_tokens: int, batch_size: int) -> "ForwardBatch":
         """This batch padded with inert rows to ``num_tokens`` tokens and ``batch_size`` sequences
@@ -94,7 +106,9 @@ class ForwardBatch:
                 f"cannot pad a batch of {b} sequences and {t} tokens to {batch_size} sequences and "
                 f"{num_tokens} tokens: padding only grows a batch"
             )
-        out = ForwardBatch.padding(Bucket(is_decode, num_tokens, batch_size, p), self.positions.device)
+        out = ForwardBatch.padding(Bucket(is_decode, num_tokens, batch_size, self.page_table.shape[1]),
+                                   self.positions.device)
+        out.max_pages = p
         for name in ("positions", "slot_mapping"):
             getattr(out, name)[:t] = getattr(self, name)
         for name in ("page_table", "seq_lens", "logits_indices"):
@@ -110,7 +124,10 @@ class ForwardBatch:
                 f"cannot copy a batch of bucket {self.bucket} into static buffers of {static.bucket}"
             )
         for name, src in self.tensors().items():
-            getattr(static, name).copy_(src, non_blocking=True)
+            dst = getattr(static, name)
+            if name == "page_table":  # only the columns planned; the rest are never read
+                dst = dst[:, : src.shape[1]]
+            dst.copy_(src, non_blocking=True)
 
 
 def plan_prefill(
@@ -165,7 +182,8 @@ def _plan(chunks, is_decode, num_tokens, batch_size, page_size, max_pages) -> Fo
         raise ValueError(f"a decode bucket has one token per sequence, got {num_tokens} tokens for {batch_size}")
     positions = np.zeros(num_tokens, np.int64)
     slot_mapping = np.full(num_tokens, -1, np.int64)
-    page_table = np.zeros((batch_size, max_pages), np.int32)
+    used = max((len(c.pages) for c in chunks), default=1)
+    page_table = np.zeros((batch_size, max(used, 1)), np.int32)  # the columns in use (see max_pages)
     seq_lens = np.zeros(batch_size, np.int32)
     cu_seqlens_q = np.zeros(batch_size + 1, np.int32)
     logits_indices = np.zeros(batch_size, np.int64)
@@ -200,4 +218,5 @@ def _plan(chunks, is_decode, num_tokens, batch_size, page_size, max_pages) -> Fo
         cu_seqlens_q=torch.from_numpy(cu_seqlens_q),
         logits_indices=torch.from_numpy(logits_indices),
         is_decode=is_decode,
+        max_pages=max_pages,
     )
