@@ -37,7 +37,10 @@ def outputs(mode: str, split: str | None = None, overlap: bool = False) -> list[
             await runner.cleanup()
 
     try:
-        return asyncio.run(main())
+        out = asyncio.run(main())
+        if overlap:  # the overlapped path really ran
+            assert svc.engine.scheduler.counters["overlapped_decode_steps"] > 0, dict(svc.engine.scheduler.counters)
+        return out
     finally:
         svc.engine.shutdown(drain=False, timeout_s=10)
         svc.engine.scheduler.runner.close()
