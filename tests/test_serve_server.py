@@ -291,3 +291,40 @@ def test_a_sink_that_fails_does_not_stop_the_loop_and_shutdown_finishes_everyone
     assert not svc.engine.alive
     kv = svc.engine.scheduler.runner.kv_cache
     assert kv.num_free_pages == kv.num_pages
+
+
+def test_one_step_wakes_each_event_loop_once():
+    """A step's events for requests served by one asyncio loop reach it in one wake-up, in
+    order; a closed loop drops only its own clients."""
+    from bullet_kernels.serve.engine import LoopSink, ServingEngine
+    from bullet_kernels.serve.request import Request, SamplingParams
+    from bullet_kernels.serve.scheduler import Event
+
+    class FakeLoop:
+        def __init__(self, closed=False):
+            self.calls, self.closed = [], closed
+
+        def call_soon_threadsafe(self, fn, *args):
+            if self.closed:
+                raise RuntimeError("Event loop is closed")
+            self.calls.append((fn, args))
+
+    class FakeQueue(list):
+        put_nowait = list.append
+
+    svc = build_service(ServeOptions(model="tiny-llama3", device="cpu", kv_pages=64, max_context=128))
+    svc.engine.shutdown(drain=False, timeout_s=5)  # the loop thread is not needed: _deliver is driven here
+    engine: ServingEngine = svc.engine
+    live, dead = FakeLoop(), FakeLoop(closed=True)
+    queues = {rid: FakeQueue() for rid in ("a", "b", "c")}
+    reqs = {rid: Request(rid, [5], SamplingParams(max_new_tokens=4)) for rid in queues}
+    engine._sinks.update({"a": LoopSink(live, queues["a"]), "b": LoopSink(live, queues["b"]),
+                          "c": LoopSink(dead, queues["c"])})
+    step = [Event(reqs["a"], [1], False, 1), Event(reqs["b"], [2], False, 1), Event(reqs["c"], [3], False, 1),
+            Event(reqs["a"], [4], True, 2)]
+    engine._deliver(step)
+    assert len(live.calls) == 1  # one wake-up for a and b
+    fn, args = live.calls[0]
+    fn(*args)  # what the event loop runs
+    assert [ev.new_tokens for ev in queues["a"]] == [[1], [4]] and [ev.new_tokens for ev in queues["b"]] == [[2]]
+    assert "c" not in engine._sinks and "a" not in engine._sinks and "b" in engine._sinks

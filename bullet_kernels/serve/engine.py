@@ -26,6 +26,23 @@ log = logging.getLogger("bullet_kernels.serve")
 Sink = Callable[[Event], None]
 
 
+class LoopSink:
+    """A sink that puts events on an asyncio queue owned by ``loop``. The serving loop hands all
+    of one step's events bound for one event loop over in a single wake-up of that loop: one
+    ``call_soon_threadsafe`` (a syscall, and a GIL hand-over) per step, not one per request."""
+
+    def __init__(self, loop, queue):
+        self.loop, self.queue = loop, queue
+
+    def __call__(self, ev: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+
+def _put_all(items) -> None:
+    for queue, ev in items:
+        queue.put_nowait(ev)
+
+
 class ShuttingDown(BulletError):
     """The engine no longer accepts requests (the server answers 503)."""
 
@@ -129,15 +146,26 @@ class ServingEngine:
             self.scheduler.waiting.append(req)  # checked in submit(), the queue bound too
 
     def _deliver(self, events) -> None:
+        by_loop: dict = {}  # event loop -> [(queue, event)], in order
         for ev in events:
             sink = self._sinks.pop(ev.request.rid, None) if ev.finished else self._sinks.get(ev.request.rid)
             if sink is None:
+                continue
+            if isinstance(sink, LoopSink):
+                by_loop.setdefault(sink.loop, []).append((sink.queue, ev))
                 continue
             try:
                 sink(ev)
             except Exception:  # e.g. the client's event loop is gone: drop that client only
                 log.exception("dropping the sink of request %s", ev.request.rid)
                 self._sinks.pop(ev.request.rid, None)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except Exception:  # that event loop is gone: drop its clients only
+                log.exception("dropping the sinks of %d request(s) on a closed event loop", len(items))
+                for _, ev in items:
+                    self._sinks.pop(ev.request.rid, None)
 
     def _finish_everything(self, reason: str) -> None:
         """Finish every request the engine holds (scheduler and inbox) and tell its client."""

@@ -26,7 +26,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .engine import ServingEngine, ShuttingDown
+from .engine import LoopSink, ServingEngine, ShuttingDown
 from .request import BadRequest, Request, SamplingParams
 from .scheduler import QueueFull
 from .tokenizer import TextTokenizer
@@ -210,7 +210,7 @@ class Service:
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
             req = Request(rid, list(ids), params)
-            self.engine.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+            self.engine.submit(req, LoopSink(loop, queue))
         except BadRequest as exc:
             return self._count(error(400, str(exc)))
         except QueueFull as exc:
