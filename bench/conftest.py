@@ -1,4 +1,5 @@
-"""The benchmark suite's shared setup: options, the GPU skip, lanes, timing and result files.
+"""The benchmark suite's shared setup: options, lanes, timing and result files (the GPU skip is
+the root conftest.py's).
 
     python3 -m pytest bench/ -m gpu                          # quick sizes, ~10 min on an H200
     python3 -m pytest bench/ -m gpu --bench-size full --benchmark-json bench/results/pb.json
@@ -69,15 +70,6 @@ def pytest_configure(config):
     sms = config.getoption("bench_sms", None)
     if sms:
         parse_sms(sms)  # a bad list is a usage error before anything runs
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
 
 
 def param_id(name: str, value) -> str:
