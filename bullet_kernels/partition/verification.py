@@ -59,15 +59,9 @@ def probe_and_check(pset: PartitionSet) -> None:
 
 def open_verified(build: Callable[[], PartitionSet], release: Callable[[], None], verify: bool = True) -> PartitionSet:
     """``build()`` a PartitionSet and (by default) probe it; on any failure ``release()`` what
-    was created before re-raising, so a refused partition leaves no streams or contexts behind."""
-    try:
-        pset = build()
-        if verify:
-            probe_and_check(pset)
-        return pset
-    except BaseException:
-        release()
-        raise
+    was created before raising, so a refused partition leaves no streams or contexts behind."""
+    check = probe_and_check if verify else (lambda pset: None)
+    return open_verified_retrying(build, release, release, 1, check=check)[0]
 
 
 def open_verified_retrying(
