@@ -1,8 +1,8 @@
 """Where does a serving step's time go? The scheduler driven directly (no HTTP, no loop thread).
 
-Builds what ``bullet serve`` builds (preset model, runner with its graphs captured, scheduler in
-MODE), adds requests on a Poisson schedule (the uniform trace's lengths) as the steps advance in
-wall time, and runs to completion twice: once timed step by step (step time against the GPU
+Builds what ``bullet serve`` builds (:func:`build_service`: preset model, runner with its graphs
+captured, scheduler in MODE), adds requests on a Poisson schedule (the uniform trace's lengths)
+as the steps advance in wall time, and runs to completion twice: once timed step by step (step time against the GPU
 time of the decode graph alone at that batch), once under cProfile (host hot spots).
 
     python3 bench/investigations/serve_step_profile.py MODE [RATE] [N] [--tpot-slo-ms X] [--overlap]
@@ -21,27 +21,18 @@ import time
 
 import torch
 
-from bullet_kernels.serve.app import ServeOptions, capture_all, load_model, policy_placements
+from bullet_kernels.serve.app import ServeOptions, build_service
 from bullet_kernels.serve.request import Request, SamplingParams
-from bullet_kernels.serve.scheduler import Scheduler, SchedulerConfig, whole_gpu
+from bullet_kernels.serve.scheduler import Scheduler
 
 
-def build(mode: str, tpot: float, chunk: int, overlap: bool = False):
-    from bullet_kernels.config import EngineConfig
-    from bullet_kernels.engine import ModelRunner
-    from bullet_kernels.serve.app import GPU_DECODE_BUCKETS, GPU_PREFILL_BUCKETS
-
-    opts = ServeOptions(model="llama-3.1-8b", mode=mode, tpot_slo_ms=tpot, chunk_size=chunk)
-    model, name = load_model(opts, torch.device("cuda"))
-    placements, splits, groups = whole_gpu, (), None
-    if mode == "bullet":
-        placements, splits, groups = policy_placements(name, model.config, opts)
-    cfg = EngineConfig.from_env(lazy_capture=True, splits=splits, prefill_max_seqs=129,
-                                decode_buckets=GPU_DECODE_BUCKETS, prefill_buckets=GPU_PREFILL_BUCKETS,
-                                **({"layer_groups": groups} if groups else {}))
-    runner = ModelRunner(model, cfg)
-    capture_all(runner, splits)
-    return Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=chunk, overlap=overlap), placements)
+def build(mode: str, tpot: float, chunk: int, overlap: bool = False) -> Scheduler:
+    """The scheduler ``bullet serve`` builds (same options, graphs captured), with its serving
+    thread stopped so this script can step it."""
+    svc = build_service(ServeOptions(model="llama-3.1-8b", mode=mode, device="cuda", tpot_slo_ms=tpot,
+                                     chunk_size=chunk, overlap=overlap))
+    svc.engine.shutdown(drain=False, timeout_s=10)
+    return svc.engine.scheduler
 
 
 def drive(sched: Scheduler, rate: float, n: int, seed: int, record: bool):
