@@ -125,6 +125,8 @@ def test_bad_requests_are_refused_before_queueing():
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="mode must be one of"):
         SchedulerConfig(mode="fast")
+    with pytest.raises(ValueError, match="overlap must be True or False"):
+        SchedulerConfig(overlap="yes")
 
 
 @pytest.mark.parametrize("overlap", [False, True])
