@@ -11,7 +11,7 @@ server runs them:
 - ``decode``: DECODE rows at 1,200 tokens of context, as a decode step;
 - ``mixed``: the chunk and the decode rows fused in one prefill-path step (what chunked mode runs);
 
-then profiles the eager ``mixed`` step with torch.profiler and prints the CUDA kernels that
+then profiles the eager ``decode`` and ``mixed`` steps with torch.profiler and prints the CUDA kernels that
 take the time, so the next change is made where the time is.
 
     python3 bench/investigations/mixed_step_profile.py [DECODE]
@@ -59,16 +59,17 @@ def main() -> None:
         print(f"{name:>8}: graph {stats['median_ms']:.2f} ms (p10 {stats['p10_ms']:.2f}, p90 {stats['p90_ms']:.2f}); "
               f"eager steps so far {runner.stats['eager_steps']}")
 
-    ids, batch = plans["mixed"]
-    ids, batch = ids.cuda(), batch.to("cuda")
-    with torch.no_grad():
-        runner.run(ids, batch)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    for name in ("decode", "mixed"):  # decode too: which of its kernels sit below their roofline
+        ids, batch = plans[name]
+        ids, batch = ids.cuda(), batch.to("cuda")
+        with torch.no_grad():
             runner.run(ids, batch)
             torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
-
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                runner.run(ids, batch)
+                torch.cuda.synchronize()
+        print(f"--- eager {name} step, CUDA kernels")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 if __name__ == "__main__":
     main()
