@@ -229,6 +229,29 @@ def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, bloc
     assert torch.all(out[seq_lens == 0] == 0)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_on_ragged_rows_writes_only_one_token_sequences(splits):
+    """The decode rows of a chunked-prefill step: sequence b's query is row cu[b]; sequences
+    with more (or no) new tokens are the prefill kernel's and their rows stay untouched."""
+    dtype, hq, hkv, d, page_size = torch.bfloat16, 8, 2, 64, 16
+    q_lens, prefix = [1, 5, 1, 0, 1], [40, 3, 0, 0, 90]
+    lens = [a + b for a, b in zip(q_lens, prefix)]
+    width = max(-(-max(lens) // page_size), 1) + 1
+    pages = sum(-(-n // page_size) for n in lens) + 2
+    kc, vc = paged_cache(pages, page_size, hkv, d, dtype, seed=2)
+    table = page_table_for(lens, page_size, pages, width, seed=2)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]) + 2, hq, d).to(dtype)
+    out = decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q),
+                                                  num_splits=splits, cu_seqlens_q=cu)
+    ref = R.paged_prefill_attention(q.float(), kc.float(), vc.float(), table, cu, seq_lens, d**-0.5)
+    single = [int(cu[b]) for b, n in enumerate(q_lens) if n == 1]
+    assert rel_err(out[single], ref[single]) < TOL[dtype]
+    others = [r for r in range(q.shape[0]) if r not in single]
+    assert torch.isnan(out[others]).all()
+
+
 # ---------------------------------------------------------------- prefill attention
 
 
@@ -238,11 +261,14 @@ PREFILL_CASES = [
     (torch.float32, 8, 2, 64, 8, [5, 0, 33, 1], [10, 0, 0, 40], 3, 32),  # prefix cache, empty req, padding
     (torch.bfloat16, 8, 1, 128, 16, [17, 2], [3, 29], 5, 64),  # GQA 8, head_dim 128
     (torch.bfloat16, 4, 1, 64, 32, [40, 7, 1], [0, 60, 12], 0, 16),  # GQA 4
+    # a chunked-prefill step: a chunk among decode rows (one new token after a long prefix)
+    (torch.bfloat16, 8, 2, 64, 16, [1, 23, 1, 1], [70, 9, 0, 130], 4, 32),
 ]
 
 
+@pytest.mark.parametrize("by_decode_kernel", [True, False], ids=["single-rows-by-decode-kernel", "one-kernel"])
 @pytest.mark.parametrize("dtype,hq,hkv,d,page_size,q_lens,prefix,pad,block_m", PREFILL_CASES)
-def test_paged_prefill_attention(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, block_m):
+def test_paged_prefill_attention(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, block_m, by_decode_kernel):
     lens = [a + b for a, b in zip(q_lens, prefix)]
     width = max(-(-max(lens) // page_size), 1) + 1
     pages = sum(-(-n // page_size) for n in lens) + 2
@@ -252,7 +278,8 @@ def test_paged_prefill_attention(dtype, hq, hkv, d, page_size, q_lens, prefix, p
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
     q = torch.randn(int(cu[-1]) + pad, hq, d).to(dtype)
     out = prefill_attention.paged_prefill_attention(
-        q, kc, vc, table, cu, seq_lens, d**-0.5, out=nan_like(q), block_m=block_m, block_n=16)
+        q, kc, vc, table, cu, seq_lens, d**-0.5, out=nan_like(q), block_m=block_m, block_n=16,
+        single_rows_by_decode_kernel=by_decode_kernel)
     ref = R.paged_prefill_attention(q.float(), kc.float(), vc.float(), table, cu, seq_lens, d**-0.5)
     assert rel_err(out, ref) < TOL[dtype]
     if pad:

@@ -54,11 +54,13 @@ def drive(sched: Scheduler, rate: float, n: int, seed: int, record: bool):
             time.sleep(0.001)
             continue
         batch = len(sched.running)
+        before = dict(sched.counters)
         t0 = time.perf_counter()
         events = sched.step()
         dt = time.perf_counter() - t0
-        if record:
-            steps.append((batch, len(sched.prefilling), dt))
+        if record:  # what the step ran, from the counters it moved
+            moved = [k for k in ("mixed_steps", "prefill_steps", "prefills") if sched.counters[k] > before.get(k, 0)]
+            steps.append((batch, len(sched.prefilling) > 0, "+".join(moved) or "decode", dt))
         for ev in events:
             rid = ev.request.rid
             tnow = time.perf_counter()
@@ -106,14 +108,16 @@ def main():
     drive(sched, a.rate, 8, 1, False)  # warm-up
     steps, tpots = drive(sched, a.rate, a.n, 0, True)
     by = collections.defaultdict(list)
-    for batch, prefilling, dt in steps:
-        by[(min(batch // 16 * 16, 128), prefilling > 0)].append(dt * 1e3)
+    for batch, prefilling, kind, dt in steps:
+        by[(min(batch // 16 * 16, 128), prefilling, kind)].append(dt * 1e3)
     print(f"mode {a.mode} rate {a.rate} n {a.n}: {len(steps)} steps, TPOT p50 {statistics.median(tpots):.2f} "
           f"p90 {sorted(tpots)[int(0.9 * len(tpots))]:.2f} ms; counters {dict(sched.counters)}")
-    print("batch-bucket prefilling  steps  median-ms  p90-ms")
+    print(f"runner: {sched.runner.stats}")
+    print("batch-bucket prefilling         ran  steps  median-ms  p90-ms  total-s")
     for key in sorted(by):
         v = sorted(by[key])
-        print(f"{key[0]:>12} {str(key[1]):>10} {len(v):>6} {statistics.median(v):>10.2f} {v[int(0.9 * len(v))]:>7.2f}")
+        print(f"{key[0]:>12} {str(key[1]):>10} {key[2]:>11} {len(v):>6} {statistics.median(v):>10.2f} "
+              f"{v[int(0.9 * len(v))]:>7.2f} {sum(v) / 1e3:>8.2f}")
     for b in (16, 32, 64):
         print(f"decode graph alone, whole GPU, batch {b}: {decode_gpu_ms(sched, b):.2f} ms")
     prof = cProfile.Profile()

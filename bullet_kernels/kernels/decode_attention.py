@@ -92,8 +92,29 @@ def _attend_tile(q, k, v, m, l, acc, start, hi, qk_scale, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _decode_row(b, lens_ptr, cu_ptr, ROWS_FROM_CU: tl.constexpr):
+    """Sequence ``b``'s query/output row, whether this kernel owns it (1 or 0, an integer:
+    it scales store bounds, where a scalar boolean mask trips Triton's interpreter), and its
+    KV length.
+
+    Decode batches: row ``b``, always. Ragged (prefill-path) batches: row ``cu[b]``, owned only
+    when the sequence has exactly one new token (its other rows belong to the prefill kernel,
+    which must be the only one to write them); an unowned sequence reads no KV.
+    """
+    if ROWS_FROM_CU:
+        row = tl.load(cu_ptr + b)
+        mine = tl.where(tl.load(cu_ptr + b + 1) - row == 1, 1, 0)
+        seq_len = tl.load(lens_ptr + b) * mine
+    else:
+        row = b
+        mine = 1
+        seq_len = tl.load(lens_ptr + b)
+    return row, mine, seq_len
+
+
+@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, cu_ptr, out_ptr, part_ptr, lse_ptr,
     qk_scale, num_splits,  # qk_scale = softmax scale * log2(e): we work in base 2
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
@@ -101,14 +122,14 @@ def _decode_split_kernel(
     stride_pt, stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
-    PAGE_ASM: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    PAGE_ASM: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ROWS_FROM_CU: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     num_q_heads = tl.num_programs(1) * GROUP
 
-    seq_len = tl.load(lens_ptr + b)
+    row, mine, seq_len = _decode_row(b, lens_ptr, cu_ptr, ROWS_FROM_CU)
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
@@ -119,7 +140,7 @@ def _decode_split_kernel(
     d = tl.arange(0, HEAD_DIM)
     head = kvh * GROUP + h
     h_ok = h < GROUP
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=h_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + row * stride_qb + head[:, None] * stride_qh + d[None, :], mask=h_ok[:, None], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -138,21 +159,22 @@ def _decode_split_kernel(
     has = l > 0  # false for an empty split and for padding rows (seq_len 0)
     o = acc / tl.where(has, l, 1.0)[:, None]
     if not SPLIT:
-        dst = out_ptr + b * stride_ob + head[:, None] * stride_oh + d[None, :]
-        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+        dst = out_ptr + row * stride_ob + head[:, None] * stride_oh + d[None, :]
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=(h < GROUP * mine)[:, None])
     else:
-        row = (b * num_q_heads + head) * num_splits + split  # partials are [B, Hq, splits, (D)]
-        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=h_ok[:, None])
-        tl.store(lse_ptr + row, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=h_ok)
+        part = (b * num_q_heads + head) * num_splits + split  # partials are [B, Hq, splits, (D)]
+        tl.store(part_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=h_ok[:, None])
+        tl.store(lse_ptr + part, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=h_ok)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    part_ptr, lse_ptr, out_ptr, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
+    part_ptr, lse_ptr, lens_ptr, cu_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr, ROWS_FROM_CU: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    out_row, mine, _ = _decode_row(b, lens_ptr, cu_ptr, ROWS_FROM_CU)
     row = b * tl.num_programs(1) + h
     s = tl.arange(0, SPLITS_P2)
     d = tl.arange(0, HEAD_DIM)
@@ -164,7 +186,7 @@ def _decode_merge_kernel(
                 mask=(s < num_splits)[:, None], other=0.0)
     den = tl.sum(w, 0)
     res = tl.sum(w[:, None] * o, 0) / tl.where(den > 0, den, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + out_row * stride_ob + h * stride_oh + d, res.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM * mine)
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -172,8 +194,12 @@ def _extent(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
 
 
-def _check(q, k_cache, v_cache, page_table, seq_lens):
+def _check(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens_q=None):
     B, Hq, D = q.shape
+    if cu_seqlens_q is not None:  # ragged rows: one sequence per page-table row
+        B = page_table.shape[0]
+        if cu_seqlens_q.shape[0] != B + 1:
+            raise ValueError(f"cu_seqlens_q needs {B + 1} entries (page-table rows + 1), got {cu_seqlens_q.shape[0]}")
     _, page_size, Hkv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
         raise ValueError(f"q {tuple(q.shape)} and caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} disagree")
@@ -202,8 +228,14 @@ def paged_decode_attention(
     num_warps: int = 1,
     num_stages: int = 3,
     maxnreg: int | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing.
+
+    With ``cu_seqlens_q`` (``[B + 1]``, B = page-table rows), q and ``out`` are a ragged
+    prefill-path batch: sequence b's query row is ``cu_seqlens_q[b]``, and only the sequences
+    with exactly one new token are attended and written; the other rows of ``out`` are left
+    as they are (:func:`.prefill_attention.paged_prefill_attention` writes them).
 
     Launch defaults from the tuning sweep (in git history, bench/tune_decode_attention.py) on the H100 (Triton 3.6; 16-132 SMs,
     b128 x 4k and b16 x 32k contexts; tune-decode-attention-h100-20261126.json): one warp
@@ -212,7 +244,7 @@ def paged_decode_attention(
     and ~6 programs fit on an SM, each with 2 tiles in flight: 85-97% of a partition-sized
     copy on 16-40 SMs, against 65-85% for 4-warp programs with 64-token tiles.
     """
-    B, Hq, D, page_size, Hkv = _check(q, k_cache, v_cache, page_table, seq_lens)
+    B, Hq, D, page_size, Hkv = _check(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens_q)
     q = q if q.stride(2) == 1 else q.contiguous()
     out = torch.empty_like(q) if out is None else out
     if B == 0:
@@ -226,20 +258,21 @@ def paged_decode_attention(
     else:
         part = lse = out  # unused
     _decode_split_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, page_table, seq_lens, out, part, lse,
-        scale * LOG2E, splits,
+        q, k_cache, v_cache, page_table, seq_lens, seq_lens if cu_seqlens_q is None else cu_seqlens_q,
+        out, part, lse, scale * LOG2E, splits,
         q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
         OFFS64=max(_extent(k_cache), _extent(v_cache)) >= OFFS64_FROM, PAGE_ASM=not INTERPRET,
-        **dot_flags(k_cache.dtype),
+        **dot_flags(k_cache.dtype), ROWS_FROM_CU=cu_seqlens_q is not None,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     if splits > 1:
         _decode_merge_kernel[(B, Hq)](
-            part, lse, out, splits, out.stride(0), out.stride(1),
-            HEAD_DIM=D, SPLITS_P2=triton.next_power_of_2(splits), num_warps=4,
+            part, lse, seq_lens, seq_lens if cu_seqlens_q is None else cu_seqlens_q, out, splits,
+            out.stride(0), out.stride(1), HEAD_DIM=D, SPLITS_P2=triton.next_power_of_2(splits),
+            ROWS_FROM_CU=cu_seqlens_q is not None, num_warps=4,
         )
     return out

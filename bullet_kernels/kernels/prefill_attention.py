@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import decode_attention
 from .common import dot_flags, mma
 
 LOG2E = 1.4426950408889634
@@ -33,6 +34,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
     HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SEARCH_STEPS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -50,6 +52,9 @@ def _prefill_kernel(
     q_start = tl.load(cu_ptr + r)
     q_end = tl.where(real, tl.load(cu_ptr + r + 1, mask=real, other=0), num_tokens)
     seq_len = tl.where(real, tl.load(lens_ptr + r, mask=real, other=0), 0)
+    if SKIP_SINGLE:  # one-token sequences are the decode kernel's: this program neither reads nor writes
+        real = real & (q_end - q_start != 1)
+        q_end = tl.where(real | (r == num_reqs), q_end, q_start)
     row0 = q_start + (pid - q_start // BLOCK_Q - r) * BLOCK_Q
 
     rows = tl.arange(0, BLOCK_Q * G_PAD)
@@ -107,10 +112,18 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int = 64,
+    single_rows_by_decode_kernel: bool = True,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_prefill_attention`.
 
     ``block_m`` (rows per program = tokens x padded group) defaults to 128 on GPU.
+
+    ``single_rows_by_decode_kernel``: sequences with exactly one new token (the decode rows of
+    a chunked-prefill step) go to the split-KV decode kernel, the rest to the prefill kernel;
+    the two write disjoint rows. Here a one-token sequence would fill one row of a 128-row
+    tile and read its whole context on one program per KV head: in a fused step of a
+    432-token chunk and 80 decode rows on the H200 that made the step as slow as a prefill
+    and a decode step run one after the other (24 ms against 13.9 + 9.3 ms, docs/serving.md).
     """
     T, Hq, D = q.shape
     _, page_size, Hkv, _ = k_cache.shape
@@ -127,6 +140,9 @@ def paged_prefill_attention(
     group = Hq // Hkv
     g_pad = triton.next_power_of_2(group)
     block_q = max((block_m or 128) // g_pad, triton.cdiv(16, g_pad))  # tl.dot needs >= 16 rows
+    if single_rows_by_decode_kernel:
+        decode_attention.paged_decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, out=out,
+                                                cu_seqlens_q=cu_seqlens_q)
     grid = (triton.cdiv(T, block_q) + B, Hkv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens, out,
@@ -136,6 +152,7 @@ def paged_prefill_attention(
         page_table.stride(0), out.stride(0), out.stride(1),
         GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_N=block_n, SEARCH_STEPS=max(1, B.bit_length()), **dot_flags(k_cache.dtype),
+        SKIP_SINGLE=single_rows_by_decode_kernel,
         num_warps=8 if block_q * g_pad >= 128 else 4, num_stages=2,
     )
     return out

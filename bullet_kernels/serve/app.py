@@ -43,7 +43,7 @@ class ServeOptions:
     ttft_slo_ms: float = 1000.0
     tpot_slo_ms: float = 20.0
     split: str | None = None  # bullet mode: this split whenever both lanes have work (no profile needed)
-    overlap: bool = False  # overlap host work with the decode step in flight (SchedulerConfig.overlap)
+    overlap: bool = True  # overlap host work with the decode step in flight (SchedulerConfig.overlap)
     seed: int = 0
 
 

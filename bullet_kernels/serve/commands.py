@@ -60,9 +60,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
     p.add_argument("--ttft-slo-ms", type=positive_float, default=1000.0, help="time-to-first-token target (bullet mode)")
     p.add_argument("--tpot-slo-ms", type=positive_float, default=20.0,
                    help="time-per-output-token target: the bullet policy keeps decode steps within it")
-    p.add_argument("--overlap", action="store_true",
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="prepare each decode step while the previous one runs on the GPU, feeding its tokens "
-                   "there (greedy batches; new, not yet measured on a GPU: docs/serving.md)")
+                   "there (greedy batches; default on: docs/serving.md has the measurement)")
     p.add_argument("--split", type=lane_split, default=None, metavar="prefill=P,decode=D",
                    help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
                    "SLO policy over the shipped profile (default: the policy)")
