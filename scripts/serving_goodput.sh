@@ -5,11 +5,16 @@
 #   bash scripts/serving_goodput.sh sglang-start [CHUNK]   # SGLang 0.5.15 in the background (setsid)
 #   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
 #   bash scripts/serving_goodput.sh ours MODE [CHUNK]      # bullet serve MODE, measure, stop it
+#   bash scripts/serving_goodput.sh split-bins [MB]        # (here, not on the GPU machine) regroup
+#       the wheel bins into .carry/sglang/part*/ of at most MB each (default 50): a device call
+#       carries at most 64 MiB with the working tree, and the tree alone is ~10 MB
 #
 # Both engines get the llama-3.1-8b preset (config and shipped tokenizer; SGLang loads it with
 # --load-format dummy, random weights) and the same trace, prompts and rates from
 # `bullet bench-serving` (seeded). Results: $OUT/serving-<label>-<gpu>-<date>.json and .png;
-# `bullet bench-serving --report $OUT/serving-*.json` prints the goodput table.
+# `bullet bench-serving --report $OUT/serving-*.json` prints the goodput table. Each run's files
+# are also packed into $OUT/pack-<label>.tgz and the loose JSON and PNG removed: a device call
+# returns at most 8 files, and a later stage of the same call would otherwise push them out.
 # Environment: RATES (req/s), PROMPTS (per rate), TRACE (uniform|sharegpt|azure-conversation),
 # MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
 # options, e.g. --tpot-slo-ms 10), LABEL (results name), OUT (default /tmp/bullet-out).
@@ -34,9 +39,38 @@ wait_up() {  # wait_up URL SECONDS: until URL answers
 
 bench() {  # bench URL LABEL
   bullet bench-serving --url "$1" --label "$2" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT"
+  local rc=$?
+  (cd "$OUT" && tar czf "pack-$2.tgz" $(ls serving-"$2"-*.json serving-"$2"-*.png ./*.log metrics-*.txt 2>/dev/null) \
+     && rm -f serving-"$2"-*.json serving-"$2"-*.png)
+  return $rc
 }
 
 case ${1:-} in
+  split-bins)
+    python3 - "${2:-50}" "$SG" <<'PY'
+import os, sys
+from pathlib import Path
+limit, sg = float(sys.argv[1]) * 2**20, Path(sys.argv[2])
+files = sorted((f for b in sg.glob("bin*") for f in b.iterdir() if f.is_file()), key=lambda f: -f.stat().st_size)
+parts: list[list] = []  # first fit, largest first
+for f in files:
+    size = f.stat().st_size
+    if size > limit:
+        sys.exit(f"{f} ({size / 2**20:.0f} MB) alone is over {limit / 2**20:.0f} MB")
+    part = next((p for p in parts if p[0] + size <= limit), None)
+    if part is None:
+        parts.append(part := [0])
+    part[0] += size
+    part.append(f)
+for i, (size, *members) in enumerate(parts, 1):
+    d = sg / f"part{i}"
+    d.mkdir(exist_ok=True)
+    for f in members:
+        if not (d / f.name).exists():
+            os.link(f, d / f.name)
+    print(f"{d}: {len(members)} files, {size / 2**20:.0f} MB")
+PY
+    ;;
   install)
     BULLET_OFFLINE=1 bash scripts/install.sh
     for b in "$SG"/bin*; do [ -d "$b" ] && bash "$SG/install.sh" "$b"; done ;;
