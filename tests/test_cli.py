@@ -139,6 +139,29 @@ def test_no_command_exits_2_with_the_commands(capsys):
     assert code == 2 and "{info,bench,profile,sweep,serve,bench-serving}" in err
 
 
+def test_serve_options_reach_the_scheduler_and_bad_ones_exit_2(capsys, monkeypatch):
+    from bullet_kernels.cli import build_parser
+    from bullet_kernels.serve import app, commands
+
+    args = build_parser().parse_args(["serve", "--model", "tiny-llama3", "--max-prefill-tokens", "4096", "--no-overlap"])
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def build_service(opts):
+        seen["opts"] = opts
+        raise Built  # stop before a model is built
+
+    monkeypatch.setattr(app, "build_service", build_service)
+    with pytest.raises(Built):
+        commands.serve_main(args)
+    assert seen["opts"].max_prefill_tokens == 4096 and seen["opts"].overlap is False
+    assert build_parser().parse_args(["serve", "--model", "tiny-llama3"]).overlap is True  # the default
+    code, _, err = run(capsys, "serve", "--model", "tiny-llama3", "--max-prefill-tokens", "0")
+    assert code == 2 and "--max-prefill-tokens" in err
+
+
 # -- output paths ----------------------------------------------------------------------------------
 
 

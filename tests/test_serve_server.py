@@ -127,7 +127,8 @@ def test_a_client_that_disconnects_frees_its_kv():
 
 
 def test_overload_answers_429_and_health_and_metrics_report():
-    opts = ServeOptions(model="tiny-llama3", device="cpu", kv_pages=64, max_context=128, max_waiting=1, max_running=1)
+    opts = ServeOptions(model="tiny-llama3", device="cpu", kv_pages=64, max_context=128, max_waiting=1, max_running=1,
+                        max_prefill_tokens=96)
 
     @serve(opts)
     async def run(s, url, svc):
@@ -135,6 +136,7 @@ def test_overload_answers_429_and_health_and_metrics_report():
             r = await s.post(f"{url}/generate", json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 20}})
             return r.status, await r.json()
 
+        assert svc.engine.scheduler.cfg.max_prefill_tokens == 96  # the option reached the scheduler
         answers = await asyncio.gather(*(one(i) for i in range(30)))  # one runs, one waits: the rest are refused
         refused = [body for status, body in answers if status == 429]
         served = [body for status, body in answers if status == 200]

@@ -40,6 +40,7 @@ class ServeOptions:
     chunk_size: int = 512
     max_running: int = 128
     max_waiting: int = 1024
+    max_prefill_tokens: int = 8192  # bullet and sequential: prompt tokens in one prefill
     ttft_slo_ms: float = 1000.0
     tpot_slo_ms: float = 20.0
     split: str | None = None  # bullet mode: this split whenever both lanes have work (no profile needed)
@@ -141,7 +142,8 @@ def build_service(opts: ServeOptions) -> Service:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, name = load_model(opts, device)
     sched_cfg = SchedulerConfig(mode=opts.mode, chunk_size=opts.chunk_size, max_running=opts.max_running,
-                                max_waiting=opts.max_waiting, eos_token_ids=tuple(model.config.eos_token_ids),
+                                max_waiting=opts.max_waiting, max_prefill_tokens=opts.max_prefill_tokens,
+                                eos_token_ids=tuple(model.config.eos_token_ids),
                                 overlap=opts.overlap)
     placements, splits, groups = whole_gpu, (), None
     if device.type == "cuda" and opts.mode == "bullet" and opts.split:

@@ -56,6 +56,9 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
                    help="KV-cache pages (default: sized from free GPU memory, or 256 MiB on the CPU)")
     p.add_argument("--chunk-size", type=positive_int, default=512, help="chunked mode: tokens per fused step")
     p.add_argument("--max-running", type=positive_int, default=128, help="largest decode batch")
+    p.add_argument("--max-prefill-tokens", type=positive_int, default=8192,
+                   help="bullet and sequential modes: prompt tokens admitted into one prefill (smaller: a shorter "
+                   "wait for prompts that arrive while one runs; larger: fewer, more efficient prefills)")
     p.add_argument("--max-waiting", type=positive_int, default=1024, help="queued requests before 429")
     p.add_argument("--ttft-slo-ms", type=positive_float, default=1000.0, help="time-to-first-token target (bullet mode)")
     p.add_argument("--tpot-slo-ms", type=positive_float, default=20.0,
@@ -77,7 +80,8 @@ def serve_main(args) -> int:
 
     opts = ServeOptions(model=args.model, mode=args.mode, device=args.device, max_context=args.max_context,
                         kv_pages=args.kv_pages, chunk_size=args.chunk_size, max_running=args.max_running,
-                        max_waiting=args.max_waiting, ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
+                        max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,
+                        ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
                         split=args.split, overlap=args.overlap)
     service = build_service(opts)
     kv = service.engine.scheduler.runner.kv_cache
