@@ -8,10 +8,12 @@ CUDA graph replayed on the lane's stream (CUDA events, per-call samples in the J
    written): the bandwidth the lane can draw;
 2. attention: ours (split-KV paged) vs torch SDPA over a contiguous cache vs FlashInfer's paged
    decode where it imports; TB/s and the share of the lane's copy bandwidth;
-3. gemm: cuBLAS (``F.linear``) vs our split-K Triton GEMM on the decode projections (weights
-   rotated through >= 256 MB of copies so L2 does not serve them);
+3. gemm: cuBLAS (``F.linear``) vs cuBLASLt told the lane's SM count (``cublaslt_target``,
+   :mod:`bullet_kernels.kernels.blas_target`) vs our split-K Triton GEMM on the decode
+   projections (weights rotated through >= 256 MB of copies so L2 does not serve them);
 4. step: one decoder layer replayed 32 times in one graph = one decode step (less embedding and
-   LM head): stock (cuBLAS + SDPA + unfused torch ops) vs ours.
+   LM head): stock (cuBLAS + SDPA + unfused torch ops) vs ours (with cuBLAS, with cuBLASLt's
+   SM-count target, with our GEMM).
 
 Every row also carries the lane's measured peaks, its roofline (``max(bytes / copy, flops /
 GEMM peak)``) and the SM clock and power sampled while it ran.
@@ -36,8 +38,8 @@ from bench.decode_layer import (
     gemm_shapes, paged_kv, rotated_weights, sdpa_decode,
 )
 from bullet_kernels import measure
-from bullet_kernels.kernels import decode_attention, gemm
-from bullet_kernels.kernels.sizing import decode_kv_splits
+from bullet_kernels.kernels import blas_target, decode_attention, gemm
+from bullet_kernels.kernels.sizing import current_sm_budget, decode_kv_splits
 
 BENCHMARK = "decode"
 MAX_TOKENS = 1 << 20  # batch x context above this is left out (KV memory per cache copy)
@@ -54,9 +56,9 @@ GRID = {
         "attention_impl": ("ours", "sdpa", "flashinfer"),
         "gemm_op": ("qkv", "o", "gate_up", "down"),
         "gemm_m": (16, 128),
-        "gemm_impl": ("cublas", "triton"),
+        "gemm_impl": ("cublas", "cublaslt_target", "triton"),
         "step_batch": (16, 128),
-        "step_impl": ("stock", "ours"),
+        "step_impl": ("stock", "ours", "ours_cublaslt_target"),
         "sms": (16, 32, 40, 64, "all"),
     },
     "full": {
@@ -65,9 +67,9 @@ GRID = {
         "attention_impl": ("ours", "sdpa", "flashinfer"),
         "gemm_op": ("qkv", "o", "gate_up", "down", "lm_head"),
         "gemm_m": (16, 64, 128, 256),
-        "gemm_impl": ("cublas", "triton"),
+        "gemm_impl": ("cublas", "cublaslt_target", "triton"),
         "step_batch": (16, 64, 128),
-        "step_impl": ("stock", "ours", "ours_triton_gemm"),
+        "step_impl": ("stock", "ours", "ours_cublaslt_target", "ours_triton_gemm"),
         "sms": (16, 24, 32, 40, 48, 64, 96, "all"),  # last: varies fastest, so one shape's inputs serve every lane
     },
 }
@@ -139,13 +141,19 @@ def test_attention(benchmark, bench, recorder, sms, attention_shape, attention_i
     recorder.add({"kind": "attention", "impl": attention_impl, "batch": batch, "ctx": ctx, **row})
 
 
+def cublaslt_target_linear(x, w):
+    """``F.linear`` through cuBLASLt with the SM budget (the lane's, during capture) as target."""
+    with blas_target.cublaslt_sm_target(current_sm_budget()):
+        return F.linear(x, w)
+
+
 @pytest.mark.gpu
 def test_gemm(benchmark, bench, recorder, sms, gemm_op, gemm_m, gemm_impl):
     n_out, k_in = gemm_shapes(LLAMA)[gemm_op]
     lane = bench.lane(sms)
     weights = inputs.get(("gemm", gemm_op), lambda: rotated_weights(n_out, k_in))
     x = torch.randn(gemm_m, k_in, device="cuda", dtype=BF16)
-    linear = {"cublas": F.linear, "triton": gemm.linear}[gemm_impl]
+    linear = {"cublas": F.linear, "cublaslt_target": cublaslt_target_linear, "triton": gemm.linear}[gemm_impl]
     row = bench.time_graph(benchmark, lane, [functools.partial(linear, x, w) for w in weights])
     nbytes = n_out * k_in * 2 + gemm_m * (k_in + n_out) * 2
     row.update(measure.roofline_fields(row["median_ms"], nbytes, 2 * gemm_m * n_out * k_in, lane.peaks()))
@@ -159,6 +167,7 @@ def test_step(benchmark, bench, recorder, sms, step_batch, step_impl):
     lane = bench.lane(sms)
     layer = inputs.get(("step", step_batch), lambda: DecodeLayer(LLAMA, step_batch, STEP_CONTEXT))
     fn = {"stock": layer.stock, "ours": layer.ours,
+          "ours_cublaslt_target": functools.partial(layer.ours, cublaslt_target_linear),
           "ours_triton_gemm": functools.partial(layer.ours, gemm.linear)}[step_impl]
     row = bench.time_graph(benchmark, lane, [fn] * LLAMA.layers, calls_per_round=2)
     row.update(measure.roofline_fields(row["median_ms"], layer.step_bytes(), layer.step_flops(), lane.peaks()))
@@ -195,6 +204,10 @@ def summarize(rows: list[dict]) -> dict:
         pairs = [c["median_ms"] / t["median_ms"] for c in cub for t in tri if (c["op"], c["m"]) == (t["op"], t["m"])]
         if pairs:
             s[f"gemm_triton_speedup_vs_cublas_geomean@{n}"] = round(geomean(pairs), 3)
+        lt = select(rows, kind="gemm", impl="cublaslt_target", sms=n)
+        pairs = [c["median_ms"] / t["median_ms"] for c in cub for t in lt if (c["op"], c["m"]) == (t["op"], t["m"])]
+        if pairs:
+            s[f"gemm_cublaslt_target_speedup_vs_cublas_geomean@{n}"] = round(geomean(pairs), 3)
         for r in select(rows, kind="step", impl="ours", sms=n):
             s[f"step_b{r['batch']}_ours_pct_of_roofline@{n}"] = round(r["pct_of_roofline"], 1)
     for stock in select(rows, kind="step", impl="stock", sms=full):

@@ -24,8 +24,8 @@ BULLET_SPLITS                   splits opened at start, ``;``-separated, e.g.
                                 ``prefill=96,decode=36;decode=16`` (from_env)
 BULLET_KERNELS                  ``triton`` (default) or ``reference``: force the reference
                                 kernels everywhere, for A/B comparisons (kernel_settings)
-BULLET_LINEAR                   ``cublas`` (default) or ``triton``: the decode GEMM
-                                (kernel_settings)
+BULLET_LINEAR                   ``cublas`` (default), ``triton`` or ``cublaslt-target``
+                                (cuBLASLt told the SM budget): the GEMM (kernel_settings)
 BULLET_TPC_MECHANISM            auto, record or hook (read by bullet_kernels.partition.tpc)
 BULLET_TPC_STREAM_OFFSET        byte offset of the driver's stream mask, e.g. ``0x51c``
                                 (read by bullet_kernels.partition.tpc)
@@ -48,7 +48,7 @@ import os
 from typing import Any, Callable
 
 KERNEL_CHOICES = ("triton", "reference")
-LINEAR_CHOICES = ("cublas", "triton")
+LINEAR_CHOICES = ("cublas", "triton", "cublaslt-target")
 
 
 def _positive_int(name: str, value: Any) -> int:

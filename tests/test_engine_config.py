@@ -87,7 +87,7 @@ def test_kernel_settings_validate_and_follow_the_environment(monkeypatch):
     monkeypatch.setenv("BULLET_LINEAR", "Triton")
     assert kernel_settings() == KernelSettings("reference", "triton")
     monkeypatch.setenv("BULLET_LINEAR", "cutlass")
-    with pytest.raises(ValueError, match="BULLET_LINEAR='cutlass' is not one of cublas, triton"):
+    with pytest.raises(ValueError, match="BULLET_LINEAR='cutlass' is not one of cublas, triton, cublaslt-target"):
         kernel_settings()
 
 

@@ -127,6 +127,16 @@ def test_decode_splits_follow_budget_not_lengths():
 # ---------------------------------------------------------------- dispatcher
 
 
+def test_cublaslt_target_is_the_budget_as_torchs_carveout():
+    from bullet_kernels.kernels import blas_target
+
+    assert blas_target.carveout_for(40, 132) == 92  # torch targets device SMs - carveout
+    assert blas_target.carveout_for(132, 132) is None  # the whole GPU: no target at all
+    for bad in (0, 133, 40.0, True):
+        with pytest.raises(ValueError, match="SM-count target"):
+            blas_target.carveout_for(bad, 132)
+
+
 def test_dispatcher_runs_reference_on_cpu(monkeypatch):
     x = torch.randn(3, 40)
     w = torch.randn(40)

@@ -180,3 +180,29 @@ def test_dispatcher_routes_cuda_to_triton(monkeypatch):
     assert rel_err(K.paged_decode_attention(q, kc, vc, table, seq, 0.1), ours) < 1e-2
     x, w = torch.randn(4, 256, device=DEV).to(BF16), torch.randn(512, 256, device=DEV).to(BF16)
     assert torch.equal(K.linear(x, w), F.linear(x, w))
+
+
+@pytest.mark.parametrize("budget", [40, 132])
+def test_cublaslt_sm_target_is_set_inside_and_restored_after(monkeypatch, budget):
+    from bullet_kernels.kernels import blas_target
+
+    total = sizing.device_sm_count()
+    before = (torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental())
+    x = torch.randn(64, 4096, device=DEV).to(BF16)
+    w = (torch.randn(6144, 4096, device=DEV) / 64).to(BF16)
+    monkeypatch.setenv("BULLET_LINEAR", "cublaslt-target")
+    seen = {}
+    real = F.linear
+
+    def spy(*args):  # what torch sees when the dispatcher calls it
+        seen["carveout"] = torch._C._get_sm_carveout_experimental()
+        seen["library"] = str(torch.backends.cuda.preferred_blas_library())
+        return real(*args)
+
+    monkeypatch.setattr(K.F, "linear", spy)
+    with sizing.sm_budget(budget):
+        y = K.linear(x, w)
+    assert seen["carveout"] == (None if budget == total else total - budget)
+    assert "Cublaslt" in seen["library"] or "cublaslt" in seen["library"].lower()
+    assert (torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()) == before
+    assert rel_err(y, x.float() @ w.float().T) < 1e-2

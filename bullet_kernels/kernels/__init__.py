@@ -5,8 +5,9 @@ CUDA tensors go to our Triton kernels; everything else runs the reference. Two e
 overrides, read through :func:`bullet_kernels.config.kernel_settings`:
 
 - ``BULLET_KERNELS=reference`` forces the reference everywhere (A/B comparisons);
-- ``BULLET_LINEAR=cublas|triton`` picks the decode GEMM (default ``cublas``: on partitions
-  cuBLAS already draws copy bandwidth).
+- ``BULLET_LINEAR=cublas|triton|cublaslt-target`` picks the GEMM (default ``cublas``: on
+  partitions cuBLAS already draws copy bandwidth; ``cublaslt-target``: cuBLASLt told the SM
+  budget, :mod:`.blas_target`).
 
 Launch sizes follow :func:`current_sm_budget`; wrap graph captures in :func:`sm_budget`.
 """
@@ -21,7 +22,7 @@ from . import reference
 from .sizing import current_sm_budget, sm_budget
 
 try:  # triton is a dependency, but the reference must work even where it fails to import
-    from . import activation, decode_attention, gemm, norm, prefill_attention, rotary
+    from . import activation, blas_target, decode_attention, gemm, norm, prefill_attention, rotary
 
     _TRITON_ERROR = ""
 except Exception as exc:  # pragma: no cover - depends on the install
@@ -81,9 +82,14 @@ def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_l
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` (no bias), routed to cuBLAS or our split-K GEMM."""
-    if kernel_settings().linear == "triton" and _triton(x, weight):
+    """``F.linear(x, weight)`` (no bias), routed to cuBLAS, cuBLASLt with the SM budget as its
+    SM-count target, or our split-K GEMM."""
+    mode = kernel_settings().linear
+    if mode == "triton" and _triton(x, weight):
         return gemm.linear(x, weight)
+    if mode == "cublaslt-target" and _triton(x, weight):
+        with blas_target.cublaslt_sm_target(current_sm_budget()):
+            return F.linear(x, weight)
     return F.linear(x, weight)
 
 
