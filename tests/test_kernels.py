@@ -239,20 +239,27 @@ def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, bloc
     assert torch.all(out[seq_lens == 0] == 0)
 
 
+def ragged_batch(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, seed):
+    """A prefill-path batch: ``q_lens[b]`` new tokens after ``prefix[b]`` cached ones, then
+    ``pad`` padding rows; ``(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_lens)``."""
+    lens = [a + b for a, b in zip(q_lens, prefix)]
+    width = max(-(-max(lens) // page_size), 1) + 1
+    pages = sum(-(-n // page_size) for n in lens) + 2
+    kc, vc = paged_cache(pages, page_size, hkv, d, dtype, seed=seed)
+    table = page_table_for(lens, page_size, pages, width, seed=seed)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]) + pad, hq, d).to(dtype)
+    return q, kc, vc, table, cu, seq_lens
+
+
 @pytest.mark.parametrize("splits", [1, 3])
 def test_decode_attention_on_ragged_rows_writes_only_one_token_sequences(splits):
     """The decode rows of a chunked-prefill step: sequence b's query is row cu[b]; sequences
     with more (or no) new tokens are the prefill kernel's and their rows stay untouched."""
     dtype, hq, hkv, d, page_size = torch.bfloat16, 8, 2, 64, 16
-    q_lens, prefix = [1, 5, 1, 0, 1], [40, 3, 0, 0, 90]
-    lens = [a + b for a, b in zip(q_lens, prefix)]
-    width = max(-(-max(lens) // page_size), 1) + 1
-    pages = sum(-(-n // page_size) for n in lens) + 2
-    kc, vc = paged_cache(pages, page_size, hkv, d, dtype, seed=2)
-    table = page_table_for(lens, page_size, pages, width, seed=2)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(int(cu[-1]) + 2, hq, d).to(dtype)
+    q_lens = [1, 5, 1, 0, 1]
+    q, kc, vc, table, cu, seq_lens = ragged_batch(dtype, hq, hkv, d, page_size, q_lens, [40, 3, 0, 0, 90], 2, seed=2)
     out = decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q),
                                                   num_splits=splits, cu_seqlens_q=cu)
     ref = R.paged_prefill_attention(q.float(), kc.float(), vc.float(), table, cu, seq_lens, d**-0.5)
@@ -279,14 +286,7 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("by_decode_kernel", [True, False], ids=["single-rows-by-decode-kernel", "one-kernel"])
 @pytest.mark.parametrize("dtype,hq,hkv,d,page_size,q_lens,prefix,pad,block_m", PREFILL_CASES)
 def test_paged_prefill_attention(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, block_m, by_decode_kernel):
-    lens = [a + b for a, b in zip(q_lens, prefix)]
-    width = max(-(-max(lens) // page_size), 1) + 1
-    pages = sum(-(-n // page_size) for n in lens) + 2
-    kc, vc = paged_cache(pages, page_size, hkv, d, dtype, seed=1)
-    table = page_table_for(lens, page_size, pages, width, seed=1)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
-    q = torch.randn(int(cu[-1]) + pad, hq, d).to(dtype)
+    q, kc, vc, table, cu, seq_lens = ragged_batch(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, seed=1)
     out = prefill_attention.paged_prefill_attention(
         q, kc, vc, table, cu, seq_lens, d**-0.5, out=nan_like(q), block_m=block_m, block_n=16,
         single_rows_by_decode_kernel=by_decode_kernel)
