@@ -395,20 +395,27 @@ class Scheduler:
         needs every token on the host: the flight is drained and the ordinary step launched,
         ``(None, (batch, logits), drained events)``."""
         prev = self._flight
+        rows = self._rows_after(prev)
+        try:
+            self.runner.reserve([(r.rid, [0]) for r in rows])  # one slot each; tokens come later
+        except KVCacheExhausted:
+            events = self._drain()
+            return None, self._launch_decode(placement), events
+        self._queue_flight(rows, prev, placement)
+        return prev, None, []
+
+    def _rows_after(self, prev: DecodeFlight | None) -> list[Request]:
+        """The running requests that take a decode row after the step in flight ``prev``: one
+        reaching its length there is left out; one that hits a stop token there cannot be known
+        yet and computes one wasted row."""
         pending = prev.row_of if prev is not None else {}
-        # A request reaching its length at the step in flight is left out; one that hits a stop
-        # token there cannot be known yet and computes one wasted row.
-        rows = [r for r in self.running if len(r.output) + (id(r) in pending) < r.params.max_new_tokens]
-        if rows:
-            try:
-                self.runner.reserve([(r.rid, [0]) for r in rows])  # one slot each; tokens come later
-            except KVCacheExhausted:
-                events = self._drain()
-                return None, self._launch_decode(placement), events
+        return [r for r in self.running if len(r.output) + (id(r) in pending) < r.params.max_new_tokens]
+
+    def _queue_flight(self, rows: list[Request], prev: DecodeFlight | None, placement: Placement) -> None:
+        """Launch the decode step of ``rows`` (slots reserved) behind ``prev``: the newest flight."""
         self._flight = self._launch_flight(rows, prev, placement) if rows else None
         if self._flight is not None:
             self._unread.append(self._flight)
-        return prev, None, []
 
     def _read_decode(self, prev: DecodeFlight | None, sync_out) -> list[Event]:
         """The events of what :meth:`_launch_next` left to read."""
@@ -546,16 +553,14 @@ class Scheduler:
         host), or no chunk fits, the ordinary paths run."""
         prev = self._flight
         pending = prev.row_of
-        decode = [r for r in self.running if len(r.output) + (id(r) in pending) < r.params.max_new_tokens]
+        decode = self._rows_after(prev)
         try:
             self.runner.reserve([(r.rid, [0]) for r in decode])  # one slot each; tokens come later
         except KVCacheExhausted:
             return self._drain() + self._chunked()
         chunks = self._take_chunks(len(decode))
         if not chunks:  # the slots are reserved: the next decode step runs overlapped as usual
-            self._flight = self._launch_flight(decode, prev, WHOLE_GPU) if decode else None
-            if self._flight is not None:
-                self._unread.append(self._flight)
+            self._queue_flight(decode, prev, WHOLE_GPU)
             return self._collect(prev)
         host_tokens = [0 if id(r) in pending else r.output[-1] for r in decode]
         ids, fb = self.runner.plan_mixed([(r.rid, part) for r, part in chunks], [r.rid for r in decode], host_tokens)
@@ -579,7 +584,6 @@ class Scheduler:
         if self.runner.device.type == "cuda":
             src = src.pin_memory().to(self.runner.device, non_blocking=True)
             ids = ids.pin_memory().to(self.runner.device, non_blocking=True)
-        ids = ids.clone() if not ids.is_cuda else ids
         part = ids[offset: offset + len(rows)]
         ids[offset: offset + len(rows)] = torch.where(src >= 0, prev.tokens[src.clamp(min=0)], part)
         return ids
