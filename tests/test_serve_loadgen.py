@@ -341,6 +341,40 @@ def test_goodput_report_across_engines(tmp_path):
     assert "| <= 10 ms | 15 | 12 | 10 | 11 | 9 | 11 | 15 | 1.25 |" in table
 
 
+def test_a_goodput_at_the_top_rate_is_a_lower_bound(tmp_path, capsys):
+    """An engine that met the targets at every rate offered might serve more: its goodput
+    reads 22+, and bullet's ratio is a bound, or n/a when both sides are at their top."""
+    from bullet_kernels.serve import commands, report
+
+    def doc(label, goodputs, top=22.0):
+        summary = {f"goodput_tpot_{t:g}ms": {"by_attainment": g, "by_percentile": g} for t, g in goodputs.items()}
+        rows = [{"rate": r, "tpot_p90_ms": 5.0 + r, "ttft_p90_ms": 50.0 * r} for r in (6.0, 14.0, top)]
+        path = tmp_path / f"serving-{label}-h200-20261201.json"
+        path.write_text(json.dumps({"benchmark": f"serving-{label}", "summary": summary, "rows": rows}))
+        return path
+
+    paths = [doc("bullet-tpot15", {10: 6.0, 15: 22.0, 20: 22.0, 30: 14.0}),
+             doc("sglang-chunk2048", {10: 6.0, 15: 14.0, 20: 22.0, 30: 22.0}),
+             doc("chunked512", {10: 6.0, 15: 14.0, 20: 14.0, 30: 22.0})]
+    rows = {r["tpot_ms"]: r for r in report.goodput_rows(report.load(paths))}
+    assert [rows[t]["ratio_bound"] for t in (10, 15, 20, 30)] == ["=", ">=", "n/a", "<="]
+    assert rows[15]["at_top"] == {"bullet-tpot15", "bullet-best"}
+    assert rows[30]["at_top"] == {"sglang-chunk2048", "chunked512", "chunked-best"}
+    table = report.markdown(list(rows.values()))
+    assert "| <= 15 ms | 22+ | 14 | 14 | 14 | 22+ | >= 1.57 |" in table
+    assert "| <= 20 ms | 22+ | 22+ | 14 | 14 | 22+ | n/a (both at their top rate) |" in table
+    assert "| <= 30 ms | 14 | 22+ | 22+ | 22+ | 14 | <= 0.64 |" in table
+    from bullet_kernels.cli import build_parser
+
+    png = tmp_path / "all.png"
+    args = build_parser().parse_args(["bench-serving", "--report", *map(str, paths), "--plot", str(png)])
+    assert commands.bench_serving_main(args) == 0
+    assert png.stat().st_size > 0 and "22+" in capsys.readouterr().out
+    args = build_parser().parse_args(["bench-serving", "--plot", str(png)])
+    assert commands.bench_serving_main(args) == 2  # nothing to draw: refused, saying what is missing
+    assert "--plot draws the runs given to --report" in capsys.readouterr().err
+
+
 def test_gpu_samples_join_the_report(tmp_path):
     from bullet_kernels.serve import report
 

@@ -117,6 +117,8 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
     p.add_argument("--out", type=out_dir_arg, default="bench/results", help="folder for the JSON and PNG")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="instead of measuring: the goodput table of earlier runs (serving-*.json files)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="with --report: also one plot of every run's P90 TTFT and TPOT against offered rate")
 
 
 def make_trace_fn(args):
@@ -143,11 +145,17 @@ def gpu_monitor(url: str):
 
 
 def bench_serving_main(args) -> int:
+    if args.plot and not args.report:
+        print("bullet bench-serving: error: --plot draws the runs given to --report; give --report FILES too",
+              file=sys.stderr)
+        return 2
     if args.report:
         from . import report
 
         docs = report.load(args.report)
         print(report.markdown(report.goodput_rows(docs)) + "\n\n" + report.gpu_markdown(report.gpu_rows(docs)))
+        if args.plot:
+            print(f"plot: {report.plot(docs, args.plot)}")
         return 0
     from .. import results
     from ..models.presets import preset_config

@@ -255,6 +255,11 @@ def table(rows: Sequence[dict]) -> str:
 def plot(rows: Sequence[dict], path: str | Path, title: str = "serving: P90 latency vs offered rate") -> Path:
     """PNG of P90 TTFT and P90 TPOT against offered rate (finite rates only), with the SLOs as
     dashed lines where the rows carry them; returns the PNG path (``path`` with .png)."""
+    return plot_series({"": rows}, path, title)
+
+
+def plot_series(series: dict[str, Sequence[dict]], path: str | Path, title: str) -> Path:
+    """:func:`plot` with one line per labelled run (an empty label: no legend entry)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,20 +267,22 @@ def plot(rows: Sequence[dict], path: str | Path, title: str = "serving: P90 late
 
     from ..results import save_figure
 
-    pts = sorted((r for r in rows if isinstance(r.get("rate"), (int, float)) and math.isfinite(r["rate"])),
-                 key=lambda r: r["rate"])
-    if not pts:
+    points = {label: sorted((r for r in rows if isinstance(r.get("rate"), (int, float)) and math.isfinite(r["rate"])),
+                            key=lambda r: r["rate"]) for label, rows in series.items()}
+    if not any(points.values()):
         raise ValueError("plot needs at least one row with a finite 'rate'")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, slo, label in ((axes[0], "ttft_p90_ms", "ttft_slo_s", "P90 TTFT (ms)"),
                                 (axes[1], "tpot_p90_ms", "tpot_slo_s", "P90 TPOT (ms)")):
-        xy = [(r["rate"], r[key]) for r in pts if r.get(key) is not None]
-        if xy:
-            ax.plot(*zip(*xy), marker="o")
-        slos = {r.get(slo) for r in pts} - {None}
+        for name, pts in points.items():
+            xy = [(r["rate"], r[key]) for r in pts if r.get(key) is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=name or None)
+        slos = {r.get(slo) for pts in points.values() for r in pts} - {None}
         if len(slos) == 1:
             ax.axhline(slos.pop() * 1e3, linestyle="--", color="gray", label="SLO")
-            ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.set_xlabel("offered rate (req/s)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)

@@ -5,6 +5,10 @@ table gives each engine's goodput (highest offered rate at which >= 90% of reque
 SLOs), the best of our chunked runs (``chunked<size>`` labels: the best chunk for that target),
 the best of our bullet runs (``bullet*`` labels, e.g. one per policy TPOT target), and bullet's
 ratio to the best baseline, SGLang included.
+
+A goodput equal to the highest rate a run measured is a lower bound: the engine met the
+targets at every rate offered, so it might serve more. Such cells read ``22+``, and a ratio
+involving one reads as a bound (``>= 1.38``) or, when both sides are at their top, ``n/a``.
 """
 
 from __future__ import annotations
@@ -29,28 +33,49 @@ def load(paths: Sequence[str | Path]) -> dict[str, dict]:
     return docs
 
 
+def _top_rate(doc: dict) -> float | None:
+    rates = [r["rate"] for r in doc.get("rows", []) if isinstance(r.get("rate"), (int, float))]
+    return max(rates) if rates else None
+
+
 def goodput_rows(docs: dict[str, dict]) -> list[dict]:
     """One row per TPOT target: ``{"tpot_ms", <label>: req/s or None, ..., "chunked-best",
-    "bullet_vs_best_baseline"}``."""
+    "bullet-best", "bullet_vs_best_baseline", "at_top": labels whose goodput is their top rate,
+    "ratio_bound": "=", ">=", "<=" or "n/a"}``."""
     targets = sorted({float(k.removeprefix(PREFIX).removesuffix("ms"))
                       for doc in docs.values() for k in doc["summary"] if k.startswith(PREFIX)})
     rows = []
     for t in targets:
         key = f"{PREFIX}{t:g}ms"
         row: dict = {"tpot_ms": t}
+        at_top = set()
         for label, doc in docs.items():
             g = doc["summary"].get(key)
             row[label] = None if g is None else g.get("by_attainment")
-        chunked = [row[k] for k in docs if k.startswith("chunked") and row[k] is not None]
-        row["chunked-best"] = max(chunked) if chunked else None
-        ours = [row[k] for k in docs if k.startswith("bullet") and row[k] is not None]
-        row["bullet-best"] = max(ours) if ours else None
-        baselines = [row[k] for k in docs if not k.startswith(("bullet", "chunked")) and row[k]]
-        baselines += [row["chunked-best"]] if row["chunked-best"] else []
-        best = max(baselines) if baselines else None
+            if row[label] is not None and row[label] == _top_rate(doc):
+                at_top.add(label)
+        chunked_label = _best(row, [k for k in docs if k.startswith("chunked")])
+        row["chunked-best"] = row[chunked_label] if chunked_label else None
+        bullet_label = _best(row, [k for k in docs if k.startswith("bullet")])
+        row["bullet-best"] = row[bullet_label] if bullet_label else None
+        baseline_label = _best(row, [k for k in docs if not k.startswith(("bullet", "chunked"))]
+                               + ([chunked_label] if chunked_label else []))
+        best = row[baseline_label] if baseline_label else None
         row["bullet_vs_best_baseline"] = (row["bullet-best"] / best) if row["bullet-best"] and best else None
+        ours_top, base_top = bullet_label in at_top, baseline_label in at_top
+        at_top |= {"chunked-best"} if chunked_label in at_top else set()
+        at_top |= {"bullet-best"} if ours_top else set()
+        row["ratio_bound"] = {(False, False): "=", (True, False): ">=", (False, True): "<=", (True, True): "n/a"}[
+            (ours_top, base_top)]
+        row["at_top"] = at_top
         rows.append(row)
     return rows
+
+
+def _best(row: dict, labels: list[str]) -> str | None:
+    """The label with the highest goodput in ``row`` (None where none served any load)."""
+    served = [k for k in labels if row.get(k)]
+    return max(served, key=lambda k: row[k]) if served else None
 
 
 def gpu_rows(docs: dict[str, dict]) -> list[dict]:
@@ -78,10 +103,27 @@ def gpu_markdown(rows: list[dict]) -> str:
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no goodput in these files)"
-    cols = [c for c in rows[0] if c != "tpot_ms"]
+    meta = ("tpot_ms", "at_top", "ratio_bound")
+    cols = [c for c in rows[0] if c not in meta]
     head = "| P90 TPOT target | " + " | ".join(cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
     for r in rows:
-        cells = [("-" if r[c] is None else f"{r[c]:.2f}" if c == "bullet_vs_best_baseline" else f"{r[c]:g}") for c in cols]
-        lines.append(f"| <= {r['tpot_ms']:g} ms | " + " | ".join(cells) + " |")
+        lines.append(f"| <= {r['tpot_ms']:g} ms | " + " | ".join(_cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def _cell(row: dict, col: str) -> str:
+    value = row[col]
+    if value is None:
+        return "-"
+    if col == "bullet_vs_best_baseline":
+        bound = row.get("ratio_bound", "=")
+        return "n/a (both at their top rate)" if bound == "n/a" else f"{'' if bound == '=' else bound + ' '}{value:.2f}"
+    return f"{value:g}+" if col in row.get("at_top", ()) else f"{value:g}"
+
+
+def plot(docs: dict[str, dict], path: str | Path, title: str = "serving: P90 latency vs offered rate") -> Path:
+    """One PNG of every run's P90 TTFT and P90 TPOT against offered rate (``--report --plot``)."""
+    from .loadgen import plot_series
+
+    return plot_series({label: doc.get("rows", []) for label, doc in docs.items()}, path, title)
