@@ -18,6 +18,14 @@ and prints, per lane, the context ids (``cuCtxGetId``), the SM count each contex
 function shared between two lanes' contexts shows. Writes JSON to ``$OUT`` (or the cwd).
 
     python3 bench/investigations/green_cause.py [late|fresh|verified]
+    python3 bench/investigations/green_cause.py connections [REPEATS]
+
+``connections`` runs ``verified`` REPEATS times (default 3) in fresh processes for each
+``CUDA_DEVICE_MAX_CONNECTIONS`` in (unset, 1, 8, 32) and tallies the first-attempt failures
+(sets refused, and sets made again after a refusal). The hypothesis it tests: a hardware work
+queue shared by the contexts keeps the SM mask of the context that used it last, and the number
+of queues (the variable sets how many a context's streams map onto) changes how often a lane's
+work lands in one that another lane used.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import sys
 
 import torch
@@ -159,10 +168,35 @@ def verified() -> None:
         print(f"verified: REFUSED: {exc}")
 
 
+def connections(repeats: int) -> None:
+    import subprocess
+
+    tally = {}
+    for value in (None, "1", "8", "32"):
+        env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
+        if value is not None:
+            env["CUDA_DEVICE_MAX_CONNECTIONS"] = value
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, __file__, "verified"], env=env, capture_output=True, text=True)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("verified:")), "")
+            made_again = re.search(r"(\d+) set\(s\) made again", line)
+            runs.append({"refused": "REFUSED" in line, "reopened": int(made_again.group(1)) if made_again else 0,
+                         "line": line or f"rc {out.returncode}: {out.stderr[-300:]}"})
+        key = value or "unset"
+        tally[key] = runs
+        print(f"CUDA_DEVICE_MAX_CONNECTIONS={key}: {sum(r['refused'] for r in runs)} of {repeats} runs refused; "
+              f"sets made again: {[r['reopened'] for r in runs]}", flush=True)
+    with open(os.path.join(os.environ.get("OUT", "."), "green-cause-connections.json"), "w") as f:
+        json.dump(tally, f, indent=1)
+
+
 def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "late"
     if mode == "verified":
         return verified()
+    if mode == "connections":
+        return connections(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     report = {"mode": mode, "device": torch.cuda.get_device_name(0), "lanes": {}}
     parts = Partitioner("green", verify=False)
