@@ -137,6 +137,18 @@ def test_cublaslt_target_is_the_budget_as_torchs_carveout():
             blas_target.carveout_for(bad, 132)
 
 
+def test_cublaslt_target_without_cublaslt_says_so_and_restores_torch():
+    from bullet_kernels.kernels import blas_target
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has cuBLASLt: the scope is tested in test_kernels_gpu.py")
+    before = (torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental())
+    with pytest.raises(RuntimeError, match="BULLET_LINEAR=cublaslt-target needs a torch built with cuBLASLt"):
+        with blas_target.cublaslt_sm_target(40):
+            pass
+    assert (torch.backends.cuda.preferred_blas_library(), torch._C._get_sm_carveout_experimental()) == before
+
+
 def test_dispatcher_runs_reference_on_cpu(monkeypatch):
     x = torch.randn(3, 40)
     w = torch.randn(40)
@@ -258,8 +270,12 @@ def test_decode_attention_on_ragged_rows_writes_only_one_token_sequences(splits)
     """The decode rows of a chunked-prefill step: sequence b's query is row cu[b]; sequences
     with more (or no) new tokens are the prefill kernel's and their rows stay untouched."""
     dtype, hq, hkv, d, page_size = torch.bfloat16, 8, 2, 64, 16
-    q_lens = [1, 5, 1, 0, 1]
-    q, kc, vc, table, cu, seq_lens = ragged_batch(dtype, hq, hkv, d, page_size, q_lens, [40, 3, 0, 0, 90], 2, seed=2)
+    # The last two sequences are padding (no tokens) and there are no padding rows: their row
+    # cu[b] is one past the end of q, which no program may write (checked below) or read (the
+    # kernel masks that load too; the interpreter does not check bounds, compute-sanitizer would).
+    q_lens = [1, 5, 1, 0, 1, 0, 0]
+    q, kc, vc, table, cu, seq_lens = ragged_batch(dtype, hq, hkv, d, page_size, q_lens, [40, 3, 0, 0, 90, 0, 0], 0,
+                                                  seed=2)
     out = decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q),
                                                   num_splits=splits, cu_seqlens_q=cu)
     ref = R.paged_prefill_attention(q.float(), kc.float(), vc.float(), table, cu, seq_lens, d**-0.5)

@@ -221,6 +221,23 @@ def test_bullet_keeps_the_split_mid_prefill_unless_decode_needs_more_sms(expecte
     assert [r.output for r in reqs] == expected
 
 
+def test_bullet_keeps_the_split_once_every_prefill_group_is_queued():
+    """With every layer group queued, changing hands would wait for the whole tail of the
+    prefill (a TPOT spike for every running request): the split stays, even where the decision
+    gives decode more SMs. Before that, more SMs for decode are taken."""
+    from bullet_kernels.engine import Placement
+    from bullet_kernels.partition import SMSplit
+
+    s = Scheduler(make_runner(), SchedulerConfig(mode="bullet"))
+    more = Placement(SMSplit(prefill=36, decode=96), "decode")
+    s._split = {"decode": 64, "prefill": 68}
+    s._prefill_group = 1
+    assert not s._keep_split(["a prompt"], more)
+    s._prefill_group = len(s.runner.groups)
+    assert s._keep_split(["a prompt"], more)
+    assert not s._keep_split([], more)  # no prefill: any decision is taken
+
+
 def test_policy_decisions_are_cached_per_rounded_work():
     from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy, Work, find_profile
     from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS

@@ -39,9 +39,12 @@ def cublaslt_sm_target(sms: int) -> Iterator[None]:
     carveout = carveout_for(sms, device_sm_count())
     library = torch.backends.cuda.preferred_blas_library()
     previous = torch._C._get_sm_carveout_experimental()
-    torch.backends.cuda.preferred_blas_library("cublaslt")
-    torch._C._set_sm_carveout_experimental(carveout)
     try:
+        try:
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+        except RuntimeError as exc:
+            raise RuntimeError(f"BULLET_LINEAR=cublaslt-target needs a torch built with cuBLASLt: {exc}") from exc
+        torch._C._set_sm_carveout_experimental(carveout)
         yield
     finally:
         torch._C._set_sm_carveout_experimental(previous)

@@ -140,7 +140,9 @@ def _decode_split_kernel(
     d = tl.arange(0, HEAD_DIM)
     head = kvh * GROUP + h
     h_ok = h < GROUP
-    q = tl.load(q_ptr + row * stride_qb + head[:, None] * stride_qh + d[None, :], mask=h_ok[:, None], other=0.0)
+    # Not owned: no read either (a padding sequence's row cu[b] can be one past the last row of q).
+    q = tl.load(q_ptr + row * stride_qb + head[:, None] * stride_qh + d[None, :], mask=(h < GROUP * mine)[:, None],
+                other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)

@@ -546,11 +546,13 @@ class Scheduler:
 
     def _chunked_overlapped(self) -> list[Event]:
         """A fused step launched behind the decode step in flight, on the decode stream, with
-        that step's tokens fed to its decode rows on the GPU; the flight is read while the fused
-        step runs, then the fused step. The host's planning, copies and launch no longer leave
-        the GPU idle between the two (about 1 ms per fused step at batch 64 on the H200). Where
-        the cache cannot take the decode rows' next slots (preemption needs every token on the
-        host), or no chunk fits, the ordinary paths run."""
+        that step's tokens fed to its decode rows on the GPU; then both are read. The host's
+        planning, copies and launch no longer leave the GPU idle between the two (about 1 ms
+        per fused step at batch 64 on the H200). Only the first fused step after decode steps
+        gains: a fused step is read before the next launch, since a prompt completing there
+        needs its first token sampled on the host. Where the cache cannot take the decode rows'
+        next slots (preemption needs every token on the host), or no chunk fits, the ordinary
+        paths run."""
         prev = self._flight
         pending = prev.row_of
         decode = self._rows_after(prev)
@@ -569,10 +571,11 @@ class Scheduler:
             ids = self._feed_pending(ids, sum(len(part) for _, part in chunks), decode, prev)
             logits = self._launch(ids, fb, WHOLE_GPU, "decode")
         self._flight = None
-        events = self._collect(prev)  # while the fused step runs
+        # The fused step first: a request that stopped at `prev` still has a row in it, writing
+        # its KV slot, and reading `prev` frees its pages.
         self._sync("decode")
         self.counters["overlapped_mixed_steps"] += 1
-        return events + self._after_mixed(chunks, decode, logits)
+        return self._collect(prev) + self._after_mixed(chunks, decode, logits)
 
     def _feed_pending(self, ids: torch.Tensor, offset: int, rows: list[Request], prev: DecodeFlight) -> torch.Tensor:
         """``ids`` with rows ``offset + i`` replaced, on the current stream, by the token the step
@@ -652,12 +655,14 @@ class Scheduler:
         return True
 
     def _keep_split(self, reqs, decode_place: Placement) -> bool:
-        """Mid-prefill, keep the split unless the new one gives decode more SMs. Changing hands
-        waits for the prefill groups queued on the lane (several ms), so a decision that would
-        only give decode fewer SMs (its batch shrank) waits for the prefill to end."""
+        """Mid-prefill, keep the split unless the new one gives decode more SMs; once every
+        layer group is queued, keep it whatever the decision. Changing hands waits for the
+        prefill groups queued on the lane (several ms; with every group queued, the whole
+        tail), so a decision that would only give decode fewer SMs (its batch shrank) waits for
+        the prefill to end."""
         if not reqs or self._prefill_group == 0 or self._split is None or decode_place.split is None:
             return False
-        return _sms(decode_place) <= self._split["decode"]
+        return self._prefill_group == len(self.runner.groups) or _sms(decode_place) <= self._split["decode"]
 
     def _start_prefill(self) -> None:
         """Admit the waiting prompts that fit one prefill and prepare it; its layer groups then
