@@ -244,7 +244,7 @@ class Scheduler:
         elif mode == "chunked":
             if self._overlapping() and not self.prefilling and not self._would_admit():
                 events += self._decode_overlapped(WHOLE_GPU)
-            elif self._overlapping() and self._flight is not None:
+            elif self._overlapping():
                 events += self._chunked_overlapped()
             else:
                 events += self._drain()
@@ -427,7 +427,6 @@ class Scheduler:
         pending = prev.row_of if prev is not None else {}
         host_tokens = [0 if id(r) in pending else r.output[-1] for r in rows]
         ids, fb = self.runner.plan_decode([r.rid for r in rows], host_tokens)
-        cuda = self.runner.device.type == "cuda"
         stream = self._streams.get("decode")
         # Everything below is queued on the decode stream, behind the step in flight: the copies
         # into a graph's static buffers cannot overtake a replay still reading them, and the
@@ -436,17 +435,22 @@ class Scheduler:
             if prev is not None:
                 ids = self._feed_pending(ids, 0, rows, prev)
             step = self.runner.prepare(ids, fb, placement)
-            logits = step.launch(stream)[: step.rows]
-            tokens = logits[: len(rows)].argmax(-1)
-            done = None
-            if cuda:
-                host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
-                host.copy_(tokens, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(stream)
-            else:
-                host = tokens
+            flight = self._flight_of(rows, step.launch(stream)[: step.rows])
         self.counters["overlapped_decode_steps"] += 1
+        return flight
+
+    def _flight_of(self, rows: list[Request], logits) -> DecodeFlight:
+        """The greedy tokens of ``rows`` from their logits rows, left on the GPU, with a copy to
+        the host queued on the current stream (the decode stream) and an event marking it."""
+        tokens = logits[: len(rows)].argmax(-1)
+        done = None
+        if self.runner.device.type == "cuda":
+            host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream())
+        else:
+            host = tokens
         return DecodeFlight(rows, {id(r): i for i, r in enumerate(rows)}, tokens, host, done)
 
     def _collect(self, flight: DecodeFlight) -> list[Event]:
@@ -545,16 +549,16 @@ class Scheduler:
         return events
 
     def _chunked_overlapped(self) -> list[Event]:
-        """A fused step launched behind the decode step in flight, on the decode stream, with
-        that step's tokens fed to its decode rows on the GPU; then both are read. The host's
-        planning, copies and launch no longer leave the GPU idle between the two (about 1 ms
-        per fused step at batch 64 on the H200). Only the first fused step after decode steps
-        gains: a fused step is read before the next launch, since a prompt completing there
-        needs its first token sampled on the host. Where the cache cannot take the decode rows'
-        next slots (preemption needs every token on the host), or no chunk fits, the ordinary
-        paths run."""
+        """A fused step on the decode stream, launched behind the step in flight (if any) with
+        that step's tokens fed to its decode rows on the GPU, so the host's planning, copies and
+        launch do not leave the GPU idle between them (about 1 ms per fused step at batch 64 on
+        the H200). A fused step that completes no prompt is itself left in flight, like a
+        decode step: the next step is launched behind it in turn. One that completes a prompt is
+        waited for and read at once, since the prompt's first token is sampled on the host
+        before it can decode. Where the cache cannot take the decode rows' next slots
+        (preemption needs every token on the host) the ordinary path runs; where no chunk fits,
+        an overlapped decode step."""
         prev = self._flight
-        pending = prev.row_of
         decode = self._rows_after(prev)
         try:
             self.runner.reserve([(r.rid, [0]) for r in decode])  # one slot each; tokens come later
@@ -563,19 +567,33 @@ class Scheduler:
         chunks = self._take_chunks(len(decode))
         if not chunks:  # the slots are reserved: the next decode step runs overlapped as usual
             self._queue_flight(decode, prev, WHOLE_GPU)
-            return self._collect(prev)
+            return self._collect(prev) if prev is not None else []
+        pending = prev.row_of if prev is not None else {}
         host_tokens = [0 if id(r) in pending else r.output[-1] for r in decode]
         ids, fb = self.runner.plan_mixed([(r.rid, part) for r, part in chunks], [r.rid for r in decode], host_tokens)
+        n = len(chunks)
+        completes = any(req.computed + len(part) == len(req.prefill_tokens) for req, part in chunks)
         stream = self._streams.get("decode")
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            ids = self._feed_pending(ids, sum(len(part) for _, part in chunks), decode, prev)
+            if prev is not None:
+                ids = self._feed_pending(ids, sum(len(part) for _, part in chunks), decode, prev)
             logits = self._launch(ids, fb, WHOLE_GPU, "decode")
+            flight = None if completes or not decode else self._flight_of(decode, logits[n:])
+        self.counters["overlapped_mixed_steps"] += 1
+        if flight is not None:  # read later, as a decode step; pages freed meanwhile wait for it
+            self.counters["mixed_steps"] += 1
+            self.counters["mixed_steps_in_flight"] += 1
+            for req, part in chunks:
+                req.computed += len(part)
+            self._flight = flight
+            self._unread.append(flight)
+            return self._collect(prev) if prev is not None else []
         self._flight = None
         # The fused step first: a request that stopped at `prev` still has a row in it, writing
         # its KV slot, and reading `prev` frees its pages.
         self._sync("decode")
-        self.counters["overlapped_mixed_steps"] += 1
-        return self._collect(prev) + self._after_mixed(chunks, decode, logits)
+        events = self._collect(prev) if prev is not None else []
+        return events + self._after_mixed(chunks, decode, logits)
 
     def _feed_pending(self, ids: torch.Tensor, offset: int, rows: list[Request], prev: DecodeFlight) -> torch.Tensor:
         """``ids`` with rows ``offset + i`` replaced, on the current stream, by the token the step
