@@ -73,6 +73,8 @@ HOOK_POINTS = (
     # -- the bullet event loop: what it calls on SGLang's scheduler (docs/sglang-adapter.md) --
     HookPoint("sglang/srt/managers/scheduler.py", "dispatch_event_loop", ("scheduler",),
               "picks the event loop; ours replaces it for --enable-bullet"),
+    HookPoint("sglang/srt/managers/scheduler_components/request_receiver.py", "SchedulerRequestReceiver.recv_requests",
+              ("self",), "takes the requests the tokenizer process sent (the scheduler's request_receiver)"),
     HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.process_input_requests", ("self", "recv_reqs"),
               "new requests reach SGLang's own queues"),
     HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.get_new_batch_prefill", ("self",),
