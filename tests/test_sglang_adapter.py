@@ -4,8 +4,10 @@ sglang 0.5.15 source (the wheel `scripts/install.sh` downloads)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -45,6 +47,8 @@ def test_bad_bullet_options_are_refused(argv, words):
     (["--speculative-algorithm", "EAGLE"], "speculative decoding"),
     (["--disaggregation-mode", "prefill"], "PD disaggregation"),
     (["--enable-pdmux"], "give one of them"),
+    (["--chunked-prefill-size", "2048"], "chunked prefill, which it replaces"),
+    (["--enable-mixed-chunk"], "fuses them into one batch"),
 ])
 def test_incompatible_sglang_options_are_refused_with_bullet_only(sglang_argv, words):
     with pytest.raises(UnsupportedSetup, match=words):
@@ -103,3 +107,135 @@ def test_every_hook_point_holds_in_the_real_sglang_0_5_15(tmp_path):
         z.extractall(tmp_path, [n for n in z.namelist() if n.startswith("sglang/") and n.endswith(".py")])
     assert check_hook_points(tmp_path) == []
     assert len(HOOK_POINTS) >= 15
+
+
+# -- the co-location inside SGLang: stream groups, the scheduler subclass, the launch-time setup --
+
+
+def h200_policy(tpot_ms=10.0):
+    from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy
+    from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
+    from bullet_sglang.stream_groups import GroupPlan, candidate_splits
+
+    estimator = Estimator(Profile.load(Path(__file__).resolve().parents[1] / "graphs/h200/llama-3.1-8b.json"))
+    splits = candidate_splits(DEFAULT_SPLITS)
+    return GroupPlan(splits, 132), SLOPolicy(estimator, list(splits), tpot_ms=tpot_ms), estimator
+
+
+def test_stream_groups_follow_sglangs_order_and_our_policy():
+    from bullet_kernels.orchestrate import Work
+    from bullet_sglang.stream_groups import PREFILL_ALONE, choose_group
+
+    plan, policy, _ = h200_policy()
+    assert plan.size == 6 and plan.decode_alone == 5
+    assert plan.sm_counts() == [(132, 0), (100, 32), (84, 48), (68, 64), (52, 80), (0, 132)]
+    assert choose_group(plan, policy, None, None) == PREFILL_ALONE  # idle: SGLang's group 0
+    assert choose_group(plan, policy, None, 4096, 4) == PREFILL_ALONE
+    assert choose_group(plan, policy, (64, 2048), None) == plan.decode_alone
+    for decode in [(8, 1024), (64, 2048), (128, 4096)]:  # both: the policy's own split, by index
+        want = policy.decide(Work(decode=decode, prefill_tokens=2048, prefill_groups_left=4)).split
+        got = choose_group(plan, policy, decode, 2048, 4)
+        assert got == plan.splits.index(want) + 1 and plan.sm_counts()[got] == (want["prefill"], want["decode"])
+
+
+def test_group_plan_and_layer_progress_refuse_what_cannot_be():
+    from bullet_kernels.partition import SMSplit
+    from bullet_sglang.stream_groups import GroupPlan, groups_left
+
+    with pytest.raises(ValueError, match="needs 140 SMs; the GPU has 132"):
+        GroupPlan((SMSplit(prefill=100, decode=40),), 132)
+    with pytest.raises(ValueError, match="is not one of"):
+        GroupPlan((SMSplit(prefill=100, decode=32),), 132).index_of(SMSplit(prefill=84, decode=48))
+    assert [groups_left(done, 32, 4) for done in (0, 1, 8, 9, 31, 32)] == [4, 4, 3, 3, 1, 0]
+    with pytest.raises(ValueError, match="bad prefill progress"):
+        groups_left(33, 32, 4)
+
+
+class FakeBatch:
+    def __init__(self, lens=(), tokens=None, split_index=0):
+        self.reqs = [types.SimpleNamespace(origin_input_ids=[0] * n, output_ids=[0] * 3) for n in lens]
+        self.extend_num_tokens, self.split_index = tokens, split_index
+
+    def is_empty(self):
+        return not self.reqs
+
+    def batch_size(self):
+        return len(self.reqs)
+
+
+def fake_pdmux():
+    """Stands in for sglang.srt.multiplex.pdmux_context: the names the subclass uses."""
+    mod = types.SimpleNamespace(STREAM_GROUPS=[], SM_COUNTS=[], current=None,
+                                PDMuxConfig=lambda sm_group_num: types.SimpleNamespace(sm_group_num=sm_group_num))
+    mod.set_current_stream_idx = lambda idx: setattr(mod, "current", idx)
+    return mod
+
+
+def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy():
+    from bullet_kernels.orchestrate import Work
+    from bullet_sglang.scheduler import bullet_scheduler_class
+
+    plan, policy, estimator = h200_policy()
+    switched = []
+
+    class SGLangScheduler:  # the attributes of SGLang 0.5.15's Scheduler the subclass relies on
+        def __init__(self):
+            self.ps = types.SimpleNamespace(gpu_id=3, tp_size=1)
+            runner = types.SimpleNamespace(update_decode_attn_backend=switched.append)
+            self.tp_worker = types.SimpleNamespace(model_runner=runner)
+
+    opened = []
+
+    def open_groups(p, gpu_id):
+        opened.append(gpu_id)
+        return [f"group{i}" for i in range(p.size)]
+
+    pdmux = fake_pdmux()
+    cls = bullet_scheduler_class(SGLangScheduler, plan, policy, open_groups, pdmux, num_layers=32,
+                                 policy_groups=len(estimator.groups))
+    s = cls()
+    assert (s.gpu_id, s.tp_size) == (3, 1)  # 0.5.15 keeps them in self.ps; pdmux reads them here
+    s.init_pdmux()
+    assert opened == [3] and pdmux.STREAM_GROUPS == s.stream_groups == [f"group{i}" for i in range(6)]
+    assert pdmux.SM_COUNTS == plan.sm_counts() and s.real_sm_group_num == 6 and pdmux.current == 0
+    assert s.pdmux_config.sm_group_num == 6 and s.split_prefill_batch is None
+
+    s.running_batch, s.split_prefill_batch = FakeBatch([1000] * 64), FakeBatch([2048], tokens=2048, split_index=8)
+    want = policy.decide(Work(decode=(64, 1003), prefill_tokens=2048, prefill_groups_left=3)).split
+    idx, group = s.adjust_stream_groups()
+    assert idx == plan.splits.index(want) + 1 and group == f"group{idx}"
+    assert pdmux.current == idx and switched == [idx]  # the decode attention backend follows the group
+    s.split_prefill_batch = None
+    assert s.adjust_stream_groups() == (5, "group5")  # decode alone: the whole GPU
+    s.running_batch = FakeBatch()
+    assert s.adjust_stream_groups()[0] == 0
+
+
+def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
+    from bullet_kernels.models.presets import write_model_dir
+    from bullet_sglang.options import BulletOptions, UnsupportedSetup, sglang_argv_for_bullet
+    from bullet_sglang.setup import build, resolve
+
+    model = write_model_dir("llama-3.1-8b", tmp_path / "llama")
+    opts = resolve(BulletOptions(enable=True, tpot_slo_ms=15.0), ["--model-path", str(model)], device="NVIDIA H200")
+    assert opts.profile.endswith("graphs/h200/llama-3.1-8b.json") and opts.num_layers == 32
+    assert BulletOptions.from_env({"BULLET_SGLANG_CONFIG": opts.to_env()}) == opts  # travels to the children
+    setup = build(opts)
+    assert setup.plan.size == 6 and setup.policy.tpot_ms == 15.0 and setup.policy_groups >= 1
+    other = tmp_path / "shallower"
+    other.mkdir()
+    config = json.loads((model / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 16}))
+    with pytest.raises(UnsupportedSetup, match="no bullet_kernels latency profile matches this GPU.*16 layers"):
+        resolve(opts, ["--model-path", str(other)], device="NVIDIA H200")
+    with pytest.raises(UnsupportedSetup, match="no bullet_kernels latency profile matches this GPU"):
+        resolve(opts, ["--model-path", str(model)], device="NVIDIA H100 80GB HBM3")
+    with pytest.raises(UnsupportedSetup, match="does not exist"):
+        resolve(opts, ["--model-path", str(tmp_path / "nowhere")], device="NVIDIA H200")
+    with pytest.raises(UnsupportedSetup, match="needs --model-path"):
+        resolve(opts, [], device="NVIDIA H200")
+    with pytest.raises(UnsupportedSetup, match="not resolved by the launcher"):
+        build(BulletOptions(enable=True))
+    assert sglang_argv_for_bullet(["--port", "1"]) == ["--port", "1", "--chunked-prefill-size", "-1",
+                                                       "--disable-overlap-schedule"]
+    assert sglang_argv_for_bullet(["--chunked-prefill-size", "-1", "--disable-overlap-schedule"]).count("-1") == 1

@@ -2,12 +2,15 @@
 
 Checks, before SGLang is imported or any GPU memory is taken: our options and the SGLang
 options they cannot run with (:mod:`.options`), the installed SGLang version (:mod:`.version`)
-and, with ``--enable-bullet``, every SGLang extension point the adapter hooks (:mod:`.hooks`).
-Without ``--enable-bullet`` it starts SGLang unmodified, so the baseline and the adapter are
-launched the same way.
+and, with ``--enable-bullet``, every SGLang extension point the adapter hooks (:mod:`.hooks`)
+and a latency profile for this GPU and model (:mod:`.setup`, GPU name through NVML). Without
+``--enable-bullet`` it starts SGLang unmodified, so the baseline and the adapter are launched
+the same way.
 
-Status: the co-location inside SGLang's scheduler is not built yet, so ``--enable-bullet`` stops
-after the checks with a clear message (exit status 2) instead of pretending.
+With ``--enable-bullet`` SGLang's HTTP server starts as usual, with our scheduler-process entry
+(:mod:`.child`): the scheduler runs SGLang's split-prefill loop on our verified lanes, the split
+chosen by our SLO policy. Status: built and checked on the CPU against SGLang 0.5.15's source;
+not yet run on a GPU (docs/sglang-adapter.md), which the launcher says when it starts.
 
 SGLang spawns its scheduler processes and re-imports this module in each of them, so its top
 level stays light: everything happens in :func:`main`.
@@ -15,17 +18,18 @@ level stays light: everything happens in :func:`main`.
 
 from __future__ import annotations
 
+import os
 import sys
 
-NOT_BUILT = ("--enable-bullet: every check passed (options, SGLang {version}, {points} hook points), but the "
-             "co-location inside SGLang's scheduler is not built yet in bullet_sglang {ours}; run without "
-             "--enable-bullet for unmodified SGLang, or use `bullet serve` for bullet_kernels' own server")
+NOT_YET_RUN = ("--enable-bullet: SGLang {version} with bullet_sglang {ours} (profile {profile}, {partition} lanes, "
+               "TPOT target {tpot:g} ms); this integration has not yet been run on a GPU: check its outputs")
 
 
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
-    from .hooks import HOOK_POINTS, check_hook_points, installed_source_root
-    from .options import UnsupportedSetup, check_supported, split_argv
+    from .hooks import check_hook_points, installed_source_root
+    from .options import ENV, UnsupportedSetup, check_supported, sglang_argv_for_bullet, split_argv
+    from .setup import resolve
     from .version import UnsupportedSGLang, check_sglang_version
 
     argv = sys.argv[1:] if argv is None else argv
@@ -38,19 +42,32 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 raise UnsupportedSGLang("SGLang's extension points differ from what bullet_sglang hooks:\n  "
                                         + "\n  ".join(problems))
+            opts = resolve(opts, sglang_argv)
     except (UnsupportedSetup, UnsupportedSGLang) as exc:
         print(f"bullet_sglang: error: {exc}", file=sys.stderr)
         return 2
-    if opts.enable:
-        print("bullet_sglang: " + NOT_BUILT.format(version=version, points=len(HOOK_POINTS), ours=__version__),
-              file=sys.stderr)
-        return 2
-    # SGLang's own entry module, exactly as `python -m sglang.launch_server` runs it (plugins,
-    # server dispatch, and its clean-up of child processes on the way out).
-    import runpy
+    if not opts.enable:
+        # SGLang's own entry module, exactly as `python -m sglang.launch_server` runs it (plugins,
+        # server dispatch, and its clean-up of child processes on the way out).
+        import runpy
 
-    sys.argv = ["sglang.launch_server", *sglang_argv]
-    runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+        sys.argv = ["sglang.launch_server", *sglang_argv]
+        runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+        return 0
+    os.environ[ENV] = opts.to_env()  # the spawned scheduler processes read it
+    print("bullet_sglang: " + NOT_YET_RUN.format(version=version, ours=__version__, profile=opts.profile,
+                                                 partition=opts.partition, tpot=opts.tpot_slo_ms), file=sys.stderr)
+    from sglang.srt.entrypoints.http_server import launch_server
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    from .child import run_scheduler_process
+
+    server_args = prepare_server_args(sglang_argv_for_bullet(sglang_argv))
+    try:
+        launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
     return 0
 
 

@@ -29,6 +29,9 @@ class BulletOptions:
     ttft_slo_ms: float = 1000.0
     tpot_slo_ms: float = 20.0
     partition: str = "green"
+    # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:
+    profile: str = ""  # the latency profile the policy plans with
+    num_layers: int = 0  # the model's layers (SGLang advances a split prefill by layers)
 
     def __post_init__(self):
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
@@ -66,7 +69,7 @@ def split_argv(argv: Sequence[str]) -> tuple[BulletOptions, list[str]]:
     return opts, rest
 
 
-def _value(argv: Sequence[str], *names: str) -> str | None:
+def value_of(argv: Sequence[str], *names: str) -> str | None:
     """The value of the last ``--name value`` / ``--name=value`` among ``names`` in ``argv``."""
     found = None
     for i, arg in enumerate(argv):
@@ -83,20 +86,43 @@ def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
     (nothing to check without it: then SGLang runs unmodified)."""
     if not opts.enable:
         return
-    tp = _value(sglang_argv, "--tp-size", "--tp", "--tensor-parallel-size")
+    tp = value_of(sglang_argv, "--tp-size", "--tp", "--tensor-parallel-size")
     if tp is not None and tp != "1":
         raise UnsupportedSetup(f"--enable-bullet supports tensor parallel size 1 only (one GPU), got {tp}")
     for flag in ("--pp-size", "--pipeline-parallel-size", "--dp-size", "--data-parallel-size"):
-        value = _value(sglang_argv, flag)
+        value = value_of(sglang_argv, flag)
         if value is not None and value != "1":
             raise UnsupportedSetup(f"--enable-bullet supports {flag} 1 only, got {value}")
-    spec = _value(sglang_argv, "--speculative-algorithm")
+    spec = value_of(sglang_argv, "--speculative-algorithm")
     if spec is not None and spec.lower() not in ("none", ""):
         raise UnsupportedSetup(f"--enable-bullet does not support speculative decoding (--speculative-algorithm {spec})")
-    mode = _value(sglang_argv, "--disaggregation-mode")
+    mode = value_of(sglang_argv, "--disaggregation-mode")
     if mode is not None and mode != "null":
         raise UnsupportedSetup(f"--enable-bullet does not support PD disaggregation (--disaggregation-mode {mode}); "
                                "it co-locates prefill and decode on one GPU instead")
+    chunk = value_of(sglang_argv, "--chunked-prefill-size")
+    if chunk is not None and chunk != "-1":
+        raise UnsupportedSetup(f"--enable-bullet prefills whole prompts as layer groups on the prefill lane; "
+                               f"--chunked-prefill-size {chunk} asks for chunked prefill, which it replaces (give -1 "
+                               "or leave it out)")
+    if "--enable-mixed-chunk" in sglang_argv:
+        raise UnsupportedSetup("--enable-bullet runs prefill and decode on their own lanes; --enable-mixed-chunk "
+                               "fuses them into one batch")
     if "--enable-pdmux" in sglang_argv:
         raise UnsupportedSetup("--enable-bullet and --enable-pdmux both partition the GPU between prefill and decode; "
                                "give one of them")
+
+
+# SGLang's split-prefill loop (which --enable-bullet runs) needs whole-prompt prefills and the
+# scheduler without its overlap thread: the same settings SGLang's own --enable-pdmux requires.
+BULLET_SGLANG_ARGS = ("--chunked-prefill-size", "-1", "--disable-overlap-schedule")
+
+
+def sglang_argv_for_bullet(sglang_argv: Sequence[str]) -> list[str]:
+    """SGLang's argv with the settings the bullet loop needs added where missing."""
+    argv = list(sglang_argv)
+    if value_of(argv, "--chunked-prefill-size") is None:
+        argv += ["--chunked-prefill-size", "-1"]
+    if "--disable-overlap-schedule" not in argv:
+        argv.append("--disable-overlap-schedule")
+    return argv

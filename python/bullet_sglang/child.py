@@ -1,0 +1,59 @@
+"""SGLang's scheduler process with ``--enable-bullet``: our entry, run in the spawned child.
+
+The launcher hands this function to SGLang as ``run_scheduler_process_func``. SGLang spawns one
+scheduler process per rank and calls it there with ``run_scheduler_process``'s arguments; it
+installs our scheduler subclass (:mod:`.scheduler`) in SGLang's scheduler module, turns on the
+split-prefill machinery for this process only (``server_args.enable_pdmux``, with one stream
+group per candidate split and the whole GPU at each end), and calls SGLang's own
+``run_scheduler_process``. The options come from ``BULLET_SGLANG_CONFIG`` (spawned children
+inherit the environment, not the launcher's Python state).
+"""
+
+from __future__ import annotations
+
+import os
+
+_KEEP_OPEN: list = []  # the partitioners whose lanes the stream groups use, for the process's life
+
+
+def open_lane_groups(backend: str):
+    """``open_groups(plan, gpu_id)`` for :func:`.scheduler.bullet_scheduler_class`: the whole GPU
+    (two plain streams), one verified partition per split (its lanes' streams), the whole GPU."""
+
+    def open_groups(plan, gpu_id: int) -> list:
+        import torch
+
+        from bullet_kernels import Partitioner
+
+        parts = Partitioner(backend)  # every set is verified by a %smid probe when opened
+        _KEEP_OPEN.append(parts)
+        whole = [(torch.cuda.Stream(device=gpu_id), torch.cuda.Stream(device=gpu_id)) for _ in range(2)]
+        lanes = []
+        for split in plan.splits:
+            pset = parts.get(split)
+            lanes.append((pset.stream("prefill"), pset.stream("decode")))
+        return [whole[0], *lanes, whole[1]]
+
+    return open_groups
+
+
+def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank, moe_dp_rank, moe_ep_rank,
+                          pp_rank, dp_rank, pipe_writer):
+    from sglang.srt.managers import scheduler as sglang_scheduler
+    from sglang.srt.multiplex import pdmux_context
+
+    from .options import BulletOptions
+    from .scheduler import bullet_scheduler_class
+    from .setup import build
+
+    opts = BulletOptions.from_env(os.environ)
+    if opts is None or not opts.enable:
+        raise RuntimeError("bullet_sglang's scheduler entry ran without --enable-bullet options in BULLET_SGLANG_CONFIG")
+    setup = build(opts)
+    server_args.enable_pdmux = True
+    server_args.sm_group_num = setup.plan.size
+    sglang_scheduler.Scheduler = bullet_scheduler_class(
+        sglang_scheduler.Scheduler, setup.plan, setup.policy, open_lane_groups(opts.partition), pdmux_context,
+        num_layers=opts.num_layers, policy_groups=setup.policy_groups, ttft_ms=opts.ttft_slo_ms)
+    return sglang_scheduler.run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank,
+                                                  moe_dp_rank, moe_ep_rank, pp_rank, dp_rank, pipe_writer)

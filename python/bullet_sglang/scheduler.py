@@ -1,0 +1,74 @@
+"""SGLang's scheduler with our lanes and policy: a subclass made in SGLang's scheduler process.
+
+SGLang 0.5.15's PD-multiplexing already runs the loop Bullet needs (``event_loop_pdmux``: the
+decode step on the decode stream, the next layers of a split prefill on the prefill stream, the
+CPU waiting on the decode stream only, the prefill merged into the running batch once an event
+after its last layers has landed). What it lacks, we override:
+
+- ``init_pdmux``: the stream groups are our verified lanes (``open_groups``), not sgl-kernel's
+  green contexts, and pdmux's config carries their count;
+- ``adjust_stream_groups``: the group comes from our SLO policy (:func:`.stream_groups.choose_group`);
+- ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
+  in ``self.ps``; without them pdmux cannot start (its own launch fails that way).
+
+``pdmux`` is SGLang's ``sglang.srt.multiplex.pdmux_context`` module (its stream groups are module
+state its graph runner and scheduler read); tests pass a stand-in with the same names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .stream_groups import GroupPlan, choose_group, groups_left
+
+
+def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Callable[[GroupPlan, int], list],
+                           pdmux: Any, num_layers: int, policy_groups: int, ttft_ms: float | None = None) -> type:
+    """A subclass of SGLang's ``Scheduler`` (``base``) running pdmux's loop on ``plan``'s groups.
+
+    ``open_groups(plan, gpu_id)`` returns one (prefill stream, decode stream) per group."""
+
+    class BulletScheduler(base):
+        @property
+        def gpu_id(self) -> int:
+            return self.__dict__.get("_bullet_gpu_id", self.ps.gpu_id)
+
+        @gpu_id.setter
+        def gpu_id(self, value: int) -> None:
+            self.__dict__["_bullet_gpu_id"] = value
+
+        @property
+        def tp_size(self) -> int:
+            return self.__dict__.get("_bullet_tp_size", self.ps.tp_size)
+
+        @tp_size.setter
+        def tp_size(self, value: int) -> None:
+            self.__dict__["_bullet_tp_size"] = value
+
+        def init_pdmux(self) -> None:
+            self.split_prefill_batch = None
+            self.pdmux_config = pdmux.PDMuxConfig(sm_group_num=plan.size)
+            groups = list(open_groups(plan, self.gpu_id))
+            if len(groups) != plan.size:
+                raise RuntimeError(f"{len(groups)} stream groups opened for a plan of {plan.size}")
+            pdmux.STREAM_GROUPS = groups
+            pdmux.SM_COUNTS = plan.sm_counts()
+            pdmux.set_current_stream_idx(0)
+            self.stream_groups, self.sm_counts, self.real_sm_group_num = groups, pdmux.SM_COUNTS, plan.size
+
+        def adjust_stream_groups(self):
+            running = self.running_batch
+            decode = None
+            if running is not None and not running.is_empty():
+                decode = (running.batch_size(), max(len(r.origin_input_ids) + len(r.output_ids) for r in running.reqs))
+            prefill, left = None, 0
+            if self.split_prefill_batch is not None and not self.split_prefill_batch.is_empty():
+                prefill = self.split_prefill_batch.extend_num_tokens
+                left = groups_left(self.split_prefill_batch.split_index, num_layers, policy_groups)
+            idx = choose_group(plan, policy, decode, prefill, left, ttft_ms)
+            pdmux.set_current_stream_idx(idx)
+            self.tp_worker.model_runner.update_decode_attn_backend(idx)
+            return idx, self.stream_groups[idx]
+
+    BulletScheduler.__qualname__ = BulletScheduler.__name__ = f"Bullet{base.__name__}"
+    return BulletScheduler

@@ -1,0 +1,92 @@
+"""What ``--enable-bullet`` resolves before SGLang starts (no CUDA context), and rebuilds in
+SGLang's scheduler process: the latency profile that plans the splits, and the policy.
+
+The policy estimates decode and prefill times from a bullet_kernels latency profile of this GPU
+and model (``graphs/<gpu>/<model>.json``, made by ``bullet profile``). Those times were measured
+with our own kernels and graphs, not SGLang's: they order the candidate splits, and are an
+approximation of SGLang's absolute step times (docs/sglang-adapter.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .options import BulletOptions, UnsupportedSetup, value_of
+from .stream_groups import GroupPlan, candidate_splits
+
+
+def model_config(sglang_argv: Sequence[str]) -> tuple[str, dict]:
+    """``(model path, its config.json)`` from ``--model-path`` (a local directory: the adapter
+    reads the model's shapes before SGLang starts)."""
+    path = value_of(sglang_argv, "--model-path", "--model")
+    if path is None:
+        raise UnsupportedSetup("--enable-bullet needs --model-path (a local model directory with config.json)")
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise UnsupportedSetup(f"--enable-bullet reads the model's shapes from {config}, which does not exist; "
+                               "give --model-path a local model directory")
+    return path, json.loads(config.read_text())
+
+
+def gpu_name() -> str:
+    """The GPU's name through NVML (no CUDA context, no GPU memory)."""
+    from bullet_kernels.measure import nvml_device
+
+    nvml, handle = nvml_device(0)
+    if nvml is None:
+        raise UnsupportedSetup(f"--enable-bullet needs the GPU's name before SGLang starts: {handle}")
+    name = nvml.nvmlDeviceGetName(handle)
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def find_matching_profile(device: str, config: dict, root: str | Path | None = None) -> Path:
+    """The shipped profile of this GPU whose model has these shapes, or UnsupportedSetup naming
+    what was looked at and how to make one."""
+    from bullet_kernels.orchestrate import Profile
+    from bullet_kernels.orchestrate.profile import graphs_dir
+    from bullet_kernels.results import gpu_slug
+
+    folder = Path(root if root is not None else graphs_dir()) / gpu_slug(device)
+    tried = []
+    for path in sorted(folder.glob("*.json")):
+        profile = Profile.load(path)
+        if not profile.check_matches(device_name=device, model_config=config, strict=False):
+            return path
+        tried.append(path.stem)
+    raise UnsupportedSetup(
+        f"no bullet_kernels latency profile matches this GPU ({device}) and model "
+        f"({config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}); looked at "
+        f"{', '.join(tried) or 'nothing'} in {folder}. Measure one with `bullet profile --model <preset or "
+        "HF directory>` on this GPU"
+    )
+
+
+def resolve(opts: BulletOptions, sglang_argv: Sequence[str], device: str | None = None,
+            root: str | Path | None = None) -> BulletOptions:
+    """``opts`` with the profile to plan with and the model's layer count filled in."""
+    _, config = model_config(sglang_argv)
+    profile = find_matching_profile(device or gpu_name(), config, root)
+    return dataclasses.replace(opts, profile=str(profile), num_layers=int(config["num_hidden_layers"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    plan: GroupPlan
+    policy: object
+    policy_groups: int
+
+
+def build(opts: BulletOptions) -> Setup:
+    """The stream-group plan and SLO policy from the resolved options (scheduler process)."""
+    from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy
+    from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
+
+    if not opts.profile or opts.num_layers < 1:
+        raise UnsupportedSetup("the bullet options were not resolved by the launcher (profile, layers)")
+    estimator = Estimator(Profile.load(opts.profile))
+    splits = candidate_splits(DEFAULT_SPLITS)
+    policy = SLOPolicy(estimator, list(splits), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms)
+    return Setup(GroupPlan(splits, estimator.sm_count), policy, len(estimator.groups))
