@@ -22,6 +22,13 @@ from typing import Any, Callable
 from .stream_groups import GroupPlan, choose_group, groups_left
 
 
+def _from_parallel_state(name: str) -> property:
+    """A scheduler attribute read from ``self.ps`` (where 0.5.15 keeps it), unless one was set."""
+    key = f"_bullet_{name}"
+    return property(lambda self: self.__dict__.get(key, getattr(self.ps, name)),
+                    lambda self, value: self.__dict__.__setitem__(key, value))
+
+
 def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Callable[[GroupPlan, int], list],
                            pdmux: Any, num_layers: int, policy_groups: int, ttft_ms: float | None = None) -> type:
     """A subclass of SGLang's ``Scheduler`` (``base``) running pdmux's loop on ``plan``'s groups.
@@ -29,21 +36,8 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
     ``open_groups(plan, gpu_id)`` returns one (prefill stream, decode stream) per group."""
 
     class BulletScheduler(base):
-        @property
-        def gpu_id(self) -> int:
-            return self.__dict__.get("_bullet_gpu_id", self.ps.gpu_id)
-
-        @gpu_id.setter
-        def gpu_id(self, value: int) -> None:
-            self.__dict__["_bullet_gpu_id"] = value
-
-        @property
-        def tp_size(self) -> int:
-            return self.__dict__.get("_bullet_tp_size", self.ps.tp_size)
-
-        @tp_size.setter
-        def tp_size(self, value: int) -> None:
-            self.__dict__["_bullet_tp_size"] = value
+        gpu_id = _from_parallel_state("gpu_id")
+        tp_size = _from_parallel_state("tp_size")
 
         def init_pdmux(self) -> None:
             self.split_prefill_batch = None
