@@ -209,6 +209,8 @@ def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy()
     assert s.adjust_stream_groups() == (5, "group5")  # decode alone: the whole GPU
     s.running_batch = FakeBatch()
     assert s.adjust_stream_groups()[0] == 0
+    s.gpu_id = 5  # a later SGLang that sets it itself keeps working
+    assert s.gpu_id == 5 and s.ps.gpu_id == 3
 
 
 def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
