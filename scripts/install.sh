@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install bullet_kernels, the bullet_sglang skeleton (python/) and the test dependencies.
+# Install bullet_kernels, the SGLang adapter bullet_sglang (python/) and the test dependencies.
 # - No torch yet: take the CPU wheel (the exact pin resolves to the CPU build on CPU-only hosts;
 #   an unpinned torch would pull a multi-GB CUDA build). A GPU machine brings its own torch.
 # - Offline machines (the GPU host has no network): BULLET_OFFLINE=1 installs without deps or

@@ -25,7 +25,8 @@ def open_lane_groups(backend: str):
 
         from bullet_kernels import Partitioner
 
-        parts = Partitioner(backend)  # every set is verified by a %smid probe when opened
+        torch.cuda.set_device(gpu_id)  # SGLang's model runner sets it later; the lanes are made now
+        parts = Partitioner(backend, device_index=gpu_id)  # every set is verified by a %smid probe when opened
         _KEEP_OPEN.append(parts)
         whole = [(torch.cuda.Stream(device=gpu_id), torch.cuda.Stream(device=gpu_id)) for _ in range(2)]
         lanes = []
