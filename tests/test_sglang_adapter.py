@@ -49,6 +49,8 @@ def test_bad_bullet_options_are_refused(argv, words):
     (["--enable-pdmux"], "give one of them"),
     (["--chunked-prefill-size", "2048"], "chunked prefill, which it replaces"),
     (["--enable-mixed-chunk"], "fuses them into one batch"),
+    (["--disable-cuda-graph-padding"], "never found"),
+    (["--pdmux-config-path", "p.yaml"], "configures SGLang's own PD-multiplexing"),
 ])
 def test_incompatible_sglang_options_are_refused_with_bullet_only(sglang_argv, words):
     with pytest.raises(UnsupportedSetup, match=words):
@@ -181,6 +183,7 @@ def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy()
     class SGLangScheduler:  # the attributes of SGLang 0.5.15's Scheduler the subclass relies on
         def __init__(self):
             self.ps = types.SimpleNamespace(gpu_id=3, tp_size=1)
+            self.model_config = types.SimpleNamespace(num_hidden_layers=32)
             runner = types.SimpleNamespace(update_decode_attn_backend=switched.append)
             self.tp_worker = types.SimpleNamespace(model_runner=runner)
 
@@ -191,8 +194,7 @@ def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy()
         return [f"group{i}" for i in range(p.size)]
 
     pdmux = fake_pdmux()
-    cls = bullet_scheduler_class(SGLangScheduler, plan, policy, open_groups, pdmux, num_layers=32,
-                                 policy_groups=len(estimator.groups))
+    cls = bullet_scheduler_class(SGLangScheduler, plan, policy, open_groups, pdmux, policy_groups=len(estimator.groups))
     s = cls()
     assert (s.gpu_id, s.tp_size) == (3, 1)  # 0.5.15 keeps them in self.ps; pdmux reads them here
     s.init_pdmux()
@@ -220,7 +222,7 @@ def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
 
     model = write_model_dir("llama-3.1-8b", tmp_path / "llama")
     opts = resolve(BulletOptions(enable=True, tpot_slo_ms=15.0), ["--model-path", str(model)], device="NVIDIA H200")
-    assert opts.profile.endswith("graphs/h200/llama-3.1-8b.json") and opts.num_layers == 32
+    assert opts.profile.endswith("graphs/h200/llama-3.1-8b.json")
     assert BulletOptions.from_env({"BULLET_SGLANG_CONFIG": opts.to_env()}) == opts  # travels to the children
     setup = build(opts)
     assert setup.plan.size == 6 and setup.policy.tpot_ms == 15.0 and setup.policy_groups >= 1
@@ -232,6 +234,11 @@ def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
         resolve(opts, ["--model-path", str(other)], device="NVIDIA H200")
     with pytest.raises(UnsupportedSetup, match="no bullet_kernels latency profile matches this GPU"):
         resolve(opts, ["--model-path", str(model)], device="NVIDIA H100 80GB HBM3")
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    with pytest.raises(UnsupportedSetup, match="runs LlamaForCausalLM models for now; this model is Qwen3ForCausalLM"):
+        resolve(opts, ["--model-path", str(qwen)], device="NVIDIA H200")
     with pytest.raises(UnsupportedSetup, match="does not exist"):
         resolve(opts, ["--model-path", str(tmp_path / "nowhere")], device="NVIDIA H200")
     with pytest.raises(UnsupportedSetup, match="needs --model-path"):
@@ -241,3 +248,22 @@ def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
     assert sglang_argv_for_bullet(["--port", "1"]) == ["--port", "1", "--chunked-prefill-size", "-1",
                                                        "--disable-overlap-schedule"]
     assert sglang_argv_for_bullet(["--chunked-prefill-size", "-1", "--disable-overlap-schedule"]).count("-1") == 1
+
+
+def test_lanes_confined_only_inside_our_launch_scope_are_refused():
+    """The tpc library's hook mechanism limits SMs only inside bullet_kernels' launch scope, which
+    SGLang never enters: such lanes would run on the whole GPU, so they are refused."""
+    from bullet_sglang.child import lane_streams
+
+    class PartitionSet:
+        split = "prefill=100,decode=32"
+
+        def __init__(self, needs_scope):
+            self.needs_scope = needs_scope
+
+        def stream(self, lane):
+            return f"{lane}-stream"
+
+    assert lane_streams(PartitionSet(False)) == ("prefill-stream", "decode-stream")
+    with pytest.raises(RuntimeError, match="which SGLang does not enter; use --bullet-partition green"):
+        lane_streams(PartitionSet(True))

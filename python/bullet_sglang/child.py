@@ -29,13 +29,20 @@ def open_lane_groups(backend: str):
         parts = Partitioner(backend, device_index=gpu_id)  # every set is verified by a %smid probe when opened
         _KEEP_OPEN.append(parts)
         whole = [(torch.cuda.Stream(device=gpu_id), torch.cuda.Stream(device=gpu_id)) for _ in range(2)]
-        lanes = []
-        for split in plan.splits:
-            pset = parts.get(split)
-            lanes.append((pset.stream("prefill"), pset.stream("decode")))
-        return [whole[0], *lanes, whole[1]]
+        return [whole[0], *(lane_streams(parts.get(split)) for split in plan.splits), whole[1]]
 
     return open_groups
+
+
+def lane_streams(pset) -> tuple:
+    """(prefill stream, decode stream) of an open partition set, refused where its SM limits hold
+    only inside our own launch scope (the tpc library's hook mechanism): SGLang launches outside
+    it, so those lanes would run on the whole GPU."""
+    if pset.needs_scope:
+        raise RuntimeError(f"the {pset.split} lanes confine work only inside bullet_kernels' launch scope, which "
+                           "SGLang does not enter; use --bullet-partition green, or tpc with the driver's stream "
+                           "mask record (BULLET_TPC_MECHANISM=record)")
+    return pset.stream("prefill"), pset.stream("decode")
 
 
 def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank, moe_dp_rank, moe_ep_rank,
@@ -55,6 +62,6 @@ def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank,
     server_args.sm_group_num = setup.plan.size
     sglang_scheduler.Scheduler = bullet_scheduler_class(
         sglang_scheduler.Scheduler, setup.plan, setup.policy, open_lane_groups(opts.partition), pdmux_context,
-        num_layers=opts.num_layers, policy_groups=setup.policy_groups, ttft_ms=opts.ttft_slo_ms)
+        policy_groups=setup.policy_groups, ttft_ms=opts.ttft_slo_ms)
     return sglang_scheduler.run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank,
                                                   moe_dp_rank, moe_ep_rank, pp_rank, dp_rank, pipe_writer)

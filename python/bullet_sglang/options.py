@@ -31,7 +31,6 @@ class BulletOptions:
     partition: str = "green"
     # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:
     profile: str = ""  # the latency profile the policy plans with
-    num_layers: int = 0  # the model's layers (SGLang advances a split prefill by layers)
 
     def __post_init__(self):
         for name in ("ttft_slo_ms", "tpot_slo_ms"):
@@ -105,6 +104,13 @@ def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
         raise UnsupportedSetup(f"--enable-bullet prefills whole prompts as layer groups on the prefill lane; "
                                f"--chunked-prefill-size {chunk} asks for chunked prefill, which it replaces (give -1 "
                                "or leave it out)")
+    if "--disable-cuda-graph-padding" in sglang_argv:
+        raise UnsupportedSetup("--enable-bullet needs decode graphs padded to their buckets: with "
+                               "--disable-cuda-graph-padding SGLang 0.5.15's per-stream-group graphs are never found "
+                               "(every decode step would run without a graph)")
+    if value_of(sglang_argv, "--pdmux-config-path") is not None:
+        raise UnsupportedSetup("--enable-bullet chooses the SM splits itself (our verified lanes and SLO policy); "
+                               "--pdmux-config-path configures SGLang's own PD-multiplexing")
     if "--enable-mixed-chunk" in sglang_argv:
         raise UnsupportedSetup("--enable-bullet runs prefill and decode on their own lanes; --enable-mixed-chunk "
                                "fuses them into one batch")

@@ -7,7 +7,9 @@ after its last layers has landed). What it lacks, we override:
 
 - ``init_pdmux``: the stream groups are our verified lanes (``open_groups``), not sgl-kernel's
   green contexts, and pdmux's config carries their count;
-- ``adjust_stream_groups``: the group comes from our SLO policy (:func:`.stream_groups.choose_group`);
+- ``adjust_stream_groups``: the group comes from our SLO policy (:func:`.stream_groups.choose_group`).
+  The loop asks only with both streams idle: when a prefill is admitted or merged, or decode ran
+  dry, so a split holds for a whole prefill;
 - ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
   in ``self.ps``; without them pdmux cannot start (its own launch fails that way).
 
@@ -30,7 +32,7 @@ def _from_parallel_state(name: str) -> property:
 
 
 def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Callable[[GroupPlan, int], list],
-                           pdmux: Any, num_layers: int, policy_groups: int, ttft_ms: float | None = None) -> type:
+                           pdmux: Any, policy_groups: int, ttft_ms: float | None = None) -> type:
     """A subclass of SGLang's ``Scheduler`` (``base``) running pdmux's loop on ``plan``'s groups.
 
     ``open_groups(plan, gpu_id)`` returns one (prefill stream, decode stream) per group."""
@@ -58,7 +60,8 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             prefill, left = None, 0
             if self.split_prefill_batch is not None and not self.split_prefill_batch.is_empty():
                 prefill = self.split_prefill_batch.extend_num_tokens
-                left = groups_left(self.split_prefill_batch.split_index, num_layers, policy_groups)
+                left = groups_left(self.split_prefill_batch.split_index, self.model_config.num_hidden_layers,
+                                   policy_groups)
             idx = choose_group(plan, policy, decode, prefill, left, ttft_ms)
             pdmux.set_current_stream_idx(idx)
             self.tp_worker.model_runner.update_decode_attn_backend(idx)
