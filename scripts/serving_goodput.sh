@@ -4,6 +4,8 @@
 #   bash scripts/serving_goodput.sh install                # ours (offline) + SGLang bins in .carry/sglang/bin*
 #   bash scripts/serving_goodput.sh sglang-start [CHUNK]   # SGLang 0.5.15 in the background (setsid)
 #   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
+#   bash scripts/serving_goodput.sh sglang-bullet-start [TPOT]  # SGLang through bullet_sglang --enable-bullet
+#   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang
 #   bash scripts/serving_goodput.sh ours MODE [CHUNK]      # bullet serve MODE, measure, stop it
 #   bash scripts/serving_goodput.sh split-bins [MB]        # (here, not on the GPU machine) regroup
 #       the wheel bins into .carry/sglang/part*/ of at most MB each (default 50): a device call
@@ -82,14 +84,24 @@ PY
       --chunked-prefill-size "$chunk" --mem-fraction-static 0.80 --port 30000 > "$OUT/sglang-$chunk.log" 2>&1 &
     echo $! > /tmp/sglang.pid
     echo "SGLang (chunk $chunk) starting; its first start takes about 4.5 minutes" ;;
+  sglang-bullet-start)
+    tpot=${2:-15}
+    python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
+    PYTHONPATH=/tmp/site setsid python3 -m bullet_sglang.launch_server --model-path "$SG/model" --load-format dummy \
+      --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache --mem-fraction-static 0.80 \
+      --port 30000 --enable-bullet --bullet-tpot-slo-ms "$tpot" > "$OUT/sglang-bullet.log" 2>&1 &
+    echo $! > /tmp/sglang.pid
+    echo "SGLang with --enable-bullet (policy $tpot ms) starting; its first start takes minutes" ;;
   sglang-bench)
     chunk=${2:-2048}
-    wait_up http://127.0.0.1:30000/health 540 || { tail -20 "$OUT/sglang-$chunk.log"; exit 1; }
+    log="$OUT/sglang-$chunk.log"; [ "$chunk" = bullet ] && log="$OUT/sglang-bullet.log"
+    wait_up http://127.0.0.1:30000/health 540 || { tail -20 "$log"; exit 1; }
     # The first load after start pays FlashInfer JIT work (a 10 s stall, measured): a short
     # unrecorded pass first.
     bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
       --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
-    bench http://127.0.0.1:30000 "sglang-chunk$chunk"
+    label="sglang-chunk$chunk"; [ "$chunk" = bullet ] && label=bullet-in-sglang  # a bullet run in the report (its ratio is against the baselines)
+    bench http://127.0.0.1:30000 "$label"
     kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server" ;;
   ours)
     mode=${2:?usage: ours MODE [CHUNK]}; chunk=${3:-512}
