@@ -423,10 +423,15 @@ class Scheduler:
             return self._collect(prev)
         return self._take_decode(sync_out)
 
-    def _launch_flight(self, rows: list[Request], prev: DecodeFlight | None, placement: Placement) -> DecodeFlight:
+    @staticmethod
+    def _host_tokens(rows: list[Request], prev: DecodeFlight | None) -> list[int]:
+        """Each row's input token as the host knows it: its last token, or a placeholder 0 where
+        the step in flight ``prev`` makes it (fed on the GPU by :meth:`_feed_pending`)."""
         pending = prev.row_of if prev is not None else {}
-        host_tokens = [0 if id(r) in pending else r.output[-1] for r in rows]
-        ids, fb = self.runner.plan_decode([r.rid for r in rows], host_tokens)
+        return [0 if id(r) in pending else r.output[-1] for r in rows]
+
+    def _launch_flight(self, rows: list[Request], prev: DecodeFlight | None, placement: Placement) -> DecodeFlight:
+        ids, fb = self.runner.plan_decode([r.rid for r in rows], self._host_tokens(rows, prev))
         stream = self._streams.get("decode")
         # Everything below is queued on the decode stream, behind the step in flight: the copies
         # into a graph's static buffers cannot overtake a replay still reading them, and the
@@ -568,9 +573,8 @@ class Scheduler:
         if not chunks:  # the slots are reserved: the next decode step runs overlapped as usual
             self._queue_flight(decode, prev, WHOLE_GPU)
             return self._collect(prev) if prev is not None else []
-        pending = prev.row_of if prev is not None else {}
-        host_tokens = [0 if id(r) in pending else r.output[-1] for r in decode]
-        ids, fb = self.runner.plan_mixed([(r.rid, part) for r, part in chunks], [r.rid for r in decode], host_tokens)
+        ids, fb = self.runner.plan_mixed([(r.rid, part) for r, part in chunks], [r.rid for r in decode],
+                                         self._host_tokens(decode, prev))
         n = len(chunks)
         completes = any(req.computed + len(part) == len(req.prefill_tokens) for req, part in chunks)
         stream = self._streams.get("decode")
