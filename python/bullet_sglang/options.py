@@ -119,13 +119,10 @@ def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
                                "give one of them")
 
 
-# SGLang's split-prefill loop (which --enable-bullet runs) needs whole-prompt prefills and the
-# scheduler without its overlap thread: the same settings SGLang's own --enable-pdmux requires.
-BULLET_SGLANG_ARGS = ("--chunked-prefill-size", "-1", "--disable-overlap-schedule")
-
-
 def sglang_argv_for_bullet(sglang_argv: Sequence[str]) -> list[str]:
-    """SGLang's argv with the settings the bullet loop needs added where missing."""
+    """SGLang's argv with the settings the bullet loop needs added where missing: whole-prompt
+    prefills and the scheduler without its overlap thread, which SGLang's split-prefill loop
+    (the one --enable-bullet runs) requires, as its own --enable-pdmux does."""
     argv = list(sglang_argv)
     if value_of(argv, "--chunked-prefill-size") is None:
         argv += ["--chunked-prefill-size", "-1"]
