@@ -38,8 +38,11 @@ def outputs(mode: str, split: str | None = None, overlap: bool = False) -> list[
 
     try:
         out = asyncio.run(main())
-        if overlap:  # the overlapped path really ran
-            assert svc.engine.scheduler.counters["overlapped_decode_steps"] > 0, dict(svc.engine.scheduler.counters)
+        if overlap:  # the overlapped path really ran (chunked: fused steps launched behind the flight)
+            counters = svc.engine.scheduler.counters
+            assert counters["overlapped_decode_steps"] > 0, dict(counters)
+            if mode == "chunked":
+                assert counters["overlapped_mixed_steps"] > 0, dict(counters)
         return out
     finally:
         svc.engine.shutdown(drain=False, timeout_s=10)
