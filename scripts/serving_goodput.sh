@@ -4,6 +4,7 @@
 #   bash scripts/serving_goodput.sh install                # ours (offline) + SGLang bins in .carry/sglang/bin*
 #   bash scripts/serving_goodput.sh sglang-start [CHUNK]   # SGLang 0.5.15 in the background (setsid)
 #   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
+#       (KEEP=1: leave it running, to measure another trace next)
 #   bash scripts/serving_goodput.sh sglang-bullet-start [TPOT]  # SGLang through bullet_sglang --enable-bullet
 #   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang
 #   bash scripts/serving_goodput.sh ours MODE [CHUNK]      # bullet serve MODE, measure, stop it
@@ -19,7 +20,8 @@
 # returns at most 8 files, and a later stage of the same call would otherwise push them out.
 # Environment: RATES (req/s), PROMPTS (per rate), TRACE (uniform|sharegpt|azure-conversation),
 # MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
-# options, e.g. --tpot-slo-ms 10), LABEL (results name), OUT (default /tmp/bullet-out).
+# options, e.g. --tpot-slo-ms 10), LABEL (results name; a trace other than uniform is appended,
+# e.g. chunked512-sharegpt), OUT (default /tmp/bullet-out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bullet-out}
@@ -37,6 +39,10 @@ wait_up() {  # wait_up URL SECONDS: until URL answers
     if [ "$t" -ge "$limit" ]; then echo "no answer from $url after $limit s"; return 1; fi
   done
   echo "$url answers after $t s"
+}
+
+trace_suffix() {  # runs on another trace than the standard one are labelled with it
+  [ "$TRACE" = uniform ] || echo "-$TRACE"
 }
 
 bench() {  # bench URL LABEL
@@ -101,15 +107,15 @@ PY
     bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
       --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
     label="sglang-chunk$chunk"; [ "$chunk" = bullet ] && label=bullet-in-sglang  # a bullet run in the report (its ratio is against the baselines)
-    bench http://127.0.0.1:30000 "$label"
-    kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server" ;;
+    bench http://127.0.0.1:30000 "$label$(trace_suffix)"
+    [ -n "${KEEP:-}" ] || { kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server"; } ;;
   ours)
     mode=${2:?usage: ours MODE [CHUNK]}; chunk=${3:-512}
     setsid bullet serve --model "$MODEL" --mode "$mode" --chunk-size "$chunk" --port 30001 \
       ${DEVICE:+--device "$DEVICE"} ${SERVE_ARGS:-} > "$OUT/serve-$mode-$chunk.log" 2>&1 &
     pid=$!
     wait_up http://127.0.0.1:30001/health 600 || { tail -20 "$OUT/serve-$mode-$chunk.log"; exit 1; }
-    label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"; label=${LABEL:-$label}
+    label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"; label=${LABEL:-$label}$(trace_suffix)
     bench http://127.0.0.1:30001 "$label"
     python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())" \
       http://127.0.0.1:30001/metrics > "$OUT/metrics-$label.txt" || true
