@@ -197,6 +197,15 @@ class Bench:
         benchmark.extra_info.update({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
         return out
 
+    def measure_peaks(self, benchmark, lane: BenchLane) -> tuple[dict, dict]:
+        """Measure the lane's copy and GEMM peaks now, under pytest-benchmark and NVML: ``(peaks,
+        clock and power fields)``. The first measurement of a lane in a session is its roofline
+        (``lane.peaks()``) for every later row."""
+        with measure.GpuMonitor() as gpu, lane.use():
+            peaks = benchmark.pedantic(measure.measured_peaks, args=(lane.granted,), rounds=1)
+        self.peaks_cache.setdefault((lane.pset.split, lane.name), peaks)
+        return peaks, gpu.summary()
+
     def time_host(self, benchmark, fn, rounds: int) -> dict:
         """Wall time per call of ``fn`` (GPU drained before and after) under pytest-benchmark."""
         timer = measure.HostTimer(fn)

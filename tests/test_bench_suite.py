@@ -19,7 +19,7 @@ from bullet_kernels import sweep
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 BENCH_FILES = ("test_decode_partitions.py", "test_decode_breakdown.py", "test_compile_backend.py",
-               "test_capture_bank.py", "test_sm_sweep.py", "test_sglang_compare.py")
+               "test_capture_bank.py", "test_sm_sweep.py", "test_sglang_compare.py", "test_roofline.py")
 
 
 def pytest_in_child(*args: str) -> subprocess.CompletedProcess:
@@ -183,3 +183,38 @@ def test_sweep_summary_finds_the_smallest_lane_within_10pct(tmp_path):
     assert "132 SMs" in sweep.row_text(rows_for(132, 50.0, 8.0, 13.0))
     png = sweep.plot(rows, tmp_path / "sweep.json", "unit test")
     assert png.name == "sweep.png" and png.stat().st_size > 0
+
+
+def roofline_rows() -> list[dict]:
+    """Rows shaped as bench/test_roofline.py writes them (numbers made up for the logic below)."""
+    from bench.test_roofline import LAUNCH_FLOOR_MS
+    from bullet_kernels import measure
+
+    peaks = {32: {"copy_tbps": 3.0, "gemm_tflops": 200.0}, 132: {"copy_tbps": 3.8, "gemm_tflops": 700.0}}
+    rows = [{"kind": "peaks", "sms": n, **p, "sm_clock_mhz": 1980.0, "power_w": 400.0} for n, p in peaks.items()]
+    for n, ms in ((32, 2.0), (132, 1.0)):
+        base = {"phase": "decode", "rows": 128, "context": 2048, "sms": n}
+        rows.append({"kind": "op", **base, "op": "attention", "op_kind": "attention", "median_ms": ms / 2,
+                     **measure.roofline_fields(ms / 2, 1.2e9, 1e9, peaks[n]), "launch_bound": False})
+        rows.append({"kind": "op", **base, "op": "silu_mul", "op_kind": "elementwise", "median_ms": 0.003,
+                     **measure.roofline_fields(0.003, 1e6, 0, peaks[n]), "launch_bound": True})
+        rows.append({"kind": "layer", **base, "op": "layer", "median_ms": ms, "sum_op_rooflines_ms": 0.9,
+                     "pct_of_op_rooflines": 90 / ms})
+    assert all(r["roofline_ms"] < LAUNCH_FLOOR_MS for r in rows if r.get("launch_bound"))
+    return rows
+
+
+def test_roofline_summary_leaves_launch_bound_kernels_out(tmp_path):
+    from bench import test_roofline
+
+    rows = roofline_rows()
+    s = test_roofline.summarize(rows)
+    assert s["copy_tbps@32"] == 3.0 and s["gemm_tflops@132"] == 700.0
+    assert s["decode_attention_pct_min@32"] == pytest.approx(100 * 0.4 / 1.0, abs=0.1)  # 1.2 GB at 3 TB/s in 1 ms
+    assert "decode_elementwise_pct_min@32" not in s  # the only elementwise kernel is launch-bound
+    assert s["decode_layers_at_85pct@132"] == "1 of 1" and s["decode_layers_at_85pct@32"] == "0 of 1"
+    assert s["decode_b128_ctx2048@32_over_full"] == 2.0
+    text = test_roofline.table(rows, s)
+    assert "lane  32 SMs: copy 3.00 TB/s" in text and "silu_mul" in text and "*" in text
+    test_roofline.plot(rows, tmp_path / "roofline.png")
+    assert (tmp_path / "roofline.png").stat().st_size > 0
