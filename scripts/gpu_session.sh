@@ -1,24 +1,52 @@
 #!/usr/bin/env bash
-# One GPU-machine session: install, then the named stages, results packed for the trip back.
+# One GPU-machine call: the named stages in order, everything packed for the trip back.
 #   bash scripts/gpu_session.sh install info tests bench sweep
-# Stages: install, info, tests (pytest -m gpu), bench (the whole benchmark suite, bench/), one
-# benchmark file each (decode, breakdown, compile, capture, smsweep, sglang), sweep (`bullet sweep`)
-# and the investigations (greendiag). BENCH_SIZE=quick|full sizes the suite (default
-# quick); SWEEP_ARGS go to `bullet sweep`; the sglang stage reads SGLANG_MODEL_DIR and SGLANG_SITE.
-# Logs go to $OUT (default /tmp/bullet-out); bench/results/ is packed into $OUT/results.tgz.
-# Each stage runs under LIMIT_<STAGE> seconds (default STAGE_LIMIT, 900); set BULLET_COMMIT to
-# stamp results where the checkout has no .git.
+#   DEADLINE=580 bash scripts/gpu_session.sh sgpart:part1 install servetests \
+#       "serve:bullet-tpot10:bullet:512:uniform:8,11,14:--tpot-slo-ms 10" sgstart:2048 sg:2048:uniform:8,11,14 sgstop
+# Stages: install, info, tests (pytest -m gpu), servetests (the server and kernel GPU tests only),
+# bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
+# capture, smsweep, roofline, sglang), sweep (`bullet sweep`), the investigations (greendiag,
+# greenconn: green_cause.py connections), and the serving goodput runs of
+# scripts/serving_goodput.sh:
+#   serve:LABEL:MODE:CHUNK:TRACE:RATES[:SERVE_ARGS]  `bullet serve` measured (RATES comma-separated)
+#   sgpart:PART          install one part of the SGLang wheel set (.carry/sglang/PART) into /tmp/site
+#   sgstart:CHUNK        start SGLang 0.5.15 (chunked prefill CHUNK) in the background
+#   sg:CHUNK:TRACE:RATES measure it (it stays up for the next trace); sgstop: stop it
+# BENCH_SIZE=quick|full sizes the suite (default quick); SWEEP_ARGS go to `bullet sweep`; the
+# sglang stage reads SGLANG_MODEL_DIR and SGLANG_SITE; PROMPTS is the serving runs' requests per rate.
+# Each stage runs under LIMIT_<STAGE> seconds (default STAGE_LIMIT, 900), and under what is left of
+# DEADLINE (seconds from the start; a device call has a hard limit, and a stage cut off by it
+# would lose the archive). Set BULLET_COMMIT to stamp results where the checkout has no .git.
 # A failing stage is reported and the next one still runs; the exit code says if any failed.
+# At the end, bench/results/ and every log and result under $OUT (default /tmp/bullet-out) are
+# packed into $OUT/session-<HHMMSS>.tgz and the loose files removed: a device call returns at
+# most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/bullet-out}
+export OUT=${OUT:-/tmp/bullet-out}
 mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
 failed=()
+T0=$SECONDS
+pack_all() {
+  local archive
+  archive="session-$(date -u +%H%M%S).tgz"
+  tar czf "/tmp/$archive" bench/results -C "$OUT" $(cd "$OUT" && ls | grep -v '^session-.*\.tgz$') 2>/dev/null
+  (cd "$OUT" && ls | grep -v '^session-.*\.tgz$' | xargs -r rm -rf)
+  mv "/tmp/$archive" "$OUT/"
+  echo "packed into $OUT/$archive"
+}
+trap pack_all EXIT
 stage() {  # stage NAME CMD...: run under a time limit, tee the log, remember failures, pack results
   local name=$1; shift
-  local limit_var="LIMIT_${name^^}"
+  local limit_var
+  limit_var="LIMIT_$(echo "${name^^}" | tr -c 'A-Z0-9_\n' '_')"
   local limit=${!limit_var:-${STAGE_LIMIT:-900}}
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - (SECONDS - T0) - 20))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -le 0 ]; then echo "=== $name: skipped, no time left before DEADLINE"; failed+=("$name"); return; fi
+  fi
   echo "=== $name (limit ${limit} s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
@@ -41,16 +69,29 @@ for s in "$@"; do
     install)   stage install env BULLET_OFFLINE=1 bash scripts/install.sh ;;
     info)      stage info bullet info --json bench/results/info.json ;;
     tests)     stage tests python3 -m pytest -m gpu -q -p no:cacheprovider ;;
+    servetests) stage servetests python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_serve_gpu.py tests/test_kernels_gpu.py ;;
     bench)     bench_stage bench ;;
     decode)    bench_stage decode bench/test_decode_partitions.py ;;
     breakdown) bench_stage breakdown bench/test_decode_breakdown.py ;;
     compile)   bench_stage compile bench/test_compile_backend.py ;;
     capture)   bench_stage capture bench/test_capture_bank.py ;;
     smsweep)   bench_stage smsweep bench/test_sm_sweep.py ;;
+    roofline)  bench_stage roofline bench/test_roofline.py ;;
     sglang)    bench_stage sglang bench/test_sglang_compare.py \
                  --sglang-model-dir "${SGLANG_MODEL_DIR:-.carry/llama-3.1-8b-dummy}" --sglang-pythonpath "${SGLANG_SITE:-/tmp/site}" ;;
     sweep)     stage sweep bullet sweep ${SWEEP_ARGS:-} ;;
     greendiag) stage greendiag python3 bench/investigations/green_diagnose.py ;;
+    greenconn) stage greenconn python3 bench/investigations/green_cause.py connections 2 ;;
+    serve:*)   IFS=: read -r _ label mode chunk trace rates sargs <<< "$s"
+               RATES=${rates//,/ } TRACE=$trace LABEL=$label SERVE_ARGS=${sargs:-} \
+                 stage "run-$label" bash scripts/serving_goodput.sh ours "$mode" "$chunk"
+               grep -h "^goodput" "$OUT/run-$label.log" ;;
+    sgpart:*)  stage "sgpart-${s#sgpart:}" bash .carry/sglang/install.sh ".carry/sglang/${s#sgpart:}" ;;
+    sgstart:*) stage sgstart bash scripts/serving_goodput.sh sglang-start "${s#sgstart:}" ;;
+    sg:*)      IFS=: read -r _ chunk trace rates <<< "$s"
+               RATES=${rates//,/ } TRACE=$trace KEEP=1 stage "sg-$chunk-$trace" bash scripts/serving_goodput.sh sglang-bench "$chunk"
+               grep -h "^goodput\|answers" "$OUT/sg-$chunk-$trace.log" ;;
+    sgstop)    pkill -f "[s]glang.launch_server" ;;
     *) echo "unknown stage $s"; failed+=("$s") ;;
   esac
 done

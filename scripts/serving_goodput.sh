@@ -46,7 +46,7 @@ trace_suffix() {  # runs on another trace than the standard one are labelled wit
 }
 
 bench() {  # bench URL LABEL
-  bullet bench-serving --url "$1" --label "$2" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT"
+  bullet bench-serving --url "$1" --label "$2" --model "$MODEL" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT"
   local rc=$?
   (cd "$OUT" && tar czf "pack-$2.tgz" $(ls serving-"$2"-*.json serving-"$2"-*.png ./*.log metrics-*.txt 2>/dev/null) \
      && rm -f serving-"$2"-*.json serving-"$2"-*.png)
@@ -107,8 +107,9 @@ PY
     bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
       --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
     label="sglang-chunk$chunk"; [ "$chunk" = bullet ] && label=bullet-in-sglang  # a bullet run in the report (its ratio is against the baselines)
-    bench http://127.0.0.1:30000 "$label$(trace_suffix)"
-    [ -n "${KEEP:-}" ] || { kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server"; } ;;
+    bench http://127.0.0.1:30000 "$label$(trace_suffix)"; rc=$?
+    [ -n "${KEEP:-}" ] || { kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server"; }
+    exit "$rc" ;;
   ours)
     mode=${2:?usage: ours MODE [CHUNK]}; chunk=${3:-512}
     setsid bullet serve --model "$MODEL" --mode "$mode" --chunk-size "$chunk" --port 30001 \
@@ -116,9 +117,10 @@ PY
     pid=$!
     wait_up http://127.0.0.1:30001/health 600 || { tail -20 "$OUT/serve-$mode-$chunk.log"; exit 1; }
     label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"; label=${LABEL:-$label}$(trace_suffix)
-    bench http://127.0.0.1:30001 "$label"
+    bench http://127.0.0.1:30001 "$label"; rc=$?
     python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())" \
       http://127.0.0.1:30001/metrics > "$OUT/metrics-$label.txt" || true
-    kill "$pid"; wait "$pid" 2>/dev/null ;;  # by pid: a pattern could match the caller's command line
+    kill "$pid"; wait "$pid" 2>/dev/null  # by pid: a pattern could match the caller's command line
+    exit "$rc" ;;
   *) sed -n 2,15p "$0"; exit 2 ;;
 esac
