@@ -17,8 +17,13 @@ and prints, per lane, the context ids (``cuCtxGetId``), the SM count each contex
 (``cuCtxGetDevResource``) and the ``CUfunction`` handle ``cuKernelGetFunction`` returned, so a
 function shared between two lanes' contexts shows. Writes JSON to ``$OUT`` (or the cwd).
 
-    python3 bench/investigations/green_cause.py [late|fresh|verified]
+    python3 bench/investigations/green_cause.py [late|fresh|verified|fade]
     python3 bench/investigations/green_cause.py connections [REPEATS]
+
+``fade`` opens each split without verification and probes every lane of it ``FADE_PROBES``
+times in a row *before* any work runs there (then runs the work): does the wrong SM set come
+only with a new context's first launches and then fade, or stay? If it fades, probing the same
+set again (rather than making fresh contexts, which start over) would settle it.
 
 ``connections`` runs ``verified`` REPEATS times (default 3) in fresh processes for each
 ``CUDA_DEVICE_MAX_CONNECTIONS`` in (unset, 1, 8, 32) and tallies the first-attempt failures
@@ -47,7 +52,10 @@ from bullet_kernels.partition.probe_triton import triton_observed_sms
 SPLITS = [SMSplit.parse(s) for s in ("prefill=96,decode=36", "prefill=104,decode=28", "prefill=112,decode=20")]
 
 
-def work(parts: Partitioner) -> None:
+FADE_PROBES = 8
+
+
+def work(parts: Partitioner, after_open=None) -> None:
     """The sequence that reproduced it: Inductor graphs of three backends on the whole GPU, then
     prefill and decode concurrently on the two lanes of each split (bench/test_compile_backend.py's
     model). tests/fresh_process/green_cross_lane_checks.py runs it too."""
@@ -66,6 +74,8 @@ def work(parts: Partitioner) -> None:
                 fn(step, decode=True)
         fn = compiled[0]
         for split in SPLITS:
+            if after_open is not None:  # the split opened, nothing run on it yet
+                after_open(parts.get(split))
             for _ in range(10):
                 with bullet_kernels.on_lane("prefill", split, partitioner=parts, join=False):
                     fn(prompt)
@@ -168,6 +178,26 @@ def verified() -> None:
         print(f"verified: REFUSED: {exc}")
 
 
+def fade() -> None:
+    """Each split's lanes probed FADE_PROBES times right after opening, before their work."""
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    seen: dict[str, list[str]] = {}
+
+    def probe_again(pset) -> None:
+        for lane in pset.lanes.values():
+            key = f"{pset.split.key}:{lane.name} (granted {lane.granted})"
+            seen[key] = []
+            for _ in range(FADE_PROBES):
+                sms = probe.observed_sms(lane.stream, sm_count)
+                seen[key].append(f"{len(sms)}: {format_ranges(sorted(sms))}")
+            print(f"fade: {key}: SMs seen per probe: {[int(x.split(':')[0]) for x in seen[key]]}", flush=True)
+
+    with Partitioner("green", verify=False) as parts:
+        work(parts, after_open=probe_again)
+    with open(os.path.join(os.environ.get("OUT", "."), "green-cause-fade.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(0), "probes": seen}, f, indent=1)
+
+
 def connections(repeats: int) -> None:
     import subprocess
 
@@ -195,6 +225,8 @@ def main() -> None:
     mode = sys.argv[1] if len(sys.argv) > 1 else "late"
     if mode == "verified":
         return verified()
+    if mode == "fade":
+        return fade()
     if mode == "connections":
         return connections(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
