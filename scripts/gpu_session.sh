@@ -11,7 +11,9 @@
 #   serve:LABEL:MODE:CHUNK:TRACE:RATES[:SERVE_ARGS]  `bullet serve` measured (RATES comma-separated)
 #   sgpart:PART          install one part of the SGLang wheel set (.carry/sglang/PART) into /tmp/site
 #   sgstart:CHUNK        start SGLang 0.5.15 (chunked prefill CHUNK) in the background
-#   sg:CHUNK:TRACE:RATES measure it (it stays up for the next trace); sgstop: stop it
+#   sgbullet:TPOT        start SGLang with bullet_sglang --enable-bullet instead (then sg:bullet:...)
+#   sg:CHUNK:TRACE:RATES[:sglang]  measure it (it stays up for the next trace), requests sent by
+#                        our load generator or by SGLang's own bench_serving; sgstop: stop it
 # BENCH_SIZE=quick|full sizes the suite (default quick); SWEEP_ARGS go to `bullet sweep`; the
 # sglang stage reads SGLANG_MODEL_DIR and SGLANG_SITE; PROMPTS is the serving runs' requests per rate.
 # Each stage runs under LIMIT_<STAGE> seconds (default STAGE_LIMIT, 900), and under what is left of
@@ -89,9 +91,10 @@ for s in "$@"; do
                grep -h "^goodput" "$OUT/run-$label.log" ;;
     sgpart:*)  stage "sgpart-${s#sgpart:}" bash .carry/sglang/install.sh ".carry/sglang/${s#sgpart:}" ;;
     sgstart:*) stage sgstart bash scripts/serving_goodput.sh sglang-start "${s#sgstart:}" ;;
-    sg:*)      IFS=: read -r _ chunk trace rates <<< "$s"
-               RATES=${rates//,/ } TRACE=$trace KEEP=1 stage "sg-$chunk-$trace" bash scripts/serving_goodput.sh sglang-bench "$chunk"
-               grep -h "^goodput\|answers" "$OUT/sg-$chunk-$trace.log" ;;
+    sg:*)      IFS=: read -r _ chunk trace rates driver <<< "$s"
+               RATES=${rates//,/ } TRACE=$trace DRIVER=${driver:-} KEEP=1 stage "sg-$chunk-$trace${driver:+-$driver}" bash scripts/serving_goodput.sh sglang-bench "$chunk"
+               grep -h "^goodput\|answers" "$OUT/sg-$chunk-$trace${driver:+-$driver}.log" ;;
+    sgbullet:*) stage sgbullet bash scripts/serving_goodput.sh sglang-bullet-start "${s#sgbullet:}" ;;
     sgstop)    pkill -f "[s]glang.launch_server" ;;
     *) echo "unknown stage $s"; failed+=("$s") ;;
   esac

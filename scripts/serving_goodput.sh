@@ -18,7 +18,8 @@
 # `bullet bench-serving --report $OUT/serving-*.json` prints the goodput table. Each run's files
 # are also packed into $OUT/pack-<label>.tgz and the loose JSON and PNG removed: a device call
 # returns at most 8 files, and a later stage of the same call would otherwise push them out.
-# Environment: RATES (req/s), PROMPTS (per rate), TRACE (uniform|sharegpt|azure-conversation),
+# Environment: RATES (req/s), PROMPTS (per rate), TRACE (uniform|sglang-random|sharegpt|azure-conversation),
+# DRIVER (sglang: requests sent by SGLang's own bench_serving, with TRACE=sglang-random),
 # MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
 # options, e.g. --tpot-slo-ms 10), LABEL (results name; a trace other than uniform is appended,
 # e.g. chunked512-sharegpt), OUT (default /tmp/bullet-out).
@@ -41,12 +42,15 @@ wait_up() {  # wait_up URL SECONDS: until URL answers
   echo "$url answers after $t s"
 }
 
-trace_suffix() {  # runs on another trace than the standard one are labelled with it
-  [ "$TRACE" = uniform ] || echo "-$TRACE"
+trace_suffix() {  # runs on another trace than the standard one, or sent by SGLang's benchmark, say so
+  local suffix=""
+  [ "$TRACE" = uniform ] || suffix="-$TRACE"
+  echo "$suffix${DRIVER:+-by-$DRIVER}"
 }
 
 bench() {  # bench URL LABEL
-  bullet bench-serving --url "$1" --label "$2" --model "$MODEL" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT"
+  bullet bench-serving --url "$1" --label "$2" --model "$MODEL" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT" \
+    ${DRIVER:+--driver "$DRIVER" --sglang-pythonpath /tmp/site --model-dir "$SG/model"}
   local rc=$?
   (cd "$OUT" && tar czf "pack-$2.tgz" $(ls serving-"$2"-*.json serving-"$2"-*.png ./*.log metrics-*.txt 2>/dev/null) \
      && rm -f serving-"$2"-*.json serving-"$2"-*.png)

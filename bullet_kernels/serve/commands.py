@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from .request import MODES
 
-TRACES = ("uniform", "sharegpt", "azure-conversation")
+TRACES = ("uniform", "sglang-random", "sharegpt", "azure-conversation")
 DEFAULT_TPOT_SLOS_MS = (10.0, 15.0, 20.0, 30.0)
 
 
@@ -102,7 +103,9 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
     p.add_argument("--label", default="bullet", help="names the results file: serving-<label>-<gpu>-<date>.json")
     p.add_argument("--trace", default="uniform", choices=TRACES,
                    help="uniform: inputs 512-1536, outputs 128-384 tokens (the project's standard trace); "
-                   "sharegpt and azure-conversation: lengths from published statistics (serve/traces.py)")
+                   "sglang-random: inputs 512-1024, outputs 128-256 (what SGLang's bench_serving draws for the "
+                   "offline SGLang README's command); sharegpt and azure-conversation: lengths from published "
+                   "statistics (serve/traces.py)")
     p.add_argument("--trace-file", type=existing_file, default=None, metavar="JSONL",
                    help="a JSONL trace (prompt_len, output_len per line) instead of --trace")
     p.add_argument("--rates", type=positive_float, nargs="+", default=[4.0, 8.0, 12.0, 16.0],
@@ -115,6 +118,15 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
                    help="P90 TPOT targets; goodput is reported for each")
     p.add_argument("--seed", type=int, default=0, help="seeds lengths, arrivals and prompt ids")
     p.add_argument("--out", type=out_dir_arg, default="bench/results", help="folder for the JSON and PNG")
+    p.add_argument("--driver", choices=("ours", "sglang"), default="ours",
+                   help="who sends the requests: ours (default) or SGLang's own `python -m sglang.bench_serving` "
+                   "(one run per rate on its random-ids trace, the lengths of --trace sglang-random; its "
+                   "per-request results read back into ours)")
+    p.add_argument("--sglang-pythonpath", default=None, metavar="PATH",
+                   help="with --driver sglang: where sglang imports (e.g. /tmp/site), for SGLang's process only")
+    p.add_argument("--model-dir", default=None, metavar="DIR",
+                   help="with --driver sglang: the model directory SGLang's benchmark reads the tokenizer from "
+                   "(default: the --model preset's, written to a temporary folder)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="instead of measuring: the goodput table of earlier runs (serving-*.json files)")
     p.add_argument("--plot", default=None, metavar="PNG",
@@ -127,7 +139,8 @@ def make_trace_fn(args):
     if args.trace_file:
         base = traces.load_jsonl(args.trace_file, rate=1.0, seed=args.seed)
         return lambda rate: traces.with_poisson_arrivals(base[: args.num_prompts], rate, args.seed)
-    make = {"uniform": traces.uniform_trace, "sharegpt": traces.sharegpt_like_trace,
+    make = {"uniform": traces.uniform_trace, "sglang-random": traces.sglang_random_trace,
+            "sharegpt": traces.sharegpt_like_trace,
             "azure-conversation": traces.azure_conversation_trace}[args.trace]
     return lambda rate: make(args.num_prompts, rate, seed=args.seed)
 
@@ -142,6 +155,21 @@ def gpu_monitor(url: str):
     if urlparse(url).hostname not in ("127.0.0.1", "localhost", "::1") or nvml_device(0)[0] is None:
         return None
     return lambda: GpuMonitor(0, interval_s=0.1)
+
+
+def run_sglang_driver(args, ttft_s: float, progress) -> list[dict]:
+    """Rows measured by SGLang's own benchmark (:mod:`.sglang_driver`), its files kept in a
+    temporary folder with the preset's model directory unless --model-dir names one."""
+    import tempfile
+
+    from ..models.presets import write_model_dir
+    from . import sglang_driver
+
+    with tempfile.TemporaryDirectory(prefix="bullet-sglang-bench-") as tmp:
+        model_dir = args.model_dir or str(write_model_dir(args.model, Path(tmp) / "model"))
+        return sglang_driver.run(args.url, sorted(args.rates), args.num_prompts, args.seed, model_dir, tmp,
+                                 ttft_s, min(args.tpot_slo_ms) / 1e3, pythonpath=args.sglang_pythonpath,
+                                 monitor=gpu_monitor(args.url), progress=progress)
 
 
 def bench_serving_main(args) -> int:
@@ -164,15 +192,22 @@ def bench_serving_main(args) -> int:
 
     vocab = preset_config(args.model).vocab_size
     ttft_s = args.ttft_slo_ms / 1e3
+    if args.driver == "sglang" and (args.trace_file or args.trace != "sglang-random"):
+        print("bullet bench-serving: error: --driver sglang sends SGLang's own random-ids requests; give "
+              "--trace sglang-random (the same lengths), not another trace or --trace-file", file=sys.stderr)
+        return 2
     print(f"bullet bench-serving: {args.url}, trace {args.trace_file or args.trace}, rates {args.rates} req/s, "
-          f"{args.num_prompts} requests each", flush=True)
-    rows = loadgen.sweep(args.url, sorted(args.rates), make_trace_fn(args), vocab, seed=args.seed,
-                         ttft_slo_s=ttft_s, tpot_slo_s=min(args.tpot_slo_ms) / 1e3, keep_results=True,
-                         progress=lambda row: print(loadgen.table([row]).splitlines()[-1], flush=True),
-                         monitor=gpu_monitor(args.url))
+          f"{args.num_prompts} requests each, sent by {args.driver}", flush=True)
+    progress = lambda row: print(loadgen.table([row]).splitlines()[-1], flush=True)  # noqa: E731
+    if args.driver == "sglang":
+        rows = run_sglang_driver(args, ttft_s, progress)
+    else:
+        rows = loadgen.sweep(args.url, sorted(args.rates), make_trace_fn(args), vocab, seed=args.seed,
+                             ttft_slo_s=ttft_s, tpot_slo_s=min(args.tpot_slo_ms) / 1e3, keep_results=True,
+                             progress=progress, monitor=gpu_monitor(args.url))
     summary = {f"goodput_tpot_{t:g}ms": goodput(rows, ttft_s, t / 1e3) for t in args.tpot_slo_ms}
     path = results.write(f"serving-{args.label}", rows, summary, args.out, compact=True, url=args.url,
-                         trace=args.trace_file or args.trace, num_prompts=args.num_prompts,
+                         trace=args.trace_file or args.trace, driver=args.driver, num_prompts=args.num_prompts,
                          rates=[r if math.isfinite(r) else "inf" for r in args.rates], ttft_slo_ms=args.ttft_slo_ms)
     png = loadgen.plot([{k: v for k, v in r.items() if k != "results"} for r in rows], path,
                        f"serving {args.label}: P90 latency vs offered rate")

@@ -1,0 +1,122 @@
+"""Drive a server with SGLang's own load generator and read its results as ours.
+
+The SGLang adapter issue asks for SGLang's numbers as SGLang's own benchmark reports them:
+``python -m sglang.bench_serving`` (0.5.15; the module lives in ``sglang.benchmark.serving``),
+one run per offered rate, on the offline SGLang README's trace (``--dataset-name random-ids
+--random-input-len 1024 --random-output-len 256 --random-range-ratio 0.5``: inputs 512-1024,
+outputs 128-256 tokens, the lengths of our ``sglang-random`` trace, :mod:`.traces`).
+Every engine driven this way with the same ``--seed`` gets the same requests.
+
+With ``--output-details`` each run appends one JSON line holding, besides its aggregates, one
+entry per request: ``input_lens``, ``output_lens``, ``ttfts`` (s), ``itls`` (s, one per chunk
+after the first) and ``errors`` ("" when it succeeded). :func:`results_of` turns them into our
+:class:`~.metrics.RequestResult`: the first token at its TTFT, then the chunks at the running
+sum of the ITLs; a request with more tokens than chunks gets the rest with its last chunk, so
+its TPOT is ``(latency - ttft) / (output_len - 1)``, as SGLang computes it. Start times are not
+in the output, so send lag is unknown (None). Goodput, tables and plots are then ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .metrics import RequestResult, summarize
+
+DATASET_ARGS = ("--dataset-name", "random-ids", "--random-input-len", "1024", "--random-output-len", "256",
+                "--random-range-ratio", "0.5")
+DETAIL_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "errors")
+MODULE = "sglang.bench_serving"
+
+
+def bench_serving_argv(url: str, rate: float, num_prompts: int, seed: int, model_dir: str, output_file: str,
+                       python: str = sys.executable) -> list[str]:
+    """One run of SGLang's benchmark at ``rate`` req/s (Poisson), its details appended to ``output_file``."""
+    return [python, "-m", MODULE, "--backend", "sglang", "--base-url", url, *DATASET_ARGS,
+            "--num-prompts", str(num_prompts), "--request-rate", f"{rate:g}", "--seed", str(seed),
+            "--model", model_dir, "--tokenizer", model_dir, "--output-file", output_file, "--output-details",
+            "--disable-tqdm"]
+
+
+def results_of(record: dict) -> list[RequestResult]:
+    """The requests of one run (one line of SGLang's output file), as our results."""
+    missing = [k for k in DETAIL_KEYS if k not in record]
+    if missing:
+        raise ValueError(f"an SGLang bench_serving record without {', '.join(missing)}: run it with --output-details")
+    n = len(record["ttfts"])
+    if any(len(record[k]) != n for k in DETAIL_KEYS):
+        raise ValueError(f"an SGLang bench_serving record whose lists differ in length: "
+                         f"{ {k: len(record[k]) for k in DETAIL_KEYS} }")
+    out = []
+    for prompt, tokens, ttft, itls, error in zip(*(record[k] for k in DETAIL_KEYS)):
+        ok = not error
+        times = []
+        if ok and tokens > 0:
+            times = [ttft]
+            for gap in itls:
+                times.append(times[-1] + gap)
+            times = times[:tokens] + [times[-1]] * max(0, tokens - len(times))
+        out.append(RequestResult(prompt_len=prompt, output_len=tokens, arrival_s=0.0, start_s=0.0,
+                                 first_token_s=ttft if times else None, token_times_s=times,
+                                 end_s=times[-1] if times else 0.0, ok=ok, error=error or ""))
+    return out
+
+
+def row_of(record: dict, ttft_slo_s: float | None, tpot_slo_s: float | None) -> dict[str, Any]:
+    """One rate's row in the shape of :func:`.loadgen.sweep`'s (``results`` kept)."""
+    results = results_of(record)
+    if not results:
+        raise ValueError("an SGLang bench_serving record with no requests")
+    rate = record.get("request_rate")
+    if not isinstance(rate, (int, float)) or not rate > 0:
+        raise ValueError(f"an SGLang bench_serving record without a positive request_rate: {rate!r}")
+    duration = record.get("duration")
+    if not isinstance(duration, (int, float)) or not duration > 0:
+        raise ValueError(f"an SGLang bench_serving record without a positive duration: {duration!r}")
+    row = {"rate": float(rate), "n": len(results), **summarize(results, float(duration), ttft_slo_s, tpot_slo_s)}
+    row["send_lag_p99_ms"] = None  # SGLang's output has no send times
+    row["driver"] = MODULE
+    row["results"] = [dataclasses.asdict(r) for r in results]
+    return row
+
+
+def run(url: str, rates: Sequence[float], num_prompts: int, seed: int, model_dir: str, workdir: str | Path,
+        ttft_slo_s: float | None, tpot_slo_s: float | None, pythonpath: str | None = None,
+        monitor: Callable[[], Any] | None = None, progress: Callable[[dict], Any] | None = None) -> list[dict]:
+    """SGLang's benchmark once per rate against ``url``, each row read back from its output file.
+    ``pythonpath`` (where ``sglang`` imports, e.g. an offline wheel set) is given to the child
+    only, so SGLang's pinned packages never shadow ours. A run that fails raises with its output."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    rows = []
+    for rate in rates:
+        out_file = workdir / f"sglang-bench-serving-{rate:g}.jsonl"
+        out_file.unlink(missing_ok=True)
+        argv = bench_serving_argv(url, rate, num_prompts, seed, model_dir, str(out_file))
+        watch = monitor() if monitor is not None else None
+        if watch is not None:
+            watch.__enter__()
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        finally:
+            if watch is not None:
+                watch.__exit__(None, None, None)
+        if done.returncode != 0 or not out_file.exists():
+            raise RuntimeError(f"{' '.join(argv)} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        lines = [ln for ln in out_file.read_text().splitlines() if ln.strip()]
+        row = row_of(json.loads(lines[-1]), ttft_slo_s, tpot_slo_s)
+        row["rate"] = float(rate)  # the rate asked for (SGLang echoes it; keep ours exact)
+        if watch is not None:
+            row["gpu"] = watch.summary()
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
