@@ -2,7 +2,8 @@
 # The serving goodput benchmark on the GPU machine, in stages that each fit one device call:
 #
 #   bash scripts/serving_goodput.sh install                # ours (offline) + SGLang bins in .carry/sglang/bin*
-#   bash scripts/serving_goodput.sh sglang-start [CHUNK]   # SGLang 0.5.15 in the background (setsid)
+#   bash scripts/serving_goodput.sh sglang-start [CHUNK]   # SGLang 0.5.15 in the background (setsid);
+#       CHUNK=pdmux: SGLang's own --enable-pdmux instead of chunked prefill (label sglang-pdmux)
 #   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
 #       (KEEP=1: leave it running, to measure another trace next)
 #   bash scripts/serving_goodput.sh sglang-bullet-start [TPOT]  # SGLang through bullet_sglang --enable-bullet
@@ -88,10 +89,13 @@ PY
     for b in "$SG"/bin*; do [ -d "$b" ] && bash "$SG/install.sh" "$b"; done ;;
   sglang-start)
     chunk=${2:-2048}
+    # pdmux: SGLang's own PD multiplexing (green contexts), which refuses chunked prefill
+    mode_args=(--chunked-prefill-size "$chunk")
+    [ "$chunk" = pdmux ] && mode_args=(--chunked-prefill-size -1 --enable-pdmux --disable-overlap-schedule)
     python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
     PYTHONPATH=/tmp/site setsid python3 -m sglang.launch_server --model-path "$SG/model" --load-format dummy \
       --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache \
-      --chunked-prefill-size "$chunk" --mem-fraction-static 0.80 --port 30000 > "$OUT/sglang-$chunk.log" 2>&1 &
+      "${mode_args[@]}" --mem-fraction-static 0.80 --port 30000 > "$OUT/sglang-$chunk.log" 2>&1 &
     echo $! > /tmp/sglang.pid
     echo "SGLang (chunk $chunk) starting; its first start takes about 4.5 minutes" ;;
   sglang-bullet-start)
@@ -110,7 +114,8 @@ PY
     # unrecorded pass first.
     bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
       --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
-    label="sglang-chunk$chunk"; [ "$chunk" = bullet ] && label=bullet-in-sglang  # a bullet run in the report (its ratio is against the baselines)
+    label="sglang-chunk$chunk"; [ "$chunk" = pdmux ] && label=sglang-pdmux
+    [ "$chunk" = bullet ] && label=bullet-in-sglang  # a bullet run in the report (its ratio is against the baselines)
     bench http://127.0.0.1:30000 "$label$(trace_suffix)"; rc=$?
     [ -n "${KEEP:-}" ] || { kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server"; }
     exit "$rc" ;;
