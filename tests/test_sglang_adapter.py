@@ -51,6 +51,8 @@ def test_bad_bullet_options_are_refused(argv, words):
     (["--enable-mixed-chunk"], "fuses them into one batch"),
     (["--disable-cuda-graph-padding"], "never found"),
     (["--pdmux-config-path", "p.yaml"], "configures SGLang's own PD-multiplexing"),
+    (["--grpc-mode"], "gRPC server"),
+    (["--use-ray"], "Ray-managed"),
 ])
 def test_incompatible_sglang_options_are_refused_with_bullet_only(sglang_argv, words):
     with pytest.raises(UnsupportedSetup, match=words):
@@ -206,6 +208,7 @@ def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy()
     want = policy.decide(Work(decode=(64, 1003), prefill_tokens=2048, prefill_groups_left=3)).split
     idx, group = s.adjust_stream_groups()
     assert idx == plan.splits.index(want) + 1 and group == f"group{idx}"
+    assert s.pdmux_config.split_forward_token_budget == 2048 * 4  # one policy group (32 / 8 layers) a turn
     assert pdmux.current == idx and switched == [idx]  # the decode attention backend follows the group
     s.split_prefill_batch = None
     assert s.adjust_stream_groups() == (5, "group5")  # decode alone: the whole GPU
@@ -267,3 +270,17 @@ def test_lanes_confined_only_inside_our_launch_scope_are_refused():
     assert lane_streams(PartitionSet(False)) == ("prefill-stream", "decode-stream")
     with pytest.raises(RuntimeError, match="which SGLang does not enter; use --bullet-partition green"):
         lane_streams(PartitionSet(True))
+
+
+def test_a_profile_the_policy_cannot_plan_with_is_refused_at_start(tmp_path):
+    from bullet_kernels.orchestrate import Estimator, Profile
+    from bullet_sglang.setup import build
+
+    source = Path(__file__).resolve().parents[1] / "graphs/h200/llama-3.1-8b.json"
+    doc = json.loads(source.read_text())
+    assert build(BulletOptions(enable=True, profile=str(source))).policy_groups == len(Estimator(Profile.load(source)).groups) > 0
+    doc["prefill"] = []  # measured no prefill at all
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(doc))
+    with pytest.raises(UnsupportedSetup, match="broken.json"):
+        build(BulletOptions(enable=True, profile=str(broken)))

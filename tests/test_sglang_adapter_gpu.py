@@ -1,26 +1,32 @@
 """bullet_sglang on the GPU: SGLang 0.5.15 started through our launcher answers /generate with
-the same greedy tokens as unmodified SGLang, with and without --enable-bullet.
+the same greedy tokens as unmodified SGLang, with and without --enable-bullet, while prefills run
+beside decodes on a split (the log must show a stream group of a split chosen by our policy).
 
 Needs SGLang 0.5.15 importable (on the offline GPU machine: PYTHONPATH=/tmp/site after
 `.carry/sglang/install.sh` of each wheel part) and the llama-3.1-8b latency profile of this GPU
-(shipped for the H200). Each server start takes minutes (FlashInfer JIT, graph capture): the
-two starts take about 6-9 minutes together.
+(shipped for the H200). Each server start takes minutes on a fresh machine (FlashInfer JIT, graph
+capture; later starts reuse the JIT cache): run this file alone in a device call.
 
-Both servers run the settings --enable-bullet needs (whole-prompt prefill, no overlap thread),
-deterministic inference and the same random weights (`--load-format dummy`, fixed seed), so their
-greedy outputs must match token for token.
+Both servers run with the settings --enable-bullet needs (whole-prompt prefill, no overlap
+thread), prefill without graphs (bullet prefills eagerly, in layer groups), decode graphs up to
+batch 16, deterministic inference and the same random weights (`--load-format dummy`, fixed
+seed), so their greedy outputs must match token for token. Requests are sent from threads, one
+every STAGGER_S, so new prompts arrive while earlier ones decode.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -29,55 +35,85 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed"),
 ]
 
+REPO = Path(__file__).resolve().parents[1]
 PORT = 30123
-PROMPTS = [[1 + (7 * i + j) % 4000 for j in range(200 + 150 * i)] for i in range(6)]
+PROMPTS = [[1 + (7 * i + j) % 4000 for j in range(200 + 97 * i)] for i in range(12)]
+NEW_TOKENS = 64
+STAGGER_S = 0.3
+START_S = 480
 COMMON = ["--load-format", "dummy", "--random-seed", "0", "--enable-deterministic-inference",
           "--attention-backend", "flashinfer", "--sampling-backend", "pytorch", "--disable-radix-cache",
-          "--chunked-prefill-size", "-1", "--disable-overlap-schedule", "--mem-fraction-static", "0.7"]
+          "--chunked-prefill-size", "-1", "--disable-overlap-schedule", "--disable-prefill-cuda-graph",
+          "--cuda-graph-max-bs", "16", "--mem-fraction-static", "0.7"]
+SPLIT_CHOSEN = re.compile(r"bullet_sglang: stream group (\d+), \(prefill, decode\) SMs \((\d+), (\d+)\)")
+
+
+def generate(url: str, ids: list[int]) -> list[int]:
+    body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0,
+                                                              "ignore_eos": True}}).encode()
+    req = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())["output_ids"]
 
 
 def generate_all(url: str) -> list[list[int]]:
-    out = []
-    for ids in PROMPTS:
-        body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": 24, "temperature": 0,
-                                                                  "ignore_eos": True}}).encode()
-        req = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            out.append(json.loads(r.read())["output_ids"])
-    return out
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        futures = []
+        for ids in PROMPTS:
+            futures.append(pool.submit(generate, url, ids))
+            time.sleep(STAGGER_S)
+        return [f.result() for f in futures]
 
 
-def serve_and_generate(model_dir, extra: list[str], log) -> list[list[int]]:
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the server's whole process group and wait until none of it is left (its scheduler
+    process holds most of the GPU's memory until it exits)."""
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(1)
+
+
+def serve_and_generate(model_dir, extra: list[str], log_path: Path) -> list[list[int]]:
     cmd = [sys.executable, "-m", "bullet_sglang.launch_server", "--model-path", str(model_dir),
            "--port", str(PORT), *COMMON, *extra]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "python"), str(REPO),
+                                                                     os.environ.get("PYTHONPATH")]))}
     url = f"http://127.0.0.1:{PORT}"
-    try:
-        deadline = time.time() + 540
-        while True:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}: see {log.name}"
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, f"no answer from {url}/health after 540 s: see {log.name}"
-                time.sleep(2)
-        return generate_all(url)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            deadline = time.time() + START_S
+            while True:
+                assert proc.poll() is None, f"the server exited with {proc.returncode}: see {log_path}"
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=2)
+                    break
+                except OSError:
+                    assert time.time() < deadline, f"no answer from {url}/health after {START_S} s: see {log_path}"
+                    time.sleep(2)
+            return generate_all(url)
+        finally:
+            stop(proc)
 
 
 def test_enable_bullet_gives_unmodified_sglangs_greedy_tokens(tmp_path):
     from bullet_kernels.models.presets import write_model_dir
 
     model = write_model_dir("llama-3.1-8b", tmp_path / "model")
-    with open(tmp_path / "sglang.log", "w") as log:
-        plain = serve_and_generate(model, [], log)
-    with open(tmp_path / "bullet.log", "w") as log:
-        bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], log)
-    assert all(len(o) == 24 for o in plain)
-    assert bullet == plain
+    plain = serve_and_generate(model, [], tmp_path / "sglang.log")
+    bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], tmp_path / "bullet.log")
+    assert all(len(o) == NEW_TOKENS for o in plain)
+    splits = [m.groups() for m in SPLIT_CHOSEN.finditer((tmp_path / "bullet.log").read_text())]
+    assert any(int(p) and int(d) for _, p, d in splits), f"no split was chosen (groups seen: {splits})"
+    mismatched = [i for i, (a, b) in enumerate(zip(plain, bullet)) if a != b]
+    assert not mismatched, f"greedy outputs differ for prompts {mismatched}"

@@ -138,6 +138,8 @@ HOOK_POINTS = (
     HookPoint("sglang/srt/multiplex/pdmux_context.py", "SM_COUNTS", None, "the (prefill, decode) SMs of each group"),
     HookPoint("sglang/srt/multiplex/pdmux_context.py", "PDMuxConfig.sm_group_num", None,
               "the group count the model runner sizes its decode attention backends by"),
+    HookPoint("sglang/srt/multiplex/pdmux_context.py", "PDMuxConfig.split_forward_token_budget", None,
+              "event_loop_pdmux runs budget // prefill tokens layers a turn; we size it to one policy layer group"),
     HookPoint("sglang/srt/managers/schedule_batch.py", "ScheduleBatch.batch_size", ("self",),
               "the decode batch the policy plans for"),
     HookPoint("sglang/srt/managers/schedule_batch.py", "ScheduleBatch.is_empty", ("self",), "no work on a lane"),

@@ -114,6 +114,10 @@ def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
     if "--enable-mixed-chunk" in sglang_argv:
         raise UnsupportedSetup("--enable-bullet runs prefill and decode on their own lanes; --enable-mixed-chunk "
                                "fuses them into one batch")
+    for flag, what in (("--grpc-mode", "SGLang's gRPC server"), ("--use-ray", "Ray-managed scheduler processes")):
+        if flag in sglang_argv:
+            raise UnsupportedSetup(f"--enable-bullet starts SGLang's HTTP server with its scheduler processes; {flag} "
+                                   f"asks for {what}, which the adapter does not hook")
     if "--enable-pdmux" in sglang_argv:
         raise UnsupportedSetup("--enable-bullet and --enable-pdmux both partition the GPU between prefill and decode; "
                                "give one of them")

@@ -9,7 +9,10 @@ after its last layers has landed). What it lacks, we override:
   green contexts, and pdmux's config carries their count;
 - ``adjust_stream_groups``: the group comes from our SLO policy (:func:`.stream_groups.choose_group`).
   The loop asks only with both streams idle: when a prefill is admitted or merged, or decode ran
-  dry, so a split holds for a whole prefill;
+  dry, so a split holds for a whole prefill. It also sizes pdmux's per-call token budget so that
+  each turn of the loop runs one of the policy's layer groups of the prefill (pdmux's default,
+  65536 tokens, runs every layer of a prompt under 2048 tokens in one turn, and the policy's
+  "groups left" would never move);
 - ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
   in ``self.ps``; without them pdmux cannot start (its own launch fails that way).
 
@@ -19,9 +22,13 @@ state its graph runner and scheduler read); tests pass a stand-in with the same 
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Callable
 
 from .stream_groups import GroupPlan, choose_group, groups_left
+
+logger = logging.getLogger("bullet_sglang")
 
 
 def _from_parallel_state(name: str) -> property:
@@ -51,6 +58,9 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             pdmux.SM_COUNTS = plan.sm_counts()
             pdmux.set_current_stream_idx(0)
             self.stream_groups, self.sm_counts, self.real_sm_group_num = groups, pdmux.SM_COUNTS, plan.size
+            self.bullet_group = 0
+            logger.info("bullet_sglang: %d stream groups, (prefill, decode) SMs %s; splits from the SLO policy",
+                        plan.size, plan.sm_counts())
 
         def adjust_stream_groups(self):
             running = self.running_batch
@@ -60,11 +70,17 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             prefill, left = None, 0
             if self.split_prefill_batch is not None and not self.split_prefill_batch.is_empty():
                 prefill = self.split_prefill_batch.extend_num_tokens
-                left = groups_left(self.split_prefill_batch.split_index, self.model_config.num_hidden_layers,
-                                   policy_groups)
+                layers = self.model_config.num_hidden_layers
+                left = groups_left(self.split_prefill_batch.split_index, layers, policy_groups)
+                # pdmux runs budget // tokens layers a turn: one policy layer group
+                self.pdmux_config.split_forward_token_budget = max(1, prefill) * math.ceil(layers / policy_groups)
             idx = choose_group(plan, policy, decode, prefill, left, ttft_ms)
             pdmux.set_current_stream_idx(idx)
             self.tp_worker.model_runner.update_decode_attn_backend(idx)
+            if idx != self.bullet_group:
+                logger.info("bullet_sglang: stream group %d, (prefill, decode) SMs %s; decode %s, prefill %s tokens, "
+                            "%d layer groups left", idx, plan.sm_counts()[idx], decode, prefill, left)
+                self.bullet_group = idx
             return idx, self.stream_groups[idx]
 
     BulletScheduler.__qualname__ = BulletScheduler.__name__ = f"Bullet{base.__name__}"

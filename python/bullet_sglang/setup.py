@@ -31,11 +31,11 @@ def model_config(sglang_argv: Sequence[str]) -> tuple[str, dict]:
     return path, json.loads(config.read_text())
 
 
-def gpu_name() -> str:
-    """The GPU's name through NVML (no CUDA context, no GPU memory)."""
+def gpu_name(index: int = 0) -> str:
+    """The name of GPU ``index`` through NVML (no CUDA context, no GPU memory)."""
     from bullet_kernels.measure import nvml_device
 
-    nvml, handle = nvml_device(0)
+    nvml, handle = nvml_device(index)
     if nvml is None:
         raise UnsupportedSetup(f"--enable-bullet needs the GPU's name before SGLang starts: {handle}")
     name = nvml.nvmlDeviceGetName(handle)
@@ -78,7 +78,8 @@ def resolve(opts: BulletOptions, sglang_argv: Sequence[str], device: str | None 
     if not set(arch) & set(ARCHITECTURES):
         raise UnsupportedSetup(f"--enable-bullet runs {', '.join(ARCHITECTURES)} models for now; this model is "
                                f"{', '.join(arch) or 'of no stated architecture'}")
-    profile = find_matching_profile(device or gpu_name(), config, root)
+    base_gpu = value_of(sglang_argv, "--base-gpu-id")  # the GPU SGLang will run on (tp 1)
+    profile = find_matching_profile(device or gpu_name(int(base_gpu or 0)), config, root)
     return dataclasses.replace(opts, profile=str(profile))
 
 
@@ -91,7 +92,7 @@ class Setup:
 
 def build(opts: BulletOptions) -> Setup:
     """The stream-group plan and SLO policy from the resolved options (scheduler process)."""
-    from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy
+    from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy, Work
     from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
 
     if not opts.profile:
@@ -99,4 +100,12 @@ def build(opts: BulletOptions) -> Setup:
     estimator = Estimator(Profile.load(opts.profile))
     splits = candidate_splits(DEFAULT_SPLITS)
     policy = SLOPolicy(estimator, list(splits), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms)
+    if not estimator.groups:
+        raise UnsupportedSetup(f"the latency profile {opts.profile} has no prefill layer groups; remeasure it with "
+                               "`bullet profile`")
+    try:  # a profile the policy cannot plan with fails here, at start, not at the first co-located step
+        policy.decide(Work(decode=(16, 1024), prefill_tokens=1024, prefill_groups_left=len(estimator.groups)))
+    except Exception as exc:
+        raise UnsupportedSetup(f"the SLO policy cannot plan with the latency profile {opts.profile}: "
+                               f"{type(exc).__name__}: {exc}") from exc
     return Setup(GroupPlan(splits, estimator.sm_count), policy, len(estimator.groups))
