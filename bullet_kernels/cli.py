@@ -344,12 +344,37 @@ def _run_profiler(preset: str, backend: str, quick: bool, out, resume: bool = Tr
 
 
 def profile(args: argparse.Namespace) -> int:
+    if args.interference is not None:
+        return interference_report(args)
     device, reason = describe_state()
     if device is None:
         print(f"bullet profile: no GPU ({reason}); profiling measures graphs on a GPU. The shipped profiles "
               f"are in graphs/; `bullet bench` simulates from them without a GPU.")
         return 1
     _run_profiler(args.model, args.backend, args.quick, getattr(args, "out_file", None), resume=not args.fresh)
+    return 0
+
+
+def interference_report(args: argparse.Namespace) -> int:
+    """The co-run table of a profile (no GPU needed): ``--interference FILE``, or this GPU's (the
+    shipped H200 one without a GPU) for ``--model``."""
+    from .orchestrate import interference
+    from .orchestrate.profile import Profile, find_profile
+    from .results import gpu_slug
+
+    path = args.interference
+    if not path:
+        device, _ = describe_state()
+        path = find_profile(gpu_slug(device.name) if device else SIMULATION_GPU, args.model)
+    rows = interference.interference_rows(Profile.load(path))
+    if not rows:
+        print(f"bullet profile: {path} has no co-run points; `bullet profile` measures them")
+        return 1
+    print(f"co-run interference in {path}\n")
+    print(interference.markdown(rows))
+    for split, s in interference.summary(rows).items():
+        print(f"{split}: median slowdown prefill {s['prefill_slowdown_median']:.2f}x, decode "
+              f"{s['decode_slowdown_median']:.2f}x; work rate median {s['work_rate_median']:.2f}, best {s['work_rate_best']:.2f}")
     return 0
 
 
@@ -445,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_profile.add_argument("--fresh", action="store_true", help="start over instead of resuming the file")
     p_profile.add_argument("--out", dest="out_file", metavar="FILE", default=argparse.SUPPRESS,
                            help="profile file to write (default: graphs/<gpu>/<model>.json)")
+    p_profile.add_argument("--interference", nargs="?", const="", default=None, metavar="FILE",
+                           help="instead of measuring: print the co-run table of a profile (default: this GPU's, "
+                           "or the shipped H200 one without a GPU): each lane's slowdown beside the other and the "
+                           "work rate (whole-GPU ms of work done per ms of co-running; above 1 co-running pays)")
     p_profile.set_defaults(func=profile)
 
     p_sweep = sub.add_parser(

@@ -231,3 +231,29 @@ def test_sweep_mix_names_parse_and_bad_ones_are_refused():
     assert colocation.mix_work("A") == colocation.MIXES["A"]
     with pytest.raises(ValueError, match="p<tokens>-b<batch>-c<context>"):
         colocation.BenchPlan(mixes=("p2048-b32",))
+
+
+def test_interference_rows_from_the_shipped_h200_profile():
+    """Slowdowns and work rates from the profile's own co-run and whole-GPU points."""
+    from pathlib import Path
+
+    from bullet_kernels.orchestrate import interference
+    from bullet_kernels.orchestrate.profile import WHOLE_GPU, Profile
+
+    profile = Profile.load(Path(__file__).resolve().parents[1] / "graphs/h200/llama-3.1-8b.json")
+    rows = interference.interference_rows(profile)
+    assert len(rows) == len(profile.corun) > 0
+    r, c = rows[0], profile.corun[0]
+    whole_p = next(p["ms"] for p in profile.prefill if p["split"] == WHOLE_GPU
+                   and (p["tokens"], p["group"]) == (c["prefill"]["tokens"], c["prefill"]["group"]))
+    whole_d = next(p["ms"] for p in profile.decode if p["split"] == WHOLE_GPU
+                   and (p["batch"], p["context"]) == (c["decode"]["batch"], c["decode"]["context"]))
+    assert r["work_rate"] == pytest.approx(whole_p / c["prefill"]["corun_ms"] + whole_d / c["decode"]["corun_ms"])
+    assert r["decode_slowdown"] == pytest.approx(c["decode"]["corun_ms"] / c["decode"]["alone_ms"])
+    for row in rows:  # interference only takes away: co-running is never faster than alone on a lane
+        assert row["work_rate"] < row["work_rate_without_interference"]
+    s = interference.summary(rows)
+    assert set(s) == {row["split"] for row in rows}
+    assert all(v["work_rate_best"] >= v["work_rate_median"] for v in s.values())
+    text = interference.markdown(rows)
+    assert text.count("\n") == len(rows) + 1 and "prefill100-decode32" in text
