@@ -417,3 +417,157 @@ def test_a_failed_step_with_a_decode_step_in_flight_loses_no_kv_page():
         EagerStep.launch_group = original
     s.fail_all("error: boom")
     assert not s.has_work() and runner.kv_cache.num_free_pages == runner.kv_cache.num_pages
+
+
+def count_finished(events, finished: dict) -> None:
+    for ev in events:
+        finished[ev.request.rid] = finished.get(ev.request.rid, 0) + ev.finished
+
+
+def test_a_step_that_fails_after_finishing_a_request_still_tells_its_client(monkeypatch):
+    """The step drains a decode step in flight (request a finishes there, leaving every queue),
+    then b's prefill launch raises: the events made before the raise come back from fail_all,
+    so a's client hears that a finished, once."""
+    from bullet_kernels.engine.step import EagerStep
+
+    s = Scheduler(make_runner(), SchedulerConfig(mode="sequential", overlap=True, chunk_size=64))
+    a = Request("a", list(PROMPTS[0]), SamplingParams(max_new_tokens=3))
+    s.add(a)
+    finished: dict = {}
+    while len(a.output) < 2:  # prefill, then a decode step left in flight that makes a's last token
+        count_finished(s.step(), finished)
+    assert not a.finished
+    s.add(Request("b", list(PROMPTS[1]), SamplingParams(max_new_tokens=4)))
+    launch = EagerStep.launch_group
+
+    def failing(self, *args, **kwargs):
+        if self.phase == "prefill":
+            raise RuntimeError("the launch failed")
+        return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(EagerStep, "launch_group", failing)
+    with pytest.raises(RuntimeError, match="the launch failed"):
+        s.step()
+    count_finished(s.fail_all("error: boom"), finished)
+    assert a.finish_reason == "length" and finished == {"a": 1, "b": 1}
+    assert s.fail_all("shutdown") == []  # nothing is returned twice
+
+
+@pytest.mark.parametrize("mode, overlap", [("chunked", False), ("bullet", True)])
+def test_a_sampling_error_at_join_keeps_the_finished_events_of_that_step(mode, overlap, monkeypatch):
+    """A prompt joins in the step where a running request finishes, and sampling the prompt's
+    first token raises (torch.multinomial on NaN probabilities, say)."""
+    s = Scheduler(make_runner(), SchedulerConfig(mode=mode, overlap=overlap, chunk_size=64))
+    a = Request("a", list(PROMPTS[0]), SamplingParams(max_new_tokens=2 if mode == "bullet" else 3))
+    s.add(a)
+    finished: dict = {}
+    while len(a.output) < (1 if overlap else 2):
+        count_finished(s.step(), finished)
+    s.add(Request("b", list(PROMPTS[1]), SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)))
+
+    def boom(self, req, logits):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(Scheduler, "_sample", boom)
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        for _ in range(4):
+            count_finished(s.step(), finished)
+    count_finished(s.fail_all("error: boom"), finished)
+    assert a.finished and finished.get("a") == 1
+
+
+# -- a seeded random workload: every mode, with and without overlap ------------------------------
+
+GREEDY_REF: dict = {}
+
+
+def greedy_reference(prompt: tuple, n: int) -> tuple:
+    if "runner" not in GREEDY_REF:
+        GREEDY_REF["runner"] = make_runner(pages=1024)
+    key = (prompt, n)
+    if key not in GREEDY_REF:
+        GREEDY_REF[key] = tuple(GREEDY_REF["runner"].generate([list(prompt)], n)[0])
+    return GREEDY_REF[key]
+
+
+def random_workload(seed: int, mode: str, overlap: bool) -> None:
+    """Random arrivals, lengths, stop tokens, aborts, tight KV caches, chunk sizes and batch
+    limits. Checks: greedy outputs equal plain generation (cut at a stop token, or a prefix when
+    aborted); every request gets exactly one finished event and its tokens once; no KV page
+    leaks; no page is handed out while a step not yet read may still use it."""
+    rnd = random.Random(seed)
+    n = rnd.randrange(3, 14)
+    prompts = [tuple(rnd.randrange(2, 250) for _ in range(rnd.randrange(1, 24))) for _ in range(n)]
+    news = [rnd.choice([1, 1, 2, 3]) if rnd.random() < 0.3 else rnd.randrange(1, 20) for _ in prompts]
+    full = [greedy_reference(p, k) for p, k in zip(prompts, news)]
+    stops = [[f[rnd.randrange(len(f))]] if rnd.random() < 0.4 else [] for f in full]
+    arrive = sorted(rnd.randrange(0, 25) for _ in prompts)
+    aborts = {i: rnd.randrange(0, 40) for i in range(n) if rnd.random() < 0.3}
+    runner = make_runner(pages=rnd.choice([12, 16, 24, 256]))
+    kv = runner.kv_cache
+    s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=rnd.choice([4, 5, 8, 16, 64]),
+                                          max_running=rnd.choice([2, 3, 4, 8]), overlap=overlap,
+                                          max_prefill_tokens=rnd.choice([8, 64, 8192])))
+    in_use: dict = {}  # the pages each planned step reads, kept with its flight
+
+    def watch(plan, rids_of):
+        def planned(*args):
+            in_use["pages"] = {p for rid in rids_of(*args) for p in kv.pages(rid)}
+            return plan(*args)
+        return planned
+
+    runner.plan_mixed = watch(runner.plan_mixed, lambda prefill, ids, toks: [r for r, _ in prefill] + list(ids))
+    runner.plan_decode = watch(runner.plan_decode, lambda ids, toks: list(ids))
+    flight_of = s._flight_of
+
+    def flight_with_pages(rows, logits):
+        flight = flight_of(rows, logits)
+        flight.pages = in_use["pages"]
+        return flight
+
+    s._flight_of = flight_with_pages
+    allocate = kv.allocate_many
+
+    def checked_allocate(reqs):
+        before = set(kv._free_pages)
+        allocate(reqs)
+        taken = before - set(kv._free_pages)
+        for flight in s._unread:
+            assert not taken & flight.pages, "pages handed out while a step not yet read uses them"
+
+    kv.allocate_many = checked_allocate
+    reqs = [Request(f"q{i}", list(p), SamplingParams(max_new_tokens=k, stop_token_ids=st))
+            for i, (p, k, st) in enumerate(zip(prompts, news, stops))]
+    emitted = {r.rid: [] for r in reqs}
+    finished = {r.rid: 0 for r in reqs}
+    step = added = 0
+    while added < n or s.has_work():
+        while added < n and arrive[added] <= step:
+            try:
+                s.add(reqs[added])
+            except QueueFull:
+                reqs[added].finish_reason, finished[reqs[added].rid] = "refused", 1
+            added += 1
+        for i, at in aborts.items():
+            if at == step and i < added:
+                s.abort(reqs[i].rid)
+        for ev in s.step() if s.has_work() else []:
+            emitted[ev.request.rid] += ev.new_tokens
+            finished[ev.request.rid] += ev.finished
+        step += 1
+        assert step < 3000, "no progress"
+    assert kv.num_free_pages == kv.num_pages
+    assert set(finished.values()) == {1}, finished
+    for r, f, st in zip(reqs, full, stops):
+        if r.finish_reason == "refused":
+            continue
+        want = list(f[: next((j + 1 for j, t in enumerate(f) if t in st), len(f))])
+        assert emitted[r.rid] == r.output, r.rid
+        assert r.output == (want[: len(r.output)] if r.finish_reason == "abort" else want), (r.rid, r.finish_reason)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_random_workloads_keep_every_promise(mode, overlap):
+    for seed in range(10):
+        random_workload(seed, mode, overlap)

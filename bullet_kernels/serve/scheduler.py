@@ -97,6 +97,7 @@ class DecodeFlight:
     host: torch.Tensor
     done: object | None  # torch.cuda.Event; None on the CPU (already done)
     held: list[list[int]] = dataclasses.field(default_factory=list)
+    fused: bool = False  # a fused (chunk + decode rows) step left in flight, counted as a mixed step
 
 
 # ``placements(decode_work, prefill_work) -> (decode placement, prefill placement)``; the work is
@@ -126,6 +127,9 @@ class Scheduler:
         self._prefill_done = None  # bullet: the event after its last group (GPU)
         self._flight: DecodeFlight | None = None  # overlap: the newest decode step launched
         self._unread: list[DecodeFlight] = []  # overlap: launched and not yet read (the newest last)
+        # Every event the current step has made. A step that raises has finished some requests
+        # (and handed out tokens) already; its return value is lost, so fail_all() returns these.
+        self._step_events: list[Event] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self.last_split: dict[str, int] = {}  # lane -> SMs of the last step (for /metrics)
         cuda = runner.device.type == "cuda"
@@ -173,7 +177,8 @@ class Scheduler:
 
     def fail_all(self, reason: str) -> list[Event]:
         """Finish every request with ``reason`` (after a failed step, or at shutdown) and free
-        their KV."""
+        their KV. After a failed step, the events it made before it raised come first (a request
+        it finished is in no queue any more, and its client must still hear of it)."""
         for lane in self._streams:
             try:
                 self._sync(lane)
@@ -188,7 +193,10 @@ class Scheduler:
         self.running.clear()
         self.prefilling, self._prefill_step, self._inflight = [], None, []
         self._prefill_logits = self._prefill_done = None
-        return [self._finish(req, reason) for req in reqs]
+        made, self._step_events = self._step_events, []  # a failed step's events, not delivered yet
+        events = made + [self._finish(req, reason) for req in reqs]
+        self._step_events = []  # returned here, not by a step
+        return events
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.prefilling or self._unread)
@@ -233,6 +241,7 @@ class Scheduler:
 
     @torch.no_grad()
     def step(self) -> list[Event]:
+        self._step_events = []
         events = self._reap_aborted()
         mode = self.cfg.mode
         if mode == "sequential":
@@ -252,6 +261,7 @@ class Scheduler:
         else:
             events += self._bullet()
         self.counters["steps"] += 1
+        self._step_events = []  # returned: the caller delivers them
         return events
 
     def _reap_aborted(self) -> list[Event]:
@@ -277,7 +287,11 @@ class Scheduler:
                 self._unread[-1].held.append(self.runner.kv_cache.detach(req.rid))
         req.state, req.finish_reason = State.FINISHED, reason
         self.counters["finished_error" if reason.startswith("error") else f"finished_{reason}"] += 1
-        return Event(req, [], True, len(req.output))
+        return self._made(Event(req, [], True, len(req.output)))
+
+    def _made(self, event: Event) -> Event:
+        self._step_events.append(event)
+        return event
 
     def _emit(self, req: Request, token: int) -> Event:
         """Append a sampled token; finish the request on a stop token or its length."""
@@ -288,7 +302,7 @@ class Scheduler:
             ev = self._finish(req, "stop" if stop else "length")
             ev.new_tokens = [token]
             return ev
-        return Event(req, [token], False, len(req.output))
+        return self._made(Event(req, [token], False, len(req.output)))
 
     def _sample_rows(self, reqs: Sequence[Request], logits: torch.Tensor) -> list[int]:
         """The next token of each request from its logits row: greedy rows in one argmax (one
@@ -471,7 +485,8 @@ class Scheduler:
         for pages in flight.held:
             self.runner.kv_cache.give_back(pages)
         self._unread.remove(flight)  # only now: until here a failure must still find its pages
-        self.counters["decode_steps"] += 1
+        if not flight.fused:
+            self.counters["decode_steps"] += 1
         return events
 
     # -- prefill, three ways ---------------------------------------------------------------------
@@ -583,8 +598,10 @@ class Scheduler:
                 ids = self._feed_pending(ids, sum(len(part) for _, part in chunks), decode, prev)
             logits = self._launch(ids, fb, WHOLE_GPU, "decode")
             flight = None if completes or not decode else self._flight_of(decode, logits[n:])
-        self.counters["overlapped_mixed_steps"] += 1
+        if prev is not None:  # launched behind the step in flight
+            self.counters["overlapped_mixed_steps"] += 1
         if flight is not None:  # read later, as a decode step; pages freed meanwhile wait for it
+            flight.fused = True
             self.counters["mixed_steps"] += 1
             self.counters["mixed_steps_in_flight"] += 1
             for req, part in chunks:
@@ -684,6 +701,8 @@ class Scheduler:
         the prefill to end."""
         if not reqs or self._prefill_group == 0 or self._split is None or decode_place.split is None:
             return False
+        if self._prefill_done is not None and self._prefill_done.query():
+            return False  # the prefill has landed: changing hands waits for nothing
         return self._prefill_group == len(self.runner.groups) or _sms(decode_place) <= self._split["decode"]
 
     def _start_prefill(self) -> None:
