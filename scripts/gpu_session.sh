@@ -20,9 +20,9 @@
 # DEADLINE (seconds from the start; a device call has a hard limit, and a stage cut off by it
 # would lose the archive). Set BULLET_COMMIT to stamp results where the checkout has no .git.
 # A failing stage is reported and the next one still runs; the exit code says if any failed.
-# At the end, bench/results/ and every log and result under $OUT (default /tmp/bullet-out) are
-# packed into $OUT/session-<HHMMSS>.tgz and the loose files removed: a device call returns at
-# most 8 files.
+# At the end, the files this call added to bench/results/ and every log and result under $OUT
+# (default /tmp/bullet-out) are packed into $OUT/session-<HHMMSS>.tgz (15 MiB pieces if larger)
+# and the loose files removed: a device call returns at most 8 files of at most 16 MiB.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/bullet-out}
@@ -30,13 +30,19 @@ mkdir -p "$OUT" bench/results
 export PYTHONUNBUFFERED=1
 failed=()
 T0=$SECONDS
-pack_all() {
+STARTED=$(mktemp /tmp/gpu_session.start.XXXXXX)  # results newer than this were made by this call
+new_results() { find bench/results -type f -newer "$STARTED" 2>/dev/null; }
+pack_all() {  # one archive (in 15 MiB pieces if larger: a file over 16 MiB does not come back)
   local archive
   archive="session-$(date -u +%H%M%S).tgz"
-  tar czf "/tmp/$archive" bench/results -C "$OUT" $(cd "$OUT" && ls | grep -v '^session-.*\.tgz$') 2>/dev/null
-  (cd "$OUT" && ls | grep -v '^session-.*\.tgz$' | xargs -r rm -rf)
-  mv "/tmp/$archive" "$OUT/"
-  echo "packed into $OUT/$archive"
+  tar czf "/tmp/$archive" $(new_results) -C "$OUT" $(cd "$OUT" && ls | grep -v '^session-') 2>/dev/null
+  (cd "$OUT" && ls | grep -v '^session-' | xargs -r rm -rf)
+  if [ "$(stat -c %s "/tmp/$archive")" -gt $((15 << 20)) ]; then
+    split -b 15M -d "/tmp/$archive" "$OUT/$archive.part" && rm "/tmp/$archive"
+    echo "packed into $OUT/$archive.part* (cat them, then tar xzf)"
+  else
+    mv "/tmp/$archive" "$OUT/" && echo "packed into $OUT/$archive"
+  fi
 }
 trap pack_all EXIT
 stage() {  # stage NAME CMD...: run under a time limit, tee the log, remember failures, pack results
@@ -55,7 +61,8 @@ stage() {  # stage NAME CMD...: run under a time limit, tee the log, remember fa
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [ "$rc" = 0 ] || failed+=("$name")
-  tar czf "$OUT/results.tgz" bench/results  # after every stage: a later time-out loses nothing
+  # after every stage, so a call killed later still returns what this one made
+  tar czf "$OUT/results.tgz" $(new_results) 2>/dev/null || true
 }
 bench_stage() {  # bench_stage NAME [PATH... OPTION...]: the benchmark suite, or some files of it
   local name=$1; shift
