@@ -6,7 +6,8 @@
 # Stages: install, info, tests (pytest -m gpu), servetests (the server and kernel GPU tests only),
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
 # capture, smsweep, roofline, sglang), sweep (`bullet sweep`), the investigations (greendiag,
-# greenconn, greenfade: green_cause.py connections and fade), and the serving goodput runs of
+# greenconn, greenfade: green_cause.py connections and fade; interference:
+# interference_variants.py), and the serving goodput runs of
 # scripts/serving_goodput.sh:
 #   serve:LABEL:MODE:CHUNK:TRACE:RATES[:SERVE_ARGS]  `bullet serve` measured (RATES comma-separated)
 #   sgpart:PART          install one part of the SGLang wheel set (.carry/sglang/PART) into /tmp/site
@@ -92,6 +93,7 @@ for s in "$@"; do
     greendiag) stage greendiag python3 bench/investigations/green_diagnose.py ;;
     greenconn) stage greenconn python3 bench/investigations/green_cause.py connections 2 ;;
     greenfade) stage greenfade python3 bench/investigations/green_cause.py fade ;;
+    interference) stage interference python3 bench/investigations/interference_variants.py ;;
     serve:*)   IFS=: read -r _ label mode chunk trace rates sargs <<< "$s"
                RATES=${rates//,/ } TRACE=$trace LABEL=$label SERVE_ARGS=${sargs:-} \
                  stage "run-$label" bash scripts/serving_goodput.sh ours "$mode" "$chunk"
