@@ -145,3 +145,21 @@ def test_sglang_random_trace_has_the_lengths_sglang_draws():
     assert (min(ins), max(ins), min(outs), max(outs)) == (512, 1024, 128, 256)
     assert sum(ins) / len(ins) == pytest.approx(768, rel=0.02) and sum(outs) / len(outs) == pytest.approx(192, rel=0.02)
     assert json.dumps([r.arrival_s for r in tr]) == json.dumps([r.arrival_s for r in traces.sglang_random_trace(3000, 5.0, seed=2)])
+
+
+def test_bench_serving_with_the_sglang_driver_writes_our_results(tmp_path):
+    site = tmp_path / "site"
+    (site / "sglang").mkdir(parents=True)
+    (site / "sglang" / "__init__.py").write_text("")
+    (site / "sglang" / "bench_serving.py").write_text(textwrap.dedent(STAND_IN).format())
+    out = subprocess.run([sys.executable, "-m", "bullet_kernels.cli", "bench-serving", "--driver", "sglang",
+                          "--trace", "sglang-random", "--rates", "3", "6", "--num-prompts", "5", "--label", "sg",
+                          "--url", "http://127.0.0.1:9", "--sglang-pythonpath", str(site), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("serving-sg-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["driver"] == "sglang" and doc["trace"] == "sglang-random"
+    assert [r["rate"] for r in doc["rows"]] == [3.0, 6.0]
+    assert doc["summary"]["goodput_tpot_15ms"]["by_attainment"] == 6.0  # 10 ms TPOT, 100 ms TTFT at both rates
+    assert "sent by sglang" in out.stdout
