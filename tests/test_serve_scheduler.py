@@ -294,6 +294,31 @@ def _staggered(seed: int):
     return prompts, news, stops, arrive, aborts, want
 
 
+def drive(s: Scheduler, reqs: list, arrive: list, aborts: dict) -> tuple[dict, dict]:
+    """Step ``s`` until every request is done: request i added at step ``arrive[i]`` (one the
+    queue refuses counts as finished, reason "refused"), aborted at step ``aborts[i]``. Returns
+    the tokens and the finished events each request's client got."""
+    emitted = {r.rid: [] for r in reqs}
+    finished = {r.rid: 0 for r in reqs}
+    step = added = 0
+    while added < len(reqs) or s.has_work():
+        while added < len(reqs) and arrive[added] <= step:
+            try:
+                s.add(reqs[added])
+            except QueueFull:
+                reqs[added].finish_reason, finished[reqs[added].rid] = "refused", 1
+            added += 1
+        for i, at in aborts.items():
+            if at == step and i < added:
+                s.abort(reqs[i].rid)
+        for ev in s.step() if s.has_work() else []:
+            emitted[ev.request.rid] += ev.new_tokens
+            finished[ev.request.rid] += ev.finished
+        step += 1
+        assert step < 5000, "the scheduler stopped making progress"
+    return emitted, finished
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("pages,max_running", [(256, 4), (9, 8)])  # 9 pages: preemptions
@@ -304,21 +329,7 @@ def test_staggered_requests_get_the_greedy_continuation(seed, mode, pages, max_r
     s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=8, max_running=max_running, overlap=overlap))
     reqs = [Request(f"q{i}", list(p), SamplingParams(max_new_tokens=n, stop_token_ids=st))
             for i, (p, n, st) in enumerate(zip(prompts, news, stops))]
-    emitted = {r.rid: [] for r in reqs}
-    finished = {r.rid: 0 for r in reqs}
-    step = added = 0
-    while added < len(reqs) or s.has_work():
-        while added < len(reqs) and arrive[added] <= step:
-            s.add(reqs[added])
-            added += 1
-        for i, at in aborts.items():
-            if at == step and i < added:
-                s.abort(reqs[i].rid)
-        for ev in s.step() if s.has_work() else []:
-            emitted[ev.request.rid] += ev.new_tokens
-            finished[ev.request.rid] += ev.finished
-        step += 1
-        assert step < 5000, "the scheduler stopped making progress"
+    emitted, finished = drive(s, reqs, arrive, aborts)
     assert runner.kv_cache.num_free_pages == runner.kv_cache.num_pages, "KV pages leaked"
     assert set(finished.values()) == {1}, finished  # every request finished exactly once
     for r, w in zip(reqs, want):
@@ -538,24 +549,7 @@ def random_workload(seed: int, mode: str, overlap: bool) -> None:
     kv.allocate_many = checked_allocate
     reqs = [Request(f"q{i}", list(p), SamplingParams(max_new_tokens=k, stop_token_ids=st))
             for i, (p, k, st) in enumerate(zip(prompts, news, stops))]
-    emitted = {r.rid: [] for r in reqs}
-    finished = {r.rid: 0 for r in reqs}
-    step = added = 0
-    while added < n or s.has_work():
-        while added < n and arrive[added] <= step:
-            try:
-                s.add(reqs[added])
-            except QueueFull:
-                reqs[added].finish_reason, finished[reqs[added].rid] = "refused", 1
-            added += 1
-        for i, at in aborts.items():
-            if at == step and i < added:
-                s.abort(reqs[i].rid)
-        for ev in s.step() if s.has_work() else []:
-            emitted[ev.request.rid] += ev.new_tokens
-            finished[ev.request.rid] += ev.finished
-        step += 1
-        assert step < 3000, "no progress"
+    emitted, finished = drive(s, reqs, arrive, aborts)
     assert kv.num_free_pages == kv.num_pages
     assert set(finished.values()) == {1}, finished
     for r, f, st in zip(reqs, full, stops):
