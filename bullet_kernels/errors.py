@@ -18,7 +18,14 @@ class InvalidSplitError(BulletError, ValueError):
 
 
 class PartitionVerificationError(BulletError):
-    """The start-up probe saw kernels escape their partition, or disjoint partitions overlap."""
+    """The start-up probe saw kernels escape their partition, or disjoint partitions overlap.
+
+    ``undercount_only``: every problem was a lane running on fewer SMs than it was granted and
+    none outside them (the green failure of docs/green-contexts.md), not an escape or overlap."""
+
+    def __init__(self, message: str, undercount_only: bool = False):
+        super().__init__(message)
+        self.undercount_only = undercount_only
 
 
 class ClosedError(BulletError):

@@ -172,3 +172,56 @@ def test_a_refused_set_is_set_aside_and_made_again():
     assert events == ["build", "release"]  # not a verification failure: released, not retried
     with pytest.raises(ValueError, match="attempts must be >= 1"):
         open_verified_retrying(build, lambda: None, lambda: None, 0)
+
+
+def test_a_set_that_only_undercounts_may_be_probed_again_before_fresh_contexts(monkeypatch):
+    """settle: the same set is probed again while its only problem is lanes on fewer SMs than
+    granted; an escape or an overlap is never probed again (docs/green-contexts.md)."""
+    from bullet_kernels.errors import PartitionVerificationError
+    from bullet_kernels.partition import green
+    from bullet_kernels.partition.base import Lane, PartitionSet
+    from bullet_kernels.partition.config import SMSplit
+    from bullet_kernels.partition.verification import check_lanes, open_verified_retrying
+
+    def lanes(prefill_seen, decode_seen):
+        out = {"prefill": Lane("prefill", 4, 4, None), "decode": Lane("decode", 2, 2, None)}
+        out["prefill"].observed_sms, out["decode"].observed_sms = frozenset(prefill_seen), frozenset(decode_seen)
+        return out
+
+    with pytest.raises(PartitionVerificationError) as under:
+        check_lanes(lanes({0, 1}, {4, 5}), 8, True, "green", "13.0")  # prefill on 2 of its 4
+    with pytest.raises(PartitionVerificationError) as shared:
+        check_lanes(lanes({0, 1, 2, 4}, {4, 5}), 8, True, "green", "13.0")  # SM 4 in both lanes
+    assert under.value.undercount_only and not shared.value.undercount_only
+
+    events, verdicts = [], iter([under.value, under.value, None])
+
+    def build():
+        events.append("build")
+        return PartitionSet("green", SMSplit(prefill=4, decode=2), None, {})
+
+    def check(pset):
+        exc = next(verdicts)
+        if exc is not None:
+            raise exc
+
+    pset, failures = open_verified_retrying(build, lambda: events.append("release"), lambda: events.append("aside"),
+                                            3, check=check, settle=2)
+    assert events == ["build"] and len(failures) == 2 and all(f.startswith("(probed again)") for f in failures)
+    events.clear()
+    verdicts = iter([shared.value, None])
+    pset, failures = open_verified_retrying(build, lambda: events.append("release"), lambda: events.append("aside"),
+                                            3, check=check, settle=2)
+    assert events == ["build", "aside", "build"] and len(failures) == 1  # an overlap: fresh contexts at once
+    events.clear()
+    verdicts = iter([under.value] * 3 + [None])
+    open_verified_retrying(build, lambda: None, lambda: events.append("aside"), 3, check=check, settle=1)
+    # one re-probe, still short: the set goes aside; the fresh one verifies on its re-probe
+    assert events == ["build", "aside", "build"]
+
+    assert green.settle_probes() == 0  # off until the fade experiment says it helps
+    monkeypatch.setenv(green.SETTLE_ENV, "3")
+    assert green.settle_probes() == 3
+    monkeypatch.setenv(green.SETTLE_ENV, "some")
+    with pytest.raises(ValueError, match="whole number of re-probes"):
+        green.settle_probes()

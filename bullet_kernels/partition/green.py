@@ -8,6 +8,7 @@ call ``cuda.bindings.driver`` directly.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 from ..device import DeviceInfo, check, driver_module
@@ -18,6 +19,16 @@ from .config import SMSplit, grant_green
 
 
 GREEN_OPEN_ATTEMPTS = 3  # fresh sets tried before a split is refused
+SETTLE_ENV = "BULLET_GREEN_SETTLE_PROBES"
+
+
+def settle_probes() -> int:
+    """Re-probes of a set that undercounted before fresh contexts are made (``BULLET_GREEN_SETTLE_PROBES``,
+    default 0: off until the fade experiment, docs/green-contexts.md, says it helps)."""
+    raw = os.environ.get(SETTLE_ENV, "0")
+    if not raw.isdigit():
+        raise ValueError(f"{SETTLE_ENV} must be a whole number of re-probes (0 turns them off), got {raw!r}")
+    return int(raw)
 
 
 class GreenBackend(Backend):
@@ -98,13 +109,16 @@ class GreenBackend(Backend):
             created.clear()
 
         try:
-            pset, failures = verification.open_verified_retrying(build, release, set_aside, GREEN_OPEN_ATTEMPTS)
+            pset, failures = verification.open_verified_retrying(build, release, set_aside, GREEN_OPEN_ATTEMPTS,
+                                                                 settle=settle_probes())
         finally:
             destroy(refused)
         if failures:
             self.reopened.append((split.key, failures))
-            warnings.warn(f"bullet_kernels: green split {split.key} failed verification {len(failures)} time(s) and "
-                          f"was made again with fresh contexts; the verified set is used. First refusal: {failures[0]}",
+            reprobed = sum(f.startswith("(probed again)") for f in failures)
+            warnings.warn(f"bullet_kernels: green split {split.key} failed verification {len(failures)} time(s) "
+                          f"({reprobed} passed on probing the same set again, {len(failures) - reprobed} made again "
+                          f"with fresh contexts); the verified set is used. First refusal: {failures[0]}",
                           RuntimeWarning, stacklevel=2)
         return pset
 

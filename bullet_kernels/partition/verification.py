@@ -17,6 +17,7 @@ from .base import Lane, PartitionSet, format_ranges
 def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: str, driver: str) -> None:
     """Raise PartitionVerificationError if ``observed_sms`` break the lanes' promises."""
     problems: list[str] = []
+    undercounts = 0  # problems that are only a lane on fewer SMs than granted
     for lane in lanes.values():
         seen = lane.observed_sms
         if any(not 0 <= sm < sm_count for sm in seen):
@@ -28,6 +29,7 @@ def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: 
                 f"the {len(lane.expected_sms)} it was given"
             )
         if len(seen) != lane.granted:
+            undercounts += len(seen) < lane.granted
             problems.append(
                 f"lane {lane.name!r} was granted {lane.granted} SMs but the probe ran on {len(seen)} "
                 f"({format_ranges(sorted(seen))})"
@@ -44,7 +46,8 @@ def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: 
     if problems:
         raise PartitionVerificationError(
             f"{backend} partition failed verification on driver {driver}: " + "; ".join(problems)
-            + ". Refusing to run unpartitioned; try another backend (bullet info lists them)."
+            + ". Refusing to run unpartitioned; try another backend (bullet info lists them).",
+            undercount_only=undercounts == len(problems),
         )
 
 
@@ -70,19 +73,27 @@ def open_verified_retrying(
     set_aside: Callable[[], None],
     attempts: int,
     check: Callable[[PartitionSet], None] = probe_and_check,
+    settle: int = 0,
 ) -> tuple[PartitionSet, list[str]]:
     """``build()`` and ``check()`` a PartitionSet; a set that fails verification is ``set_aside()``
     (its resources kept, not released, so a rebuild cannot be handed the same ones) and built
     again, up to ``attempts`` sets. Returns the verified set and the refusals before it; raises
     PartitionVerificationError naming every refusal when all fail. Any other error releases the
-    set being built and propagates."""
+    set being built and propagates.
+
+    ``settle``: a set whose only problem is lanes on fewer SMs than granted is probed again, up
+    to ``settle`` more times, before it is set aside; it is handed out only after a probe finds
+    every promise kept (an escape or overlap is never re-probed). The experiment for green
+    contexts whose first launches run on an earlier context's SMs (docs/green-contexts.md)."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
+    if settle < 0:
+        raise ValueError(f"settle must be >= 0 re-probes, got {settle}")
     failures: list[str] = []
     for _ in range(attempts):
         try:
             pset = build()
-            check(pset)
+            _check_settling(pset, check, settle, failures)
         except PartitionVerificationError as exc:
             failures.append(str(exc))
             set_aside()
@@ -92,6 +103,20 @@ def open_verified_retrying(
             raise
         return pset, failures
     raise PartitionVerificationError(
-        f"{failures[-1]} (refused {len(failures)} times, each time with fresh resources; earlier: "
+        f"{failures[-1]} (refused {attempts} times, each time with fresh resources; earlier: "
         + " | ".join(failures[:-1]) + ")" if len(failures) > 1 else failures[-1]
     )
+
+
+def _check_settling(pset: PartitionSet, check: Callable[[PartitionSet], None], settle: int,
+                    failures: list[str]) -> None:
+    """``check(pset)``, probed again up to ``settle`` times while it fails by undercounts only;
+    each such failure is recorded (prefixed) before the next probe; the last one raises."""
+    for probes_left in range(settle, -1, -1):
+        try:
+            check(pset)
+            return
+        except PartitionVerificationError as exc:
+            if probes_left == 0 or not exc.undercount_only:
+                raise
+            failures.append(f"(probed again) {exc}")
