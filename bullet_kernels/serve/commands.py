@@ -127,6 +127,13 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
     p.add_argument("--model-dir", default=None, metavar="DIR",
                    help="with --driver sglang: the model directory SGLang's benchmark reads the tokenizer from "
                    "(default: the --model preset's, written to a temporary folder)")
+    p.add_argument("--simulate", action="store_true",
+                   help="no server: the bullet scheduler's timeline estimated from the latency profile "
+                   "(serve/simulate.py); results labelled simulated")
+    p.add_argument("--policy-tpot-ms", type=positive_float, default=15.0,
+                   help="with --simulate: the TPOT target the SLO policy chooses splits for (bullet serve --tpot-slo-ms)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="with --simulate: the latency profile (default: this GPU's, or the shipped H200 one without a GPU)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
                    help="instead of measuring: the goodput table of earlier runs (serving-*.json files)")
     p.add_argument("--plot", default=None, metavar="PNG",
@@ -172,6 +179,27 @@ def run_sglang_driver(args, ttft_s: float, progress) -> list[dict]:
                                  monitor=gpu_monitor(args.url), progress=progress)
 
 
+def run_simulation(args, ttft_s: float, progress) -> tuple[list[dict], dict]:
+    """Rows of the simulated bullet scheduler (:mod:`.simulate`) and the facts to record."""
+    from ..device import describe_state
+    from ..orchestrate import Estimator, Profile, SLOPolicy, find_profile
+    from ..orchestrate.profiler import DEFAULT_SPLITS
+    from ..results import gpu_slug
+    from . import simulate
+
+    device, _ = describe_state()
+    path = args.profile or find_profile(gpu_slug(device.name) if device else "h200", args.model)
+    policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
+                       ttft_ms=args.ttft_slo_ms)
+    make = make_trace_fn(args)
+    rows = []
+    for rate in sorted(args.rates):
+        (row,) = simulate.simulate_rates(policy, make, [rate], ttft_s, min(args.tpot_slo_ms) / 1e3)
+        progress(row)
+        rows.append(row)
+    return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms}
+
+
 def bench_serving_main(args) -> int:
     if args.plot and not args.report:
         print("bullet bench-serving: error: --plot draws the runs given to --report; give --report FILES too",
@@ -192,25 +220,34 @@ def bench_serving_main(args) -> int:
 
     vocab = preset_config(args.model).vocab_size
     ttft_s = args.ttft_slo_ms / 1e3
+    if args.simulate and args.driver != "ours":
+        print("bullet bench-serving: error: --simulate sends no requests; leave --driver out", file=sys.stderr)
+        return 2
     if args.driver == "sglang" and (args.trace_file or args.trace != "sglang-random"):
         print("bullet bench-serving: error: --driver sglang sends SGLang's own random-ids requests; give "
               "--trace sglang-random (the same lengths), not another trace or --trace-file", file=sys.stderr)
         return 2
-    print(f"bullet bench-serving: {args.url}, trace {args.trace_file or args.trace}, rates {args.rates} req/s, "
-          f"{args.num_prompts} requests each, sent by {args.driver}", flush=True)
+    target = (f"SIMULATED bullet scheduler (policy TPOT {args.policy_tpot_ms:g} ms, no server)" if args.simulate
+              else args.url)
+    print(f"bullet bench-serving: {target}, trace {args.trace_file or args.trace}, rates {args.rates} req/s, "
+          f"{args.num_prompts} requests each{'' if args.simulate else f', sent by {args.driver}'}", flush=True)
     progress = lambda row: print(loadgen.table([row]).splitlines()[-1], flush=True)  # noqa: E731
-    if args.driver == "sglang":
+    extra = {}
+    if args.simulate:
+        rows, extra = run_simulation(args, ttft_s, progress)
+    elif args.driver == "sglang":
         rows = run_sglang_driver(args, ttft_s, progress)
     else:
         rows = loadgen.sweep(args.url, sorted(args.rates), make_trace_fn(args), vocab, seed=args.seed,
                              ttft_slo_s=ttft_s, tpot_slo_s=min(args.tpot_slo_ms) / 1e3, keep_results=True,
                              progress=progress, monitor=gpu_monitor(args.url))
     summary = {f"goodput_tpot_{t:g}ms": goodput(rows, ttft_s, t / 1e3) for t in args.tpot_slo_ms}
-    path = results.write(f"serving-{args.label}", rows, summary, args.out, compact=True, url=args.url,
+    name = f"serving-{args.label}" + ("-simulated" if args.simulate else "")  # a simulation never passes for a run
+    path = results.write(name, rows, summary, args.out, compact=True, **extra, url=args.url,
                          trace=args.trace_file or args.trace, driver=args.driver, num_prompts=args.num_prompts,
                          rates=[r if math.isfinite(r) else "inf" for r in args.rates], ttft_slo_ms=args.ttft_slo_ms)
     png = loadgen.plot([{k: v for k, v in r.items() if k != "results"} for r in rows], path,
-                       f"serving {args.label}: P90 latency vs offered rate")
+                       f"serving {args.label}{' (SIMULATED)' if args.simulate else ''}: P90 latency vs offered rate")
     print(loadgen.table(rows))
     for key, g in summary.items():
         print(f"{key}: {g['by_attainment']} req/s (>= 90% of requests meet both SLOs), {g['by_percentile']} req/s (P90s)")
