@@ -241,7 +241,8 @@ def test_bullet_keeps_the_split_once_every_prefill_group_is_queued():
 def test_policy_decisions_are_cached_per_rounded_work():
     from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy, Work, find_profile
     from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
-    from bullet_kernels.serve.app import CONTEXT_QUANTUM, ServeOptions, placements_from_profile
+    from bullet_kernels.orchestrate.policy import WORK_QUANTUM as CONTEXT_QUANTUM
+    from bullet_kernels.serve.app import ServeOptions, placements_from_profile
 
     profile = Profile.load(find_profile("h200", "llama-3.1-8b"))
     opts = ServeOptions(model="llama-3.1-8b", tpot_slo_ms=10.0)

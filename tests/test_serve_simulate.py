@@ -35,7 +35,7 @@ def test_a_lone_request_costs_what_the_estimator_says(estimator):
     whole = estimator.sm_count
     prefill_ms = sum(estimator.prefill_group_ms(1000, g, whole).ms for g in estimator.groups)
     assert ttft_s(r) * 1e3 == pytest.approx(prefill_ms)  # alone: the whole GPU, no decode beside it
-    steps = [estimator.decode_ms(1, simulate._round_up(1001 + k), whole).ms + 0.5 for k in range(3)]
+    steps = [estimator.decode_ms(1, 1001 + k, whole).ms + 0.5 for k in range(3)]
     assert [round((b - a) * 1e3, 6) for a, b in zip(r.token_times_s, r.token_times_s[1:])] == \
         [round(s, 6) for s in steps]
     assert len(r.token_times_s) == 4 and r.first_token_s == pytest.approx(0.25 + prefill_ms / 1e3)

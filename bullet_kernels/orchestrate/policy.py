@@ -17,7 +17,8 @@ the simulated ``bullet bench`` and the tests run them as the orchestrator does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 from ..partition import SMSplit
 from .estimator import Estimator
@@ -130,3 +131,34 @@ class SLOPolicy(Policy):
             f"prefill on every candidate split (fastest: {best}, {self._decode_corun(work, best):.2f} ms); "
             "using that split",
         )
+
+
+# Decisions are made on contexts and prompt lengths rounded up to this many tokens (so a
+# decision is made for at least the real length): a decision costs about 1 ms of estimator
+# arithmetic, a tenth of a decode step, and the rounded work repeats from step to step.
+WORK_QUANTUM = 64
+
+
+def round_up_work(n: int) -> int:
+    return -(-n // WORK_QUANTUM) * WORK_QUANTUM
+
+
+def split_chooser(policy: Policy, ttft_left_ms: float | None = None,
+                  cache_size: int = 8192) -> Callable[[int, int, int | None, int], SMSplit | None]:
+    """``choose(batch, context, prompt tokens or None, groups left)``: ``policy``'s split for the
+    next step (None: the phase with work takes the whole GPU; batch 0: nothing to decode),
+    decided once per work rounded up to :data:`WORK_QUANTUM` tokens and cached. The server and
+    the serving simulation both decide through it. ``choose.cache_info()`` reports the cache."""
+
+    @functools.lru_cache(maxsize=cache_size)
+    def decide(batch: int, context: int, tokens: int | None, groups_left: int) -> SMSplit | None:
+        work = Work(decode=(batch, context) if batch else None, prefill_tokens=tokens,
+                    prefill_groups_left=groups_left, ttft_left_ms=ttft_left_ms)
+        return policy.decide(work).split
+
+    def choose(batch: int, context: int, tokens: int | None, groups_left: int) -> SMSplit | None:
+        return decide(batch, round_up_work(context) if batch else 0, tokens and round_up_work(tokens), groups_left)
+
+    choose.cache_info = decide.cache_info
+    return choose
+

@@ -13,7 +13,6 @@ device (and without a GPU, eagerly).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 
 import torch
@@ -76,40 +75,27 @@ def policy_placements(model_name: str, model_config, opts: ServeOptions):
 def placements_from_profile(profile, opts: ServeOptions):
     """:func:`policy_placements` for a loaded profile (no GPU needed): ``(placements, the
     candidate splits, the profile's layer groups)``."""
-    from ..orchestrate import Estimator, SLOPolicy, Work
+    from ..orchestrate import Estimator, SLOPolicy
+    from ..orchestrate.policy import split_chooser
     from ..orchestrate.profiler import DEFAULT_SPLITS
 
     estimator = Estimator(profile)
     policy = SLOPolicy(estimator, list(DEFAULT_SPLITS), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms)
+    # The TTFT target is watched, not enforced: the policy's decision marks a prefill whose
+    # estimate misses it; the split is chosen by the TPOT target.
+    choose = split_chooser(policy, ttft_left_ms=opts.ttft_slo_ms)
 
-    @functools.lru_cache(maxsize=8192)
-    def decide(batch, context, tokens, groups_left):
-        # The TTFT target is watched, not enforced: the policy's decision marks a prefill whose
-        # estimate misses it; the split is chosen by the TPOT target.
-        work = Work(decode=(batch, context) if batch else None, prefill_tokens=tokens,
-                    prefill_groups_left=groups_left, ttft_left_ms=opts.ttft_slo_ms)
-        split = policy.decide(work).split
+    def placements(decode, prefill):
+        batch, context = decode if decode else (0, 0)
+        tokens, groups = prefill if prefill else (None, 0)
+        split = choose(batch, context, tokens, groups)
         if split is None:
             return WHOLE_GPU, WHOLE_GPU
         return Placement(split, "decode"), Placement(split, "prefill")
 
-    def placements(decode, prefill):
-        # A decision costs about 1 ms of estimator arithmetic, a tenth of a decode step: decide
-        # once per (batch, context and prompt tokens rounded up to CONTEXT_QUANTUM, groups left).
-        batch, context = decode if decode else (0, 0)
-        tokens, groups = prefill if prefill else (None, 0)
-        return decide(batch, _round_up(context), tokens and _round_up(tokens), groups)
-
-    placements.cache_info = decide.cache_info
+    placements.cache_info = choose.cache_info
 
     return placements, tuple(DEFAULT_SPLITS), len(estimator.groups)
-
-
-CONTEXT_QUANTUM = 64  # tokens; rounded up, so a decision is made for at least the real length
-
-
-def _round_up(n: int) -> int:
-    return -(-n // CONTEXT_QUANTUM) * CONTEXT_QUANTUM
 
 
 def static_placements(split_text: str):

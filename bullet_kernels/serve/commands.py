@@ -191,12 +191,8 @@ def run_simulation(args, ttft_s: float, progress) -> tuple[list[dict], dict]:
     path = args.profile or find_profile(gpu_slug(device.name) if device else "h200", args.model)
     policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
                        ttft_ms=args.ttft_slo_ms)
-    make = make_trace_fn(args)
-    rows = []
-    for rate in sorted(args.rates):
-        (row,) = simulate.simulate_rates(policy, make, [rate], ttft_s, min(args.tpot_slo_ms) / 1e3)
-        progress(row)
-        rows.append(row)
+    rows = simulate.simulate_rates(policy, make_trace_fn(args), sorted(args.rates), ttft_s,
+                                   min(args.tpot_slo_ms) / 1e3, progress=progress)
     return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms}
 
 

@@ -32,16 +32,11 @@ import dataclasses
 import functools
 from typing import Sequence
 
-from ..orchestrate.policy import DECODE, PREFILL, Policy, Work
+from ..orchestrate.policy import DECODE, PREFILL, Policy, split_chooser
 from .metrics import RequestResult, summarize
 from .traces import TraceRequest
 
 DEFAULT_STEP_OVERHEAD_MS = 0.5
-CONTEXT_QUANTUM = 64  # tokens; the server's decisions are made on contexts rounded up to this
-
-
-def _round_up(n: int) -> int:
-    return -(-n // CONTEXT_QUANTUM) * CONTEXT_QUANTUM
 
 
 @dataclasses.dataclass
@@ -75,15 +70,9 @@ class BulletSimulation:
         self.est = policy.estimator
         self.groups = len(self.est.groups)
         self.whole = self.est.sm_count
-        # As the server does (serve/app.py), decide once per (batch, context rounded up to
-        # CONTEXT_QUANTUM, prompt tokens, groups left); the estimates are cached the same way.
-        self._decide = functools.lru_cache(maxsize=None)(self._decide_uncached)
+        self._choose = split_chooser(policy)  # the server's decisions (serve/app.py), cached alike
         self._decode_ms = functools.lru_cache(maxsize=None)(self._decode_ms_uncached)
         self._group_ms = functools.lru_cache(maxsize=None)(self._group_ms_uncached)
-
-    def _decide_uncached(self, batch: int, context: int, tokens: int | None, groups_left: int):
-        return self.policy.decide(Work(decode=(batch, context), prefill_tokens=tokens,
-                                       prefill_groups_left=groups_left)).split
 
     def _decode_ms_uncached(self, batch: int, context: int, split, corun: bool) -> float:
         sms = split[DECODE] if split is not None else self.whole
@@ -125,14 +114,14 @@ class BulletSimulation:
                     tokens += trace[i].prompt_len
                 group, group_left_ms = 0, 0.0
             tokens = sum(trace[i].prompt_len for i in prefill)
-            decode = (len(running), _round_up(max(r.context for r in running))) if running else None
+            decode = (len(running), max(r.context for r in running)) if running else None
             if decode is None:  # the prefill alone on the whole GPU, to its end
                 split = None  # `group` counts the groups started; the current one has group_left_ms to go
                 t += group_left_ms + sum(self._group_ms(tokens, g, None, False) for g in range(group, self.groups))
                 running += self._join(prefill, trace, t, done)
                 prefill = []
                 continue
-            chosen = self._decide(*decode, tokens if prefill else None, self.groups - group if prefill else 0)
+            chosen = self._choose(*decode, tokens if prefill else None, self.groups - group if prefill else 0)
             if not (prefill and group > 0 and split is not None and chosen is not None
                     and chosen[DECODE] <= split[DECODE]):
                 split = chosen
@@ -185,8 +174,9 @@ class BulletSimulation:
 
 
 def simulate_rates(policy: Policy, make_trace, rates: Sequence[float], ttft_slo_s: float, tpot_slo_s: float,
-                   cfg: SimConfig | None = None) -> list[dict]:
-    """One row per rate in the shape of :func:`.loadgen.sweep`'s (``results`` kept), marked ``simulated``."""
+                   cfg: SimConfig | None = None, progress=None) -> list[dict]:
+    """One row per rate in the shape of :func:`.loadgen.sweep`'s (``results`` kept), marked
+    ``simulated``; ``progress(row)`` after each rate."""
     sim = BulletSimulation(policy, cfg)
     rows = []
     for rate in rates:
@@ -198,4 +188,6 @@ def simulate_rates(policy: Policy, make_trace, rates: Sequence[float], ttft_slo_
         row["results"] = [{k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(r).items()}
                           for r in results]
         rows.append(row)
+        if progress is not None:
+            progress(row)
     return rows
