@@ -37,6 +37,7 @@ from bench.decode_layer import (
     BF16, LLAMA, ROTATE_BYTES, DecodeLayer, KeepLast, attention_bytes, attention_flops, flashinfer_decode,
     gemm_shapes, paged_kv, rotated_weights, sdpa_decode,
 )
+from bench.rows import select
 from bullet_kernels import measure
 from bullet_kernels.kernels import blas_target, decode_attention, gemm
 from bullet_kernels.kernels.sizing import current_sm_budget, decode_kv_splits
@@ -176,11 +177,6 @@ def test_step(benchmark, bench, recorder, sms, step_batch, step_impl):
 
 
 # --------------------------------------------------------------------------- summary, plot
-
-
-def select(rows, **match):
-    """Measured rows (not error records) whose fields equal ``match``."""
-    return [r for r in rows if "error" not in r and all(r.get(k) == v for k, v in match.items())]
 
 
 def geomean(xs) -> float:

@@ -32,6 +32,7 @@ import pytest
 
 from bench.decode_layer import KeepLast
 from bench.layer_ops import LayerOps
+from bench.rows import select
 from bullet_kernels import costs, measure
 from bullet_kernels.models.presets import preset_config
 
@@ -114,11 +115,6 @@ def test_prefill(benchmark, bench, recorder, prefill_shape, op, sms):
 
 
 # --------------------------------------------------------------------------- summary, plot, table
-
-
-def select(items, **match):
-    """Measured rows (not error records) whose fields equal ``match``."""
-    return [r for r in items if "error" not in r and all(r.get(k) == v for k, v in match.items())]
 
 
 def shape_name(r) -> str:

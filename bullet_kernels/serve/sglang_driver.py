@@ -18,6 +18,7 @@ in the output, so send lag is unknown (None). Goodput, tables and plots are then
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -101,20 +102,15 @@ def run(url: str, rates: Sequence[float], num_prompts: int, seed: int, model_dir
         out_file = workdir / f"sglang-bench-serving-{rate:g}.jsonl"
         out_file.unlink(missing_ok=True)
         argv = bench_serving_argv(url, rate, num_prompts, seed, model_dir, str(out_file))
-        watch = monitor() if monitor is not None else None
-        if watch is not None:
-            watch.__enter__()
-        try:
+        watch = monitor() if monitor is not None else contextlib.nullcontext()
+        with watch:
             done = subprocess.run(argv, env=env, capture_output=True, text=True)
-        finally:
-            if watch is not None:
-                watch.__exit__(None, None, None)
         if done.returncode != 0 or not out_file.exists():
             raise RuntimeError(f"{' '.join(argv)} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         lines = [ln for ln in out_file.read_text().splitlines() if ln.strip()]
         row = row_of(json.loads(lines[-1]), ttft_slo_s, tpot_slo_s)
         row["rate"] = float(rate)  # the rate asked for (SGLang echoes it; keep ours exact)
-        if watch is not None:
+        if monitor is not None:
             row["gpu"] = watch.summary()
         rows.append(row)
         if progress is not None:
