@@ -47,6 +47,48 @@ class _Running:
     times: list[float]
 
 
+@dataclasses.dataclass
+class _Prefill:
+    """A prefill in progress: ``group`` layer groups started, the last with ``group_left_ms`` to go."""
+
+    requests: list[int]
+    tokens: int
+    group: int = 0
+    group_left_ms: float = 0.0
+
+    def left_ms(self, group_ms, groups: int) -> float:
+        """Its time to the end, each group taking ``group_ms(g)``."""
+        return self.group_left_ms + sum(group_ms(g) for g in range(self.group, groups))
+
+    def advance(self, budget_ms: float, group_ms, groups: int) -> bool:
+        """Run ``budget_ms`` of it (groups at ``group_ms(g)`` each); whether it landed."""
+        while True:
+            if self.group_left_ms <= 0:
+                if self.group == groups:
+                    return True
+                self.group_left_ms = group_ms(self.group)
+                self.group += 1
+            used = min(budget_ms, self.group_left_ms)
+            budget_ms -= used
+            self.group_left_ms -= used
+            if self.group_left_ms <= 0 and self.group == groups:
+                return True
+            if budget_ms <= 0:
+                return False
+
+
+def _decode_step(running: list[_Running], t: float, done: dict) -> list[_Running]:
+    """A decode step ending at ``t``: one token to every running request; those that are
+    complete leave (their token times into ``done``)."""
+    for r in running:
+        r.times.append(t)
+        r.left -= 1
+        r.context += 1
+        if r.left <= 0:
+            done[r.index] = r.times
+    return [r for r in running if r.left > 0]
+
+
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
     max_prefill_tokens: int = 8192
@@ -92,72 +134,51 @@ class BulletSimulation:
         waiting: collections.deque[int] = collections.deque()
         running: list[_Running] = []
         done: dict[int, list[float]] = {}  # request -> its token times (ms)
-        prefill: list[int] = []  # requests of the prefill in progress
-        group, group_left_ms, split = 0, 0.0, None
+        prefill: _Prefill | None = None
+        split = None
         t = 0.0  # ms
-
-        def arrive(until: float) -> None:
-            while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= until:
-                waiting.append(arrivals.popleft())
-
         while arrivals or waiting or running or prefill:
-            arrive(t)
+            while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= t:
+                waiting.append(arrivals.popleft())
             if not running and not prefill and not waiting:
                 t = trace[arrivals[0]].arrival_s * 1e3  # idle until the next arrival
                 continue
-            if not prefill and waiting:
-                tokens = 0
-                while waiting and len(running) + len(prefill) < cfg.max_running and (
-                        not prefill or tokens + trace[waiting[0]].prompt_len <= cfg.max_prefill_tokens):
-                    i = waiting.popleft()
-                    prefill.append(i)
-                    tokens += trace[i].prompt_len
-                group, group_left_ms = 0, 0.0
-            tokens = sum(trace[i].prompt_len for i in prefill)
-            decode = (len(running), max(r.context for r in running)) if running else None
-            if decode is None:  # the prefill alone on the whole GPU, to its end
-                split = None  # `group` counts the groups started; the current one has group_left_ms to go
-                t += group_left_ms + sum(self._group_ms(tokens, g, None, False) for g in range(group, self.groups))
-                running += self._join(prefill, trace, t, done)
-                prefill = []
+            if prefill is None and waiting:
+                prefill = self._admit(waiting, trace, len(running))
+            if not running:  # the prefill alone on the whole GPU, to its end
+                split = None
+                t += prefill.left_ms(lambda g: self._group_ms(prefill.tokens, g, None, False), self.groups)
+                running += self._join(prefill.requests, trace, t, done)
+                prefill = None
                 continue
-            chosen = self._choose(*decode, tokens if prefill else None, self.groups - group if prefill else 0)
-            if not (prefill and group > 0 and split is not None and chosen is not None
-                    and chosen[DECODE] <= split[DECODE]):
+            decode = (len(running), max(r.context for r in running))
+            chosen = self._choose(*decode, prefill and prefill.tokens, self.groups - prefill.group if prefill else 0)
+            if not (prefill and prefill.group > 0 and split is not None and chosen is not None
+                    and chosen[DECODE] <= split[DECODE]):  # mid-prefill, decode never gets fewer SMs
                 split = chosen
-            step = self._decode_ms(*decode, split, corun=bool(prefill)) + cfg.step_overhead_ms
-            landed = False
-            if prefill:  # the prefill lane advances through its groups during the step
-                budget = step
-                while budget > 0 and not landed:
-                    if group_left_ms <= 0:
-                        if group == self.groups:
-                            landed = True
-                            break
-                        group_left_ms = self._group_ms(tokens, group, split, corun=True)
-                        group += 1
-                    used = min(budget, group_left_ms)
-                    budget -= used
-                    group_left_ms -= used
-                    if group_left_ms <= 0 and group == self.groups:
-                        landed = True
+            step = self._decode_ms(*decode, split, corun=prefill is not None) + cfg.step_overhead_ms
+            landed = prefill is not None and prefill.advance(
+                step, lambda g: self._group_ms(prefill.tokens, g, split, True), self.groups)
             t += step
-            for r in running:
-                r.times.append(t)
-                r.left -= 1
-                r.context += 1
-            for r in [r for r in running if r.left <= 0]:
-                done[r.index] = r.times
-            running = [r for r in running if r.left > 0]
+            running = _decode_step(running, t, done)
             if landed:
-                running += self._join(prefill, trace, t, done)
-                prefill, group, group_left_ms = [], 0, 0.0
-        for r in running:
-            done[r.index] = r.times
+                running += self._join(prefill.requests, trace, t, done)
+                prefill = None
         return [RequestResult(prompt_len=req.prompt_len, output_len=req.output_len, arrival_s=req.arrival_s,
                               start_s=req.arrival_s, first_token_s=done[i][0] / 1e3,
                               token_times_s=[x / 1e3 for x in done[i]], end_s=done[i][-1] / 1e3)
                 for i, req in enumerate(trace)]
+
+    def _admit(self, waiting: collections.deque, trace, running: int) -> _Prefill:
+        """The queue's head prompts for one prefill: at least one, up to max_prefill_tokens,
+        within max_running."""
+        chosen, tokens = [], 0
+        while waiting and running + len(chosen) < self.cfg.max_running and (
+                not chosen or tokens + trace[waiting[0]].prompt_len <= self.cfg.max_prefill_tokens):
+            i = waiting.popleft()
+            chosen.append(i)
+            tokens += trace[i].prompt_len
+        return _Prefill(chosen, tokens)
 
     @staticmethod
     def _join(prefill: list[int], trace, t: float, done: dict) -> list[_Running]:
