@@ -96,8 +96,8 @@ for s in "$@"; do
     interference) stage interference python3 bench/investigations/interference_variants.py ;;
     serve:*)   IFS=: read -r _ label mode chunk trace rates sargs <<< "$s"
                RATES=${rates//,/ } TRACE=$trace LABEL=$label SERVE_ARGS=${sargs:-} \
-                 stage "run-$label" bash scripts/serving_goodput.sh ours "$mode" "$chunk"
-               grep -h "^goodput" "$OUT/run-$label.log" ;;
+                 stage "run-$label-$trace" bash scripts/serving_goodput.sh ours "$mode" "$chunk"
+               grep -h "^goodput" "$OUT/run-$label-$trace.log" ;;
     sgpart:*)  stage "sgpart-${s#sgpart:}" bash .carry/sglang/install.sh ".carry/sglang/${s#sgpart:}" ;;
     sgstart:*) stage sgstart bash scripts/serving_goodput.sh sglang-start "${s#sgstart:}" ;;
     sg:*)      IFS=: read -r _ chunk trace rates driver <<< "$s"
