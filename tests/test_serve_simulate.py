@@ -77,3 +77,21 @@ def test_bench_serving_simulate_writes_results_marked_simulated(tmp_path):
     assert doc["rows"][0]["simulated"] and len(doc["rows"][0]["results"]) == 20
     refused = subprocess.run(cmd[:5] + ["--driver", "sglang"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--simulate sends no requests" in refused.stderr
+
+
+def test_the_prefill_first_baseline_and_the_bucket_padding(estimator):
+    sim = simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig(step_overhead_ms=0.5))
+    (r,) = sim.run_sequential([TraceRequest(1000, 3, 0.0)])
+    whole = estimator.sm_count
+    prefill_ms = sum(estimator.prefill_group_ms(1000, g, whole).ms for g in estimator.groups)
+    assert ttft_s(r) * 1e3 == pytest.approx(prefill_ms + 0.5) and len(r.token_times_s) == 3
+    trace = traces.uniform_trace(40, 12.0, seed=1)
+    results = sim.run_sequential(trace)
+    assert [len(x.token_times_s) for x in results] == [t.output_len for t in trace]
+    padded = simulate.SimConfig(pad_prefill=True)
+    assert (padded.padded(1000), padded.padded(2048), padded.padded(2049)) == (1024, 2048, 4096)
+    assert simulate.SimConfig().padded(1000) == 1000
+    (slow,) = simulate.BulletSimulation(policy(estimator, 15), padded).run([TraceRequest(1000, 2, 0.0)])
+    assert ttft_s(slow) > ttft_s(sim.run([TraceRequest(1000, 2, 0.0)])[0])  # 1024 tokens cost more than 1000
+    with pytest.raises(ValueError, match="one of the modes bullet, sequential"):
+        simulate.simulate_rates(policy(estimator, 15), lambda rate: trace, [1.0], 1.0, 0.01, mode="chunked")

@@ -1,5 +1,9 @@
 """Simulated serving: the bullet scheduler's timeline from the latency estimator (no GPU).
 
+(Also the prefill-first baseline, ``mode="sequential"``: prompts prefilled on the whole GPU
+whenever they wait, decode steps on the whole GPU otherwise. Chunked prefill's fused steps are
+not in the profile, so that mode is not simulated.)
+
 What a policy would do to TTFT, TPOT and goodput, before a GPU is spent on it. The simulation
 follows :class:`~.scheduler.Scheduler` in bullet mode at the level of whole steps:
 
@@ -33,6 +37,7 @@ import functools
 from typing import Sequence
 
 from ..orchestrate.policy import DECODE, PREFILL, Policy, split_chooser
+from .app import GPU_PREFILL_BUCKETS
 from .metrics import RequestResult, summarize
 from .traces import TraceRequest
 
@@ -49,7 +54,8 @@ class _Running:
 
 @dataclasses.dataclass
 class _Prefill:
-    """A prefill in progress: ``group`` layer groups started, the last with ``group_left_ms`` to go."""
+    """A prefill in progress (``tokens``: its graph's token bucket): ``group`` layer groups
+    started, the last with ``group_left_ms`` to go."""
 
     requests: list[int]
     tokens: int
@@ -94,6 +100,17 @@ class SimConfig:
     max_prefill_tokens: int = 8192
     max_running: int = 128
     step_overhead_ms: float = DEFAULT_STEP_OVERHEAD_MS
+    # The server replays a prefill's graph of the smallest token bucket that holds it
+    # (serve/app.py's buckets); with pad_prefill a prefill costs its bucket's time. Off by
+    # default: without it the simulation reproduced the measured bullet goodputs at every
+    # target, with it they came out one rate step low (docs/serving.md).
+    pad_prefill: bool = False
+    prefill_buckets: tuple[int, ...] = GPU_PREFILL_BUCKETS
+
+    def padded(self, tokens: int) -> int:
+        if not self.pad_prefill:
+            return tokens
+        return next((b for b in self.prefill_buckets if b >= tokens), tokens)
 
     def __post_init__(self):
         for name in ("max_prefill_tokens", "max_running"):
@@ -164,6 +181,35 @@ class BulletSimulation:
             if landed:
                 running += self._join(prefill.requests, trace, t, done)
                 prefill = None
+        return self._results(trace, done)
+
+    def run_sequential(self, trace: Sequence[TraceRequest]) -> list[RequestResult]:
+        """The prefill-first baseline (``bullet serve --mode sequential``) on the same model:
+        whenever prompts wait, they are prefilled on the whole GPU while decode waits; otherwise
+        one decode step of the running batch on the whole GPU."""
+        arrivals = collections.deque(sorted(range(len(trace)), key=lambda i: trace[i].arrival_s))
+        waiting: collections.deque[int] = collections.deque()
+        running: list[_Running] = []
+        done: dict[int, list[float]] = {}
+        t = 0.0
+        while arrivals or waiting or running:
+            while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= t:
+                waiting.append(arrivals.popleft())
+            if not running and not waiting:
+                t = trace[arrivals[0]].arrival_s * 1e3
+                continue
+            if waiting and len(running) < self.cfg.max_running:
+                prefill = self._admit(waiting, trace, len(running))
+                t += prefill.left_ms(lambda g: self._group_ms(prefill.tokens, g, None, False), self.groups)
+                t += self.cfg.step_overhead_ms
+                running += self._join(prefill.requests, trace, t, done)
+                continue
+            t += self._decode_ms(len(running), max(r.context for r in running), None, False) + self.cfg.step_overhead_ms
+            running = _decode_step(running, t, done)
+        return self._results(trace, done)
+
+    @staticmethod
+    def _results(trace: Sequence[TraceRequest], done: dict) -> list[RequestResult]:
         return [RequestResult(prompt_len=req.prompt_len, output_len=req.output_len, arrival_s=req.arrival_s,
                               start_s=req.arrival_s, first_token_s=done[i][0] / 1e3,
                               token_times_s=[x / 1e3 for x in done[i]], end_s=done[i][-1] / 1e3)
@@ -178,7 +224,7 @@ class BulletSimulation:
             i = waiting.popleft()
             chosen.append(i)
             tokens += trace[i].prompt_len
-        return _Prefill(chosen, tokens)
+        return _Prefill(chosen, self.cfg.padded(tokens))
 
     @staticmethod
     def _join(prefill: list[int], trace, t: float, done: dict) -> list[_Running]:
@@ -194,14 +240,20 @@ class BulletSimulation:
         return joined
 
 
+MODES = ("bullet", "sequential")
+
+
 def simulate_rates(policy: Policy, make_trace, rates: Sequence[float], ttft_slo_s: float, tpot_slo_s: float,
-                   cfg: SimConfig | None = None, progress=None) -> list[dict]:
+                   cfg: SimConfig | None = None, progress=None, mode: str = "bullet") -> list[dict]:
     """One row per rate in the shape of :func:`.loadgen.sweep`'s (``results`` kept), marked
     ``simulated``; ``progress(row)`` after each rate."""
+    if mode not in MODES:
+        raise ValueError(f"a simulation runs one of the modes {', '.join(MODES)}, got {mode!r}")
     sim = BulletSimulation(policy, cfg)
+    run = sim.run if mode == "bullet" else sim.run_sequential
     rows = []
     for rate in rates:
-        results = sim.run(make_trace(rate))
+        results = run(make_trace(rate))
         duration = max(r.end_s for r in results) - min(r.arrival_s for r in results)
         row = {"rate": rate, "n": len(results), **summarize(results, max(duration, 1e-9), ttft_slo_s, tpot_slo_s)}
         row["simulated"] = True
