@@ -115,3 +115,35 @@ def test_every_kernel_alone_runs_on_its_real_shapes(phase, rows, context):
         assert len(ops.caches) > 1 and len(set(ops.slots.tolist())) == rows
     with pytest.raises(ValueError, match="no kernel 'lm_head'"):
         ops.op_calls("lm_head")
+
+
+def dense_decode_layer(ops: LayerOps, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """One decode step written out densely: the new token's K/V put at its sequence's last
+    position, attention over each sequence's whole context read back by page table."""
+    c = ops.config
+    _, _, table, seq_lens = ops.caches[0]
+    h, res = reference.fused_add_rms_norm(ops.x, ops.res, ops.norm_w, c.rms_norm_eps)
+    q, k, v = F.linear(h, ops.w["qkv_proj"][0]).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+    q = reference.apply_rotary(q.reshape(-1, c.num_heads, c.head_dim), ops.positions, ops.cos_sin)
+    k = reference.apply_rotary(k.reshape(-1, c.num_kv_heads, c.head_dim), ops.positions, ops.cos_sin)
+    v = v.reshape(-1, c.num_kv_heads, c.head_dim)
+    group = c.num_heads // c.num_kv_heads
+    out = []
+    for b in range(ops.rows):
+        n = int(seq_lens[b])
+        keys = reference.gather_kv(k_cache, table[b], n).clone()
+        values = reference.gather_kv(v_cache, table[b], n).clone()
+        keys[n - 1], values[n - 1] = k[b], v[b]
+        scores = torch.einsum("hd,thd->ht", q[b], keys.repeat_interleave(group, dim=1)) * ops.scale
+        out.append(torch.einsum("ht,thd->hd", scores.softmax(-1), values.repeat_interleave(group, dim=1)))
+    o = F.linear(torch.stack(out).reshape(-1, c.q_size), ops.w["o_proj"][0])
+    h, res = reference.fused_add_rms_norm(o, res, ops.norm_w, c.rms_norm_eps)
+    return F.linear(reference.silu_and_mul(F.linear(h, ops.w["gate_up_proj"][0])), ops.w["down_proj"][0])
+
+
+def test_the_benchmarked_decode_layer_is_a_llama_layer():
+    torch.manual_seed(0)
+    ops = LayerOps(TINY, "decode", 5, 37, device="cpu", dtype=torch.float32, rotate_bytes=1)
+    k_cache, v_cache = (t.clone() for t in ops.caches[0][:2])  # before the layer writes the new tokens
+    out, _ = ops.layer()
+    torch.testing.assert_close(out, dense_decode_layer(ops, k_cache, v_cache), rtol=1e-4, atol=1e-4)
