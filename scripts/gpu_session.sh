@@ -4,6 +4,7 @@
 #   DEADLINE=580 bash scripts/gpu_session.sh sgpart:part1 install servetests \
 #       "serve:bullet-tpot10:bullet:512:uniform:8,11,14:--tpot-slo-ms 10" sgstart:2048 sg:2048:uniform:8,11,14 sgstop
 # Stages: install, info, tests (pytest -m gpu), servetests (the server and kernel GPU tests only),
+# adaptertest (the SGLang adapter's GPU test, SGLang from /tmp/site: run the sgpart stages first),
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
 # capture, smsweep, roofline, sglang), sweep (`bullet sweep`), the investigations (greendiag,
 # greenconn, greenfade: green_cause.py connections and fade; interference:
@@ -80,6 +81,8 @@ for s in "$@"; do
     info)      stage info bullet info --json bench/results/info.json ;;
     tests)     stage tests python3 -m pytest -m gpu -q -p no:cacheprovider ;;
     servetests) stage servetests python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_serve_gpu.py tests/test_kernels_gpu.py ;;
+    adaptertest) stage adaptertest env BULLET_SGLANG_PYTHONPATH=/tmp/site \
+                   python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sglang_adapter_gpu.py ;;
     bench)     bench_stage bench ;;
     decode)    bench_stage decode bench/test_decode_partitions.py ;;
     breakdown) bench_stage breakdown bench/test_decode_breakdown.py ;;

@@ -2,8 +2,10 @@
 the same greedy tokens as unmodified SGLang, with and without --enable-bullet, while prefills run
 beside decodes on a split (the log must show a stream group of a split chosen by our policy).
 
-Needs SGLang 0.5.15 importable (on the offline GPU machine: PYTHONPATH=/tmp/site after
-`.carry/sglang/install.sh` of each wheel part) and the llama-3.1-8b latency profile of this GPU
+Needs SGLang 0.5.15 importable by the servers: on the offline GPU machine, after
+`.carry/sglang/install.sh` of each wheel part, `BULLET_SGLANG_PYTHONPATH=/tmp/site` (given to the
+server processes only, so SGLang's pinned packages never shadow the test's), and the llama-3.1-8b
+latency profile of this GPU
 (shipped for the H200). Each server start takes minutes on a fresh machine (FlashInfer JIT, graph
 capture; later starts reuse the JIT cache): run this file alone in a device call.
 
@@ -30,12 +32,27 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+SGLANG_PATH = os.environ.get("BULLET_SGLANG_PYTHONPATH", "")  # where sglang imports, e.g. /tmp/site
+
+
+def server_env() -> dict:
+    path = [str(REPO / "python"), str(REPO), SGLANG_PATH, os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+def sglang_importable() -> bool:
+    if importlib.util.find_spec("sglang") is not None:
+        return True
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('sglang') is None)"
+    return bool(SGLANG_PATH) and subprocess.run([sys.executable, "-c", probe], env=server_env()).returncode == 0
+
+
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="SGLang is not installed"),
+    pytest.mark.skipif(not sglang_importable(), reason="SGLang is not importable (set BULLET_SGLANG_PYTHONPATH)"),
 ]
 
-REPO = Path(__file__).resolve().parents[1]
 PORT = 30123
 PROMPTS = [[1 + (7 * i + j) % 4000 for j in range(200 + 97 * i)] for i in range(12)]
 NEW_TOKENS = 64
@@ -86,8 +103,7 @@ def stop(proc: subprocess.Popen) -> None:
 def serve_and_generate(model_dir, extra: list[str], log_path: Path) -> list[list[int]]:
     cmd = [sys.executable, "-m", "bullet_sglang.launch_server", "--model-path", str(model_dir),
            "--port", str(PORT), *COMMON, *extra]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "python"), str(REPO),
-                                                                     os.environ.get("PYTHONPATH")]))}
+    env = server_env()
     url = f"http://127.0.0.1:{PORT}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
