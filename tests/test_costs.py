@@ -73,24 +73,35 @@ def test_bad_shapes_are_refused(phase, rows, context, message):
         costs.layer_op_costs(LLAMA_8B, phase, rows, context)
 
 
-def dense_layer(ops: LayerOps, seqs: int, length: int) -> torch.Tensor:
-    """The layer written out densely: per sequence, causal attention over its own new tokens."""
+def dense_attention_inputs(ops: LayerOps):
+    """The layer up to attention, written out densely: ``(q, k, v, residual)`` per head, rotated."""
     c = ops.config
     h, res = reference.fused_add_rms_norm(ops.x, ops.res, ops.norm_w, c.rms_norm_eps)
     q, k, v = F.linear(h, ops.w["qkv_proj"][0]).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
     q = reference.apply_rotary(q.reshape(-1, c.num_heads, c.head_dim), ops.positions, ops.cos_sin)
     k = reference.apply_rotary(k.reshape(-1, c.num_kv_heads, c.head_dim), ops.positions, ops.cos_sin)
-    v = v.reshape(-1, c.num_kv_heads, c.head_dim)
-    group = c.num_heads // c.num_kv_heads
+    return q, k, v.reshape(-1, c.num_kv_heads, c.head_dim), res
+
+
+def dense_after_attention(ops: LayerOps, attn: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """The layer from attention's output on, written out densely."""
+    c = ops.config
+    o = F.linear(attn.reshape(-1, c.q_size), ops.w["o_proj"][0])
+    h, res = reference.fused_add_rms_norm(o, res, ops.norm_w, c.rms_norm_eps)
+    return F.linear(reference.silu_and_mul(F.linear(h, ops.w["gate_up_proj"][0])), ops.w["down_proj"][0])
+
+
+def dense_layer(ops: LayerOps, seqs: int, length: int) -> torch.Tensor:
+    """The prefill layer written out densely: per sequence, causal attention over its own tokens."""
+    q, k, v, res = dense_attention_inputs(ops)
+    group = ops.config.num_heads // ops.config.num_kv_heads
     out = []
     for s in range(seqs):
         rows = slice(s * length, (s + 1) * length)
         qs = q[rows].transpose(0, 1)
         ks, vs = (t[rows].repeat_interleave(group, dim=1).transpose(0, 1) for t in (k, v))
         out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).transpose(0, 1))
-    o = F.linear(torch.cat(out).reshape(-1, c.q_size), ops.w["o_proj"][0])
-    h, res = reference.fused_add_rms_norm(o, res, ops.norm_w, c.rms_norm_eps)
-    return F.linear(reference.silu_and_mul(F.linear(h, ops.w["gate_up_proj"][0])), ops.w["down_proj"][0])
+    return dense_after_attention(ops, torch.cat(out), res)
 
 
 def test_the_benchmarked_prefill_layer_is_a_llama_layer():
@@ -120,14 +131,9 @@ def test_every_kernel_alone_runs_on_its_real_shapes(phase, rows, context):
 def dense_decode_layer(ops: LayerOps, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """One decode step written out densely: the new token's K/V put at its sequence's last
     position, attention over each sequence's whole context read back by page table."""
-    c = ops.config
     _, _, table, seq_lens = ops.caches[0]
-    h, res = reference.fused_add_rms_norm(ops.x, ops.res, ops.norm_w, c.rms_norm_eps)
-    q, k, v = F.linear(h, ops.w["qkv_proj"][0]).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-    q = reference.apply_rotary(q.reshape(-1, c.num_heads, c.head_dim), ops.positions, ops.cos_sin)
-    k = reference.apply_rotary(k.reshape(-1, c.num_kv_heads, c.head_dim), ops.positions, ops.cos_sin)
-    v = v.reshape(-1, c.num_kv_heads, c.head_dim)
-    group = c.num_heads // c.num_kv_heads
+    q, k, v, res = dense_attention_inputs(ops)
+    group = ops.config.num_heads // ops.config.num_kv_heads
     out = []
     for b in range(ops.rows):
         n = int(seq_lens[b])
@@ -136,9 +142,7 @@ def dense_decode_layer(ops: LayerOps, k_cache: torch.Tensor, v_cache: torch.Tens
         keys[n - 1], values[n - 1] = k[b], v[b]
         scores = torch.einsum("hd,thd->ht", q[b], keys.repeat_interleave(group, dim=1)) * ops.scale
         out.append(torch.einsum("ht,thd->hd", scores.softmax(-1), values.repeat_interleave(group, dim=1)))
-    o = F.linear(torch.stack(out).reshape(-1, c.q_size), ops.w["o_proj"][0])
-    h, res = reference.fused_add_rms_norm(o, res, ops.norm_w, c.rms_norm_eps)
-    return F.linear(reference.silu_and_mul(F.linear(h, ops.w["gate_up_proj"][0])), ops.w["down_proj"][0])
+    return dense_after_attention(ops, torch.stack(out), res)
 
 
 def test_the_benchmarked_decode_layer_is_a_llama_layer():
