@@ -43,13 +43,12 @@ from pathlib import Path
 from . import __version__
 from .device import describe_state
 from .errors import BulletError, InvalidSplitError
+from .orchestrate.profile import SIMULATION_GPU  # without a GPU, `bullet bench` simulates on its profiles
 from .partition import BACKENDS, DEFAULT_BACKEND, SMSplit
 
 DEFAULT_INFO_SPLITS = ("prefill=96,decode=36", "prefill=104,decode=28", "decode=16")
 DEFAULT_PRESET = "llama-3.1-8b"
 DEFAULT_OUT = "bench/results"
-# Without a GPU, `bullet bench` simulates on the profile of the GPU this project measures on.
-SIMULATION_GPU = "h200"
 
 
 # -- argument types: each refuses a bad value with what is allowed (argparse exits 2) ------------
@@ -359,13 +358,9 @@ def interference_report(args: argparse.Namespace) -> int:
     """The co-run table of a profile (no GPU needed): ``--interference FILE``, or this GPU's (the
     shipped H200 one without a GPU) for ``--model``."""
     from .orchestrate import interference
-    from .orchestrate.profile import Profile, find_profile
-    from .results import gpu_slug
+    from .orchestrate.profile import Profile, local_profile
 
-    path = args.interference
-    if not path:
-        device, _ = describe_state()
-        path = find_profile(gpu_slug(device.name) if device else SIMULATION_GPU, args.model)
+    path = args.interference or local_profile(args.model)
     rows = interference.interference_rows(Profile.load(path))
     if not rows:
         print(f"bullet profile: {path} has no co-run points; `bullet profile` measures them")

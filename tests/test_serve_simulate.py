@@ -14,7 +14,7 @@ import pytest
 from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy
 from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
 from bullet_kernels.serve import simulate, traces
-from bullet_kernels.serve.metrics import tpot_s, ttft_s
+from bullet_kernels.serve.metrics import ttft_s
 from bullet_kernels.serve.traces import TraceRequest
 
 PROFILE = Path(__file__).resolve().parents[1] / "graphs/h200/llama-3.1-8b.json"

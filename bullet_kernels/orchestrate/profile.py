@@ -109,6 +109,19 @@ def find_profile(gpu: str, model: str, root: str | Path | None = None) -> Path:
     )
 
 
+SIMULATION_GPU = "h200"  # whose shipped profiles stand in on a machine without a GPU
+
+
+def local_profile(model: str) -> Path:
+    """This GPU's profile of ``model`` (:func:`find_profile`), or the shipped H200 one on a
+    machine without a GPU (for simulations and reports that need no GPU)."""
+    from ..device import describe_state
+    from ..results import gpu_slug
+
+    device, _ = describe_state()
+    return find_profile(gpu_slug(device.name) if device else SIMULATION_GPU, model)
+
+
 def sm_config_name(split_key: str | None) -> str:
     """The SM configuration a point names: a split's key, or ``"whole-gpu"`` for no split."""
     if split_key is None:

@@ -181,14 +181,12 @@ def run_sglang_driver(args, ttft_s: float, progress) -> list[dict]:
 
 def run_simulation(args, ttft_s: float, progress) -> tuple[list[dict], dict]:
     """Rows of the simulated bullet scheduler (:mod:`.simulate`) and the facts to record."""
-    from ..device import describe_state
-    from ..orchestrate import Estimator, Profile, SLOPolicy, find_profile
+    from ..orchestrate import Estimator, Profile, SLOPolicy
+    from ..orchestrate.profile import local_profile
     from ..orchestrate.profiler import DEFAULT_SPLITS
-    from ..results import gpu_slug
     from . import simulate
 
-    device, _ = describe_state()
-    path = args.profile or find_profile(gpu_slug(device.name) if device else "h200", args.model)
+    path = args.profile or local_profile(args.model)
     policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
                        ttft_ms=args.ttft_slo_ms)
     rows = simulate.simulate_rates(policy, make_trace_fn(args), sorted(args.rates), ttft_s,
