@@ -3,7 +3,8 @@
 #   bash scripts/gpu_session.sh install info tests bench sweep
 #   DEADLINE=580 bash scripts/gpu_session.sh sgpart:part1 install servetests \
 #       "serve:bullet-tpot10:bullet:512:uniform:8,11,14:--tpot-slo-ms 10" sgstart:2048 sg:2048:uniform:8,11,14 sgstop
-# Stages: install, info, tests (pytest -m gpu), servetests (the server and kernel GPU tests only),
+# Stages: install, info, tests (pytest -m gpu), servetests (the server and kernel GPU tests only, or
+# the files in SERVETESTS),
 # adaptertest (the SGLang adapter's GPU test, SGLang from /tmp/site: run the sgpart stages first),
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
 # capture, smsweep, roofline, sglang), sweep (`bullet sweep`), the investigations (greendiag,
@@ -80,7 +81,7 @@ for s in "$@"; do
     install)   stage install env BULLET_OFFLINE=1 bash scripts/install.sh ;;
     info)      stage info bullet info --json bench/results/info.json ;;
     tests)     stage tests python3 -m pytest -m gpu -q -p no:cacheprovider ;;
-    servetests) stage servetests python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_serve_gpu.py tests/test_kernels_gpu.py ;;
+    servetests) stage servetests python3 -m pytest -m gpu -q -p no:cacheprovider ${SERVETESTS:-tests/test_serve_gpu.py tests/test_kernels_gpu.py} ;;
     adaptertest) stage adaptertest env BULLET_SGLANG_PYTHONPATH=/tmp/site \
                    python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sglang_adapter_gpu.py ;;
     bench)     bench_stage bench ;;
