@@ -1,6 +1,8 @@
 """The goodput table across serving runs (``bullet bench-serving --report FILES``).
 
-Each file is one engine's sweep (``serving-<label>-<gpu>-<date>.json``). Per TPOT target, the
+Each file is one engine's sweep (``serving-<label>-<gpu>-<date>.json``, or the same gzipped:
+the repository keeps measured runs as ``.json.gz``, a fifth of the size, because every GPU call
+carries the working tree within a fixed budget). Per TPOT target, the
 table gives each engine's goodput (highest offered rate at which >= 90% of requests met both
 SLOs), the best of our chunked runs (``chunked<size>`` labels: the best chunk for that target),
 the best of our bullet runs (``bullet*`` labels, e.g. one per policy TPOT target), and bullet's
@@ -13,6 +15,7 @@ involving one reads as a bound (``>= 1.38``) or, when both sides are at their to
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +26,8 @@ PREFIX = "goodput_tpot_"
 def load(paths: Sequence[str | Path]) -> dict[str, dict]:
     docs = {}
     for p in paths:
-        doc = json.loads(Path(p).read_text())
+        raw = Path(p).read_bytes()
+        doc = json.loads(gzip.decompress(raw) if str(p).endswith(".gz") else raw)
         name = doc.get("benchmark", "")
         if not name.startswith("serving-"):
             raise ValueError(f"{p} is not a bench-serving result (benchmark {name!r})")
@@ -54,12 +58,12 @@ def goodput_rows(docs: dict[str, dict]) -> list[dict]:
             row[label] = None if g is None else g.get("by_attainment")
             if row[label] is not None and row[label] == _top_rate(doc):
                 at_top.add(label)
-        chunked_label = _best(row, [k for k in docs if k.startswith("chunked")])
+        chunked_label = _best(row, [k for k in docs if k.startswith("chunked")], at_top)
         row["chunked-best"] = row[chunked_label] if chunked_label else None
-        bullet_label = _best(row, [k for k in docs if k.startswith("bullet")])
+        bullet_label = _best(row, [k for k in docs if k.startswith("bullet")], at_top)
         row["bullet-best"] = row[bullet_label] if bullet_label else None
         baseline_label = _best(row, [k for k in docs if not k.startswith(("bullet", "chunked"))]
-                               + ([chunked_label] if chunked_label else []))
+                               + ([chunked_label] if chunked_label else []), at_top)
         best = row[baseline_label] if baseline_label else None
         row["bullet_vs_best_baseline"] = (row["bullet-best"] / best) if row["bullet-best"] and best else None
         ours_top, base_top = bullet_label in at_top, baseline_label in at_top
@@ -72,10 +76,11 @@ def goodput_rows(docs: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def _best(row: dict, labels: list[str]) -> str | None:
-    """The label with the highest goodput in ``row`` (None where none served any load)."""
+def _best(row: dict, labels: list[str], at_top: set[str]) -> str | None:
+    """The label with the highest goodput in ``row`` (None where none served any load). Of equal
+    goodputs, one at its run's top rate wins: it is a lower bound, so at least the exact one."""
     served = [k for k in labels if row.get(k)]
-    return max(served, key=lambda k: row[k]) if served else None
+    return max(served, key=lambda k: (row[k], k in at_top)) if served else None
 
 
 def gpu_rows(docs: dict[str, dict]) -> list[dict]:
