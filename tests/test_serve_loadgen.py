@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import lzma
 import math
 import random
 import statistics
@@ -326,9 +327,12 @@ def test_goodput_report_across_engines(tmp_path):
     def doc(label, goodputs):
         summary = {f"goodput_tpot_{t:g}ms": {"by_attainment": g, "by_percentile": g} for t, g in goodputs.items()}
         text = json.dumps({"benchmark": f"serving-{label}", "summary": summary, "rows": []})
-        if label.startswith("sglang"):  # committed runs are kept gzipped; the report reads both
+        if label.startswith("sglang"):  # committed runs are kept compressed; the report reads them
             path = tmp_path / f"serving-{label}-h200-20261201.json.gz"
             path.write_bytes(gzip.compress(text.encode()))
+        elif label == "chunked512":
+            path = tmp_path / f"serving-{label}-h200-20261201.json.xz"
+            path.write_bytes(lzma.compress(text.encode()))
         else:
             path = tmp_path / f"serving-{label}-h200-20261201.json"
             path.write_text(text)

@@ -135,7 +135,7 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="with --simulate: the latency profile (default: this GPU's, or the shipped H200 one without a GPU)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
-                   help="instead of measuring: the goodput table of earlier runs (serving-*.json or .json.gz files)")
+                   help="instead of measuring: the goodput table of earlier runs (serving-*.json, .json.xz or .json.gz files)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="with --report: also one plot of every run's P90 TTFT and TPOT against offered rate")
 

@@ -1,8 +1,9 @@
 """The goodput table across serving runs (``bullet bench-serving --report FILES``).
 
-Each file is one engine's sweep (``serving-<label>-<gpu>-<date>.json``, or the same gzipped:
-the repository keeps measured runs as ``.json.gz``, a fifth of the size, because every GPU call
-carries the working tree within a fixed budget). Per TPOT target, the
+Each file is one engine's sweep (``serving-<label>-<gpu>-<date>.json``, or the same compressed,
+``.json.xz`` or ``.json.gz``: the repository keeps measured runs as ``.json.xz``, a quarter of
+the size, because every GPU call carries the working tree within a fixed budget). Per TPOT
+target, the
 table gives each engine's goodput (highest offered rate at which >= 90% of requests met both
 SLOs), the best of our chunked runs (``chunked<size>`` labels: the best chunk for that target),
 the best of our bullet runs (``bullet*`` labels, e.g. one per policy TPOT target), and bullet's
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +29,8 @@ def load(paths: Sequence[str | Path]) -> dict[str, dict]:
     docs = {}
     for p in paths:
         raw = Path(p).read_bytes()
-        doc = json.loads(gzip.decompress(raw) if str(p).endswith(".gz") else raw)
+        unpack = {".gz": gzip.decompress, ".xz": lzma.decompress}.get(Path(p).suffix, bytes)
+        doc = json.loads(unpack(raw))
         name = doc.get("benchmark", "")
         if not name.startswith("serving-"):
             raise ValueError(f"{p} is not a bench-serving result (benchmark {name!r})")
