@@ -18,7 +18,8 @@
 #   sg:CHUNK:TRACE:RATES[:sglang]  measure it (it stays up for the next trace), requests sent by
 #                        our load generator or by SGLang's own bench_serving; sgstop: stop it
 # BENCH_SIZE=quick|full sizes the suite (default quick); SWEEP_ARGS go to `bullet sweep`; the
-# sglang stage reads SGLANG_MODEL_DIR and SGLANG_SITE; PROMPTS is the serving runs' requests per rate.
+# sglang stage reads SGLANG_MODEL_DIR and SGLANG_SITE; PROMPTS is the serving runs' requests per rate
+# and EXTEND_TO their rate limit for going past RATES (bench-serving --extend-to).
 # Each stage runs under LIMIT_<STAGE> seconds (default STAGE_LIMIT, 900), and under what is left of
 # DEADLINE (seconds from the start; a device call has a hard limit, and a stage cut off by it
 # would lose the archive). Set BULLET_COMMIT to stamp results where the checkout has no .git.

@@ -19,7 +19,8 @@
 # `bullet bench-serving --report $OUT/serving-*.json` prints the goodput table. Each run's files
 # are also packed into $OUT/pack-<label>.tgz and the loose JSON and PNG removed: a device call
 # returns at most 8 files, and a later stage of the same call would otherwise push them out.
-# Environment: RATES (req/s), PROMPTS (per rate), TRACE (uniform|sglang-random|sharegpt|azure-conversation),
+# Environment: RATES (req/s), EXTEND_TO (req/s: more rates past RATES while the top one still
+# meets the loosest target, up to this; bench-serving --extend-to), PROMPTS (per rate), TRACE (uniform|sglang-random|sharegpt|azure-conversation),
 # DRIVER (sglang: requests sent by SGLang's own bench_serving, with TRACE=sglang-random),
 # MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
 # options, e.g. --tpot-slo-ms 10), LABEL (results name; a trace other than uniform is appended,
@@ -51,6 +52,7 @@ trace_suffix() {  # runs on another trace than the standard one, or sent by SGLa
 
 bench() {  # bench URL LABEL
   bullet bench-serving --url "$1" --label "$2" --model "$MODEL" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT" \
+    ${EXTEND_TO:+--extend-to "$EXTEND_TO"} \
     ${DRIVER:+--driver "$DRIVER" --sglang-pythonpath /tmp/site --model-dir "$SG/model"}
   local rc=$?
   (cd "$OUT" && tar czf "pack-$2.tgz" $(ls serving-"$2"-*.json serving-"$2"-*.png ./*.log metrics-*.txt 2>/dev/null) \

@@ -95,3 +95,30 @@ def test_the_prefill_first_baseline_and_the_bucket_padding(estimator):
     assert ttft_s(slow) > ttft_s(sim.run([TraceRequest(1000, 2, 0.0)])[0])  # 1024 tokens cost more than 1000
     with pytest.raises(ValueError, match="one of the modes bullet, sequential"):
         simulate.simulate_rates(policy(estimator, 15), lambda rate: trace, [1.0], 1.0, 0.01, mode="chunked")
+
+
+def test_extend_to_keeps_adding_rates_while_the_top_one_meets_the_targets(tmp_path):
+    """--extend-to: past --rates, one grid step at a time, while the highest rate measured still
+    meets the TTFT and the loosest TPOT target; the rates measured are recorded."""
+    cmd = [sys.executable, "-m", "bullet_kernels.cli", "bench-serving", "--simulate", "--policy-tpot-ms", "30",
+           "--rates", "2", "4", "--extend-to", "9", "--num-prompts", "10", "--label", "ext", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (path,) = tmp_path.glob("serving-ext-simulated-*.json")
+    doc = json.loads(path.read_text())
+    assert [r["rate"] for r in doc["rows"]] == [2.0, 4.0, 6.0, 8.0]  # 10 would pass 9
+    assert doc["rates"] == [2.0, 4.0, 6.0, 8.0] and doc["extend_to"] == 9.0
+
+
+def test_next_rate_stops_where_the_top_rate_misses_or_the_limit_is_reached():
+    from bullet_kernels.serve.commands import next_rate
+
+    def row(rate, attainment):  # a summarized row, as summarize() writes it for these SLOs
+        return {"rate": rate, "slo_attainment": attainment, "ttft_slo_s": 1.0, "tpot_slo_s": 0.03}
+
+    assert next_rate([row(8, 1.0), row(11, 0.95)], [8, 11], 20, 1.0, 0.03) == 14  # the grid's last step
+    assert next_rate([row(8, 1.0), row(11, 0.85)], [8, 11], 20, 1.0, 0.03) is None  # the top misses
+    assert next_rate([row(8, 1.0), row(11, 1.0)], [8, 11], 13.9, 1.0, 0.03) is None  # 14 would pass the limit
+    assert next_rate([row(8, 1.0), row(11, 1.0)], [8, 11], None, 1.0, 0.03) is None  # not asked
+    assert next_rate([row(8, 1.0)], [8], 20, 1.0, 0.03) == 10  # one rate given: a quarter of it
+    assert next_rate([row(float("inf"), 1.0)], [float("inf")], 20, 1.0, 0.03) is None

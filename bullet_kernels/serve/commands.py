@@ -110,6 +110,10 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
                    help="a JSONL trace (prompt_len, output_len per line) instead of --trace")
     p.add_argument("--rates", type=positive_float, nargs="+", default=[4.0, 8.0, 12.0, 16.0],
                    metavar="REQ_PER_S", help="offered rates (Poisson arrivals), one run each")
+    p.add_argument("--extend-to", type=positive_float, default=None, metavar="REQ_PER_S",
+                   help="after --rates, keep adding rates one grid step apart (the step between the two highest "
+                   "given) while the highest measured rate still meets the TTFT target and the loosest TPOT "
+                   "target, up to this rate: no goodput is left as a lower bound ('28+') below it")
     p.add_argument("--num-prompts", type=positive_int, default=200, help="requests per rate")
     p.add_argument("--model", default="llama-3.1-8b", metavar="PRESET",
                    help="the preset whose vocabulary the random prompt ids are drawn from")
@@ -164,7 +168,25 @@ def gpu_monitor(url: str):
     return lambda: GpuMonitor(0, interval_s=0.1)
 
 
-def run_sglang_driver(args, ttft_s: float, progress) -> list[dict]:
+def next_rate(rows: list[dict], given: list[float], extend_to: float | None, ttft_s: float,
+              loosest_tpot_s: float) -> float | None:
+    """The rate ``--extend-to`` measures after ``rows`` (in rate order), or None: none asked, the
+    highest measured rate already misses the targets (at least 10% of its requests outside the
+    TTFT target or the loosest TPOT target), or the next would pass ``extend_to``. The step is the
+    gap between the two highest ``given`` rates (a quarter of the rate when one was given)."""
+    from .metrics import goodput_by_attainment
+
+    finite = sorted(r for r in given if math.isfinite(r))
+    if extend_to is None or not rows or not finite or not math.isfinite(rows[-1]["rate"]):
+        return None
+    if goodput_by_attainment(rows[-1:], ttft_s, loosest_tpot_s) is None:
+        return None
+    step = finite[-1] - finite[-2] if len(finite) >= 2 and finite[-1] > finite[-2] else finite[-1] / 4
+    nxt = round(rows[-1]["rate"] + step, 6)
+    return nxt if nxt <= extend_to + 1e-9 else None
+
+
+def run_sglang_driver(args, rates: list[float], ttft_s: float, progress) -> list[dict]:
     """Rows measured by SGLang's own benchmark (:mod:`.sglang_driver`), its files kept in a
     temporary folder with the preset's model directory unless --model-dir names one."""
     import tempfile
@@ -174,12 +196,12 @@ def run_sglang_driver(args, ttft_s: float, progress) -> list[dict]:
 
     with tempfile.TemporaryDirectory(prefix="bullet-sglang-bench-") as tmp:
         model_dir = args.model_dir or str(write_model_dir(args.model, Path(tmp) / "model"))
-        return sglang_driver.run(args.url, sorted(args.rates), args.num_prompts, args.seed, model_dir, tmp,
+        return sglang_driver.run(args.url, rates, args.num_prompts, args.seed, model_dir, tmp,
                                  ttft_s, min(args.tpot_slo_ms) / 1e3, pythonpath=args.sglang_pythonpath,
                                  monitor=gpu_monitor(args.url), progress=progress)
 
 
-def run_simulation(args, ttft_s: float, progress) -> tuple[list[dict], dict]:
+def run_simulation(args, rates: list[float], ttft_s: float, progress) -> tuple[list[dict], dict]:
     """Rows of the simulated bullet scheduler (:mod:`.simulate`) and the facts to record."""
     from ..orchestrate import Estimator, Profile, SLOPolicy
     from ..orchestrate.profile import local_profile
@@ -189,7 +211,7 @@ def run_simulation(args, ttft_s: float, progress) -> tuple[list[dict], dict]:
     path = args.profile or local_profile(args.model)
     policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
                        ttft_ms=args.ttft_slo_ms)
-    rows = simulate.simulate_rates(policy, make_trace_fn(args), sorted(args.rates), ttft_s,
+    rows = simulate.simulate_rates(policy, make_trace_fn(args), rates, ttft_s,
                                    min(args.tpot_slo_ms) / 1e3, progress=progress)
     return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms}
 
@@ -227,19 +249,27 @@ def bench_serving_main(args) -> int:
           f"{args.num_prompts} requests each{'' if args.simulate else f', sent by {args.driver}'}", flush=True)
     progress = lambda row: print(loadgen.table([row]).splitlines()[-1], flush=True)  # noqa: E731
     extra = {}
-    if args.simulate:
-        rows, extra = run_simulation(args, ttft_s, progress)
-    elif args.driver == "sglang":
-        rows = run_sglang_driver(args, ttft_s, progress)
-    else:
-        rows = loadgen.sweep(args.url, sorted(args.rates), make_trace_fn(args), vocab, seed=args.seed,
-                             ttft_slo_s=ttft_s, tpot_slo_s=min(args.tpot_slo_ms) / 1e3, keep_results=True,
-                             progress=progress, monitor=gpu_monitor(args.url))
+
+    def measure(rates: list[float]) -> list[dict]:
+        if args.simulate:
+            rows, facts = run_simulation(args, rates, ttft_s, progress)
+            extra.update(facts)
+            return rows
+        if args.driver == "sglang":
+            return run_sglang_driver(args, rates, ttft_s, progress)
+        return loadgen.sweep(args.url, rates, make_trace_fn(args), vocab, seed=args.seed, ttft_slo_s=ttft_s,
+                             tpot_slo_s=min(args.tpot_slo_ms) / 1e3, keep_results=True, progress=progress,
+                             monitor=gpu_monitor(args.url))
+
+    rows = measure(sorted(args.rates))
+    while (rate := next_rate(rows, args.rates, args.extend_to, ttft_s, max(args.tpot_slo_ms) / 1e3)) is not None:
+        rows += measure([rate])
     summary = {f"goodput_tpot_{t:g}ms": goodput(rows, ttft_s, t / 1e3) for t in args.tpot_slo_ms}
     name = f"serving-{args.label}" + ("-simulated" if args.simulate else "")  # a simulation never passes for a run
     path = results.write(name, rows, summary, args.out, compact=True, **extra, url=args.url,
                          trace=args.trace_file or args.trace, driver=args.driver, num_prompts=args.num_prompts,
-                         rates=[r if math.isfinite(r) else "inf" for r in args.rates], ttft_slo_ms=args.ttft_slo_ms)
+                         rates=[r["rate"] if math.isfinite(r["rate"]) else "inf" for r in rows],
+                         extend_to=args.extend_to, ttft_slo_ms=args.ttft_slo_ms)
     png = loadgen.plot([{k: v for k, v in r.items() if k != "results"} for r in rows], path,
                        f"serving {args.label}{' (SIMULATED)' if args.simulate else ''}: P90 latency vs offered rate")
     print(loadgen.table(rows))
