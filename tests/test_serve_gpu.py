@@ -19,9 +19,10 @@ pytestmark = pytest.mark.gpu
 PROMPTS = [[2 + (13 * i + j) % 40000 for j in range(40 + 37 * i)] for i in range(12)]
 
 
-def outputs(mode: str, split: str | None = None, overlap: bool = False) -> list[list[int]]:
+def outputs(mode: str, split: str | None = None, overlap: bool = False, fuse: int = 0) -> list[list[int]]:
     svc = build_service(ServeOptions(model="smollm2-135m", mode=mode, device="cuda", max_context=1024, kv_pages=2048,
-                                     chunk_size=256, max_running=16, split=split, overlap=overlap))
+                                     chunk_size=256, max_running=16, split=split, overlap=overlap,
+                                     fuse_prompt_tokens=fuse))
 
     async def main():
         runner = await server.start(svc, port=0)
@@ -43,6 +44,9 @@ def outputs(mode: str, split: str | None = None, overlap: bool = False) -> list[
             assert counters["overlapped_decode_steps"] > 0, dict(counters)
             if mode == "chunked":
                 assert counters["overlapped_mixed_steps"] > 0, dict(counters)
+        if fuse:  # prompts of 40-447 tokens: the short ones fused into decode steps, the rest on the lane
+            counters = svc.engine.scheduler.counters
+            assert counters["mixed_steps"] > 0 and counters["prefills"] > 0, dict(counters)
         return out
     finally:
         svc.engine.shutdown(drain=False, timeout_s=10)
@@ -65,3 +69,5 @@ def test_overlapped_decode_gives_the_same_greedy_outputs():
     sequential = outputs("sequential")
     for mode, split in (("sequential", None), ("chunked", None), ("bullet", "prefill=84,decode=48")):
         assert outputs(mode, split=split, overlap=True) == sequential, mode
+    # bullet with short prompts fused into decode steps and long ones on the prefill lane
+    assert outputs("bullet", split="prefill=84,decode=48", overlap=True, fuse=200) == sequential

@@ -502,7 +502,7 @@ def greedy_reference(prompt: tuple, n: int) -> tuple:
     return GREEDY_REF[key]
 
 
-def random_workload(seed: int, mode: str, overlap: bool) -> None:
+def random_workload(seed: int, mode: str, overlap: bool, fuse: int = 0) -> None:
     """Random arrivals, lengths, stop tokens, aborts, tight KV caches, chunk sizes and batch
     limits. Checks: greedy outputs equal plain generation (cut at a stop token, or a prefix when
     aborted); every request gets exactly one finished event and its tokens once; no KV page
@@ -519,7 +519,8 @@ def random_workload(seed: int, mode: str, overlap: bool) -> None:
     kv = runner.kv_cache
     s = Scheduler(runner, SchedulerConfig(mode=mode, chunk_size=rnd.choice([4, 5, 8, 16, 64]),
                                           max_running=rnd.choice([2, 3, 4, 8]), overlap=overlap,
-                                          max_prefill_tokens=rnd.choice([8, 64, 8192])))
+                                          max_prefill_tokens=rnd.choice([8, 64, 8192]),
+                                          fuse_prompt_tokens=fuse))
     in_use: dict = {}  # the pages each planned step reads, kept with its flight
 
     def watch(plan, rids_of):
@@ -566,3 +567,33 @@ def random_workload(seed: int, mode: str, overlap: bool) -> None:
 def test_random_workloads_keep_every_promise(mode, overlap):
     for seed in range(10):
         random_workload(seed, mode, overlap)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_random_workloads_keep_every_promise_with_short_prompts_fused(overlap):
+    """bullet with fuse_prompt_tokens: short prompts in fused steps, long ones on the prefill
+    lane, switching between them as the queue goes; the same promises."""
+    for seed in range(10):
+        random_workload(seed, "bullet", overlap, fuse=random.Random(seed).choice([1, 6, 12, 64]))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bullet_fuses_short_prompts_and_sends_long_ones_to_the_prefill_lane(expected, overlap):
+    s = Scheduler(make_runner(), SchedulerConfig(mode="bullet", fuse_prompt_tokens=10, chunk_size=16,
+                                                 max_prefill_tokens=16, overlap=overlap))
+    reqs = requests()  # prompts of 5, 17, 9, 30, 3 and 12 tokens
+    run_all(s, reqs)
+    assert [r.output for r in reqs] == expected
+    assert s.counters["mixed_steps"] > 0 and s.counters["prefills"] > 0, dict(s.counters)
+    everything_fused = Scheduler(make_runner(), SchedulerConfig(mode="bullet", fuse_prompt_tokens=64, overlap=overlap))
+    reqs = requests()
+    run_all(everything_fused, reqs)
+    assert [r.output for r in reqs] == expected
+    assert everything_fused.counters["prefills"] == 0 and everything_fused.counters["mixed_steps"] > 0
+
+
+def test_fuse_prompt_tokens_is_checked():
+    with pytest.raises(ValueError, match="fuse_prompt_tokens must be an integer >= 0"):
+        SchedulerConfig(fuse_prompt_tokens=-1)
+    with pytest.raises(ValueError, match="applies to mode bullet"):
+        SchedulerConfig(mode="chunked", fuse_prompt_tokens=64)

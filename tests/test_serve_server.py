@@ -151,11 +151,11 @@ def test_overload_answers_429_and_health_and_metrics_report():
             assert name in text, name
 
 
-@pytest.mark.parametrize("mode,overlap", [("bullet", False), ("chunked", False), ("sequential", False),
-                                          ("bullet", True), ("chunked", True)])
-def test_a_bounded_load_loses_no_request(mode, overlap):
+@pytest.mark.parametrize("mode,overlap,fuse", [("bullet", False, 0), ("chunked", False, 0), ("sequential", False, 0),
+                                               ("bullet", True, 0), ("chunked", True, 0), ("bullet", True, 14)])
+def test_a_bounded_load_loses_no_request(mode, overlap, fuse):
     opts = ServeOptions(model="tiny-llama3", mode=mode, device="cpu", kv_pages=48, max_context=256, chunk_size=16,
-                        max_running=16, overlap=overlap)
+                        max_running=16, overlap=overlap, fuse_prompt_tokens=fuse)
 
     @serve(opts)
     async def run(s, url, svc):
@@ -172,6 +172,9 @@ def test_a_bounded_load_loses_no_request(mode, overlap):
         assert all(results)
         kv = svc.engine.scheduler.runner.kv_cache
         assert kv.num_free_pages == kv.num_pages
+        if fuse:  # prompts of 5-27 tokens: the short ones fused, the long ones on the prefill lane
+            counters = svc.engine.scheduler.counters
+            assert counters["mixed_steps"] > 0 and counters["prefills"] > 0, dict(counters)
 
 
 def test_shutdown_drains_what_is_queued():
@@ -233,6 +236,7 @@ def test_bench_serving_against_our_server_writes_goodput(tmp_path, capsys):
     (["bench-serving", "--trace-file", "/no/such/trace.jsonl"], "is not a file"),
     (["serve", "--split", "prefill=100"], "'prefill' and 'decode'"),
     (["serve", "--split", "prefill=100,decode=x"], "--split"),
+    (["serve", "--fuse-prompt-tokens", "-5"], "tokens >= 0"),
 ])
 def test_serving_commands_refuse_bad_options(capsys, argv, words):
     from bullet_kernels import cli
@@ -240,6 +244,13 @@ def test_serving_commands_refuse_bad_options(capsys, argv, words):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_fusing_prompts_is_refused_outside_bullet_mode(capsys):
+    from bullet_kernels import cli
+
+    assert cli.main(["serve", "--mode", "chunked", "--fuse-prompt-tokens", "256"]) == 2
+    assert "--fuse-prompt-tokens applies to --mode bullet" in capsys.readouterr().err
 
 
 def test_a_request_id_already_in_flight_is_refused():

@@ -44,6 +44,7 @@ class ServeOptions:
     tpot_slo_ms: float = 20.0
     split: str | None = None  # bullet mode: this split whenever both lanes have work (no profile needed)
     overlap: bool = True  # overlap host work with the decode step in flight (SchedulerConfig.overlap)
+    fuse_prompt_tokens: int = 0  # bullet mode: prompts this short fused into decode steps (SchedulerConfig)
     seed: int = 0
 
 
@@ -130,7 +131,7 @@ def build_service(opts: ServeOptions) -> Service:
     sched_cfg = SchedulerConfig(mode=opts.mode, chunk_size=opts.chunk_size, max_running=opts.max_running,
                                 max_waiting=opts.max_waiting, max_prefill_tokens=opts.max_prefill_tokens,
                                 eos_token_ids=tuple(model.config.eos_token_ids),
-                                overlap=opts.overlap)
+                                overlap=opts.overlap, fuse_prompt_tokens=opts.fuse_prompt_tokens)
     placements, splits, groups = whole_gpu, (), None
     if device.type == "cuda" and opts.mode == "bullet" and opts.split:
         placements, splits, groups = static_placements(opts.split)

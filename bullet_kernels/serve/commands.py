@@ -24,6 +24,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def tokens_or_zero(text: str) -> int:
+    """A token count >= 0 (0: off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a whole number of tokens >= 0 (0: off)")
+    return value
+
+
 def lane_split(text: str) -> str:
     """A split with exactly the lanes prefill and decode (checked here, before any GPU work)."""
     from ..errors import InvalidSplitError
@@ -67,6 +78,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
     p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                    help="prepare each decode step while the previous one runs on the GPU, feeding its tokens "
                    "there (greedy batches; default on: docs/serving.md has the measurement)")
+    p.add_argument("--fuse-prompt-tokens", type=tokens_or_zero, default=0, metavar="N",
+                   help="bullet mode: prompts of at most N tokens are prefilled in chunks fused into decode steps "
+                   "on the whole GPU (as --mode chunked does, --chunk-size tokens a step) instead of on the "
+                   "prefill lane; longer ones still go to the lane (default 0: every prompt to the lane)")
     p.add_argument("--split", type=lane_split, default=None, metavar="prefill=P,decode=D",
                    help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
                    "SLO policy over the shipped profile (default: the policy)")
@@ -79,11 +94,16 @@ def serve_main(args) -> int:
     from . import server
     from .app import ServeOptions, build_service
 
+    if args.fuse_prompt_tokens and args.mode != "bullet":
+        print(f"bullet serve: error: --fuse-prompt-tokens applies to --mode bullet (the other modes have no "
+              f"prefill lane to skip); got --mode {args.mode}", file=sys.stderr)
+        return 2
+
     opts = ServeOptions(model=args.model, mode=args.mode, device=args.device, max_context=args.max_context,
                         kv_pages=args.kv_pages, chunk_size=args.chunk_size, max_running=args.max_running,
                         max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,
                         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
-                        split=args.split, overlap=args.overlap)
+                        split=args.split, overlap=args.overlap, fuse_prompt_tokens=args.fuse_prompt_tokens)
     service = build_service(opts)
     kv = service.engine.scheduler.runner.kv_cache
     print(f"bullet serve: {service.model} ({opts.mode} mode) on {service.engine.scheduler.runner.device}, "
