@@ -60,6 +60,7 @@ def test_greedy_outputs_are_equal_in_every_mode():
     assert all(len(o) == 12 for o in sequential)
     assert outputs("chunked") == sequential
     assert outputs("bullet", split="prefill=84,decode=48") == sequential
+    assert outputs("bullet", split="prefill=84,decode=48", fuse=200) == sequential  # short prompts fused
 
 
 def test_overlapped_decode_gives_the_same_greedy_outputs():

@@ -549,6 +549,8 @@ def random_workload(seed: int, mode: str, overlap: bool, fuse: int = 0) -> None:
             assert not taken & flight.pages, "pages handed out while a step not yet read uses them"
 
     kv.allocate_many = checked_allocate
+    if fuse:
+        no_lane_prefill_behind_a_fused_step(s)
     reqs = [Request(f"q{i}", list(p), SamplingParams(max_new_tokens=k, stop_token_ids=st))
             for i, (p, k, st) in enumerate(zip(prompts, news, stops))]
     emitted, finished = drive(s, reqs, arrive, aborts)
@@ -575,6 +577,56 @@ def test_random_workloads_keep_every_promise_with_short_prompts_fused(overlap):
     lane, switching between them as the queue goes; the same promises."""
     for seed in range(10):
         random_workload(seed, "bullet", overlap, fuse=random.Random(seed).choice([1, 6, 12, 64]))
+
+
+def no_lane_prefill_behind_a_fused_step(s: Scheduler) -> None:
+    """Make ``s`` fail if a lane prefill is prepared while a fused step is not read yet (on a GPU
+    its prepare() would fill the prefill graphs' buffers under the running fused step)."""
+    start = s._start_prefill
+
+    def checked():
+        assert not any(f.fused for f in s._unread), "a lane prefill prepared behind a fused step in flight"
+        start()
+    s._start_prefill = checked
+
+
+def test_an_aborted_chunked_prompt_does_not_let_a_lane_prefill_start_behind_its_fused_step(expected):
+    s = Scheduler(make_runner(), SchedulerConfig(mode="bullet", fuse_prompt_tokens=10, chunk_size=4, overlap=True))
+    no_lane_prefill_behind_a_fused_step(s)
+    first = Request("first", list(PROMPTS[0]), SamplingParams(max_new_tokens=NEW[0]))  # 5 tokens: fused
+    s.add(first)
+    while not first.output:
+        s.step()
+    short = Request("short", list(PROMPTS[2]), SamplingParams(max_new_tokens=NEW[2]))  # 9 tokens, 3 chunks
+    s.add(short)
+    while not any(f.fused for f in s._unread):
+        s.step()
+    assert short in s.prefilling
+    s.abort("short")
+    long = Request("long", list(PROMPTS[3]), SamplingParams(max_new_tokens=NEW[3]))  # 30 tokens: the lane
+    s.add(long)
+    while s.has_work():
+        s.step()
+    assert first.output == expected[0] and long.output == expected[3] and short.finish_reason == "abort"
+    assert s.counters["prefills"] == 1
+    kv = s.runner.kv_cache
+    assert kv.num_free_pages == kv.num_pages
+
+
+def test_a_short_prompt_does_not_wait_for_room_in_a_fused_step_while_the_lane_idles(expected):
+    s = Scheduler(make_runner(), SchedulerConfig(mode="bullet", fuse_prompt_tokens=64, chunk_size=4, overlap=True))
+    reqs = [Request(f"r{i}", list(PROMPTS[i]), SamplingParams(max_new_tokens=20)) for i in (0, 4, 2, 5)]
+    for r in reqs:  # four running requests fill a 4-token fused step
+        s.add(r)
+        while not r.output:
+            s.step()
+    late = Request("late", list(PROMPTS[1]), SamplingParams(max_new_tokens=NEW[1]))
+    s.add(late)
+    prefills = s.counters["prefills"]
+    for _ in range(3):
+        s.step()
+    assert late.output, "the prompt waited for room in a fused step"
+    assert s.counters["prefills"] == prefills + 1  # it went to the prefill lane
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -152,7 +152,8 @@ def test_overload_answers_429_and_health_and_metrics_report():
 
 
 @pytest.mark.parametrize("mode,overlap,fuse", [("bullet", False, 0), ("chunked", False, 0), ("sequential", False, 0),
-                                               ("bullet", True, 0), ("chunked", True, 0), ("bullet", True, 14)])
+                                               ("bullet", True, 0), ("chunked", True, 0), ("bullet", False, 14),
+                                               ("bullet", True, 14)])
 def test_a_bounded_load_loses_no_request(mode, overlap, fuse):
     opts = ServeOptions(model="tiny-llama3", mode=mode, device="cpu", kv_pages=48, max_context=256, chunk_size=16,
                         max_running=16, overlap=overlap, fuse_prompt_tokens=fuse)

@@ -657,9 +657,15 @@ class Scheduler:
         limit = self.cfg.fuse_prompt_tokens
         if not limit or self._prefill_step is not None:
             return False
-        if self.prefilling:  # chunks in progress (a lane prefill always has its step)
+        # Chunks in progress (a lane prefill always has its step), or a fused step not read yet:
+        # it runs the prefill graphs, whose static buffers a lane prefill's prepare() would fill
+        # before it is done (its prompt may have been aborted meanwhile).
+        if self.prefilling or any(f.fused for f in self._unread):
             return True
-        return self._would_admit() and len(self.waiting[0].prefill_tokens) <= limit
+        # A fused step needs room beside the decode rows (else the prompt would wait for the
+        # decode batch to shrink while the lane idles).
+        room = min(self.cfg.chunk_size, self.runner.cfg.prefill_max_seqs) > len(self.running)
+        return room and self._would_admit() and len(self.waiting[0].prefill_tokens) <= limit
 
     def _whole_gpu_step(self) -> None:
         """A fused step of the bullet scheduler runs on the whole GPU: no split is held, so the
