@@ -77,6 +77,11 @@ def test_bench_serving_simulate_writes_results_marked_simulated(tmp_path):
     assert doc["rows"][0]["simulated"] and len(doc["rows"][0]["results"]) == 20
     refused = subprocess.run(cmd[:5] + ["--driver", "sglang"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--simulate sends no requests" in refused.stderr
+    refused = subprocess.run(cmd[:4] + ["--simulate-mode", "chunked"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "give --simulate too" in refused.stderr
+    refused = subprocess.run(cmd[:5] + ["--simulate-mode", "chunked", "--fuse-prompt-tokens", "64"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "applies to --simulate-mode bullet" in refused.stderr
 
 
 def test_the_prefill_first_baseline_and_the_bucket_padding(estimator):
@@ -93,8 +98,34 @@ def test_the_prefill_first_baseline_and_the_bucket_padding(estimator):
     assert simulate.SimConfig().padded(1000) == 1000
     (slow,) = simulate.BulletSimulation(policy(estimator, 15), padded).run([TraceRequest(1000, 2, 0.0)])
     assert ttft_s(slow) > ttft_s(sim.run([TraceRequest(1000, 2, 0.0)])[0])  # 1024 tokens cost more than 1000
-    with pytest.raises(ValueError, match="one of the modes bullet, sequential"):
-        simulate.simulate_rates(policy(estimator, 15), lambda rate: trace, [1.0], 1.0, 0.01, mode="chunked")
+    with pytest.raises(ValueError, match="one of the modes bullet, sequential, chunked"):
+        simulate.simulate_rates(policy(estimator, 15), lambda rate: trace, [1.0], 1.0, 0.01, mode="fast")
+
+
+def test_chunked_prefill_and_fused_short_prompts(estimator):
+    """A fused step costs its chunk's prefill on the whole GPU (at least the weights' read) and
+    its decode rows' step; a prompt longer than a chunk takes several steps;
+    bullet with fuse_prompt_tokens fuses the short prompts and puts the long ones on the lane."""
+    cfg = simulate.SimConfig(chunk_size=512, step_overhead_ms=0.0)
+    sim = simulate.BulletSimulation(policy(estimator, 15), cfg)
+    whole = estimator.sm_count
+    (one,) = sim.run_chunked([TraceRequest(1000, 2, 0.0)])  # 512 + 488 tokens: two fused steps
+    two_steps = estimator.prefill_ms(512, whole).ms + estimator.prefill_ms(488, whole).ms
+    assert ttft_s(one) * 1e3 == pytest.approx(two_steps)
+    floor = sim._weights_ms()
+    assert sim._mixed_ms(16, 0, 0) == pytest.approx(floor)  # a tiny chunk still reads the weights
+    decode = sim._decode_ms(64, 2048, None, False)
+    assert sim._mixed_ms(400, 64, 2048) == pytest.approx(estimator.prefill_ms(400, whole).ms + decode)
+    trace = traces.sharegpt_like_trace(60, 20.0, seed=2)
+    for results in (sim.run_chunked(trace),
+                    simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig(fuse_prompt_tokens=300)).run(trace)):
+        assert [len(x.token_times_s) for x in results] == [t.output_len for t in trace]
+        assert all(x.first_token_s >= x.arrival_s for x in results)
+    everything_fused = simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig(fuse_prompt_tokens=10**6))
+    chunked = simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig())
+    assert [x.token_times_s for x in everything_fused.run(trace)] == [x.token_times_s for x in chunked.run_chunked(trace)]
+    with pytest.raises(ValueError, match="fuse_prompt_tokens must be an int >= 0"):
+        simulate.SimConfig(fuse_prompt_tokens=-1)
 
 
 def test_extend_to_keeps_adding_rates_while_the_top_one_meets_the_targets(tmp_path):

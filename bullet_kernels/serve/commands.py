@@ -156,6 +156,14 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
                    "(serve/simulate.py); results labelled simulated")
     p.add_argument("--policy-tpot-ms", type=positive_float, default=15.0,
                    help="with --simulate: the TPOT target the SLO policy chooses splits for (bullet serve --tpot-slo-ms)")
+    p.add_argument("--simulate-mode", default="bullet", choices=("bullet", "chunked", "sequential"),
+                   help="with --simulate: the scheduler mode simulated (chunked: fused steps costed from the "
+                   "profile's prefill and decode times, serve/simulate.py)")
+    p.add_argument("--chunk-size", type=positive_int, default=512, metavar="TOKENS",
+                   help="with --simulate: tokens of a fused step (chunked mode, and bullet's fused prompts)")
+    p.add_argument("--fuse-prompt-tokens", type=tokens_or_zero, default=0, metavar="N",
+                   help="with --simulate in bullet mode: prompts of at most N tokens fused into decode steps "
+                   "(bullet serve --fuse-prompt-tokens)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="with --simulate: the latency profile (default: this GPU's, or the shipped H200 one without a GPU)")
     p.add_argument("--report", nargs="+", default=None, metavar="JSON",
@@ -231,9 +239,11 @@ def run_simulation(args, rates: list[float], ttft_s: float, progress) -> tuple[l
     path = args.profile or local_profile(args.model)
     policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
                        ttft_ms=args.ttft_slo_ms)
-    rows = simulate.simulate_rates(policy, make_trace_fn(args), rates, ttft_s,
-                                   min(args.tpot_slo_ms) / 1e3, progress=progress)
-    return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms}
+    cfg = simulate.SimConfig(chunk_size=args.chunk_size, fuse_prompt_tokens=args.fuse_prompt_tokens)
+    rows = simulate.simulate_rates(policy, make_trace_fn(args), rates, ttft_s, min(args.tpot_slo_ms) / 1e3,
+                                   cfg=cfg, progress=progress, mode=args.simulate_mode)
+    return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms,
+                  "mode": args.simulate_mode, "chunk_size": cfg.chunk_size, "fuse_prompt_tokens": cfg.fuse_prompt_tokens}
 
 
 def bench_serving_main(args) -> int:
@@ -256,6 +266,14 @@ def bench_serving_main(args) -> int:
 
     vocab = preset_config(args.model).vocab_size
     ttft_s = args.ttft_slo_ms / 1e3
+    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens or args.chunk_size != 512):
+        print("bullet bench-serving: error: --simulate-mode, --chunk-size and --fuse-prompt-tokens describe a "
+              "simulated scheduler; give --simulate too (a measured server has its own, set by bullet serve)",
+              file=sys.stderr)
+        return 2
+    if args.simulate and args.fuse_prompt_tokens and args.simulate_mode != "bullet":
+        print("bullet bench-serving: error: --fuse-prompt-tokens applies to --simulate-mode bullet", file=sys.stderr)
+        return 2
     if args.simulate and args.driver != "ours":
         print("bullet bench-serving: error: --simulate sends no requests; leave --driver out", file=sys.stderr)
         return 2
@@ -263,7 +281,7 @@ def bench_serving_main(args) -> int:
         print("bullet bench-serving: error: --driver sglang sends SGLang's own random-ids requests; give "
               "--trace sglang-random (the same lengths), not another trace or --trace-file", file=sys.stderr)
         return 2
-    target = (f"SIMULATED bullet scheduler (policy TPOT {args.policy_tpot_ms:g} ms, no server)" if args.simulate
+    target = (f"SIMULATED {args.simulate_mode} scheduler (policy TPOT {args.policy_tpot_ms:g} ms, no server)" if args.simulate
               else args.url)
     print(f"bullet bench-serving: {target}, trace {args.trace_file or args.trace}, rates {args.rates} req/s, "
           f"{args.num_prompts} requests each{'' if args.simulate else f', sent by {args.driver}'}", flush=True)

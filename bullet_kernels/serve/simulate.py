@@ -1,8 +1,15 @@
 """Simulated serving: the bullet scheduler's timeline from the latency estimator (no GPU).
 
 (Also the prefill-first baseline, ``mode="sequential"``: prompts prefilled on the whole GPU
-whenever they wait, decode steps on the whole GPU otherwise. Chunked prefill's fused steps are
-not in the profile, so that mode is not simulated.)
+whenever they wait, decode steps on the whole GPU otherwise; and chunked prefill,
+``mode="chunked"``, whose fused steps the profile does not measure: a fused step of ``c``
+prompt tokens beside ``r`` decode rows costs the whole GPU's prefill of ``c`` tokens (at least
+the weights' read, the profile's smallest decode step) plus the decode step of the ``r`` rows,
+as if one ran after the other. That is what was measured on the H200: a fused step of 432
+prompt tokens and 80-96 decode rows took 19 ms, and the profile gives 9.6 + 9.4 ms; a cheaper
+model (one prefill of ``c + r`` tokens plus only the decode rows' attention) put every chunk
+size's P90 TPOT 15-35% below the measured runs (docs/serving.md). ``SimConfig.fuse_prompt_tokens``
+runs bullet mode with short prompts fused that way, as the scheduler's option of that name does.)
 
 What a policy would do to TTFT, TPOT and goodput, before a GPU is spent on it. The simulation
 follows :class:`~.scheduler.Scheduler` in bullet mode at the level of whole steps:
@@ -106,6 +113,8 @@ class SimConfig:
     # target, with it they came out one rate step low (docs/serving.md).
     pad_prefill: bool = False
     prefill_buckets: tuple[int, ...] = GPU_PREFILL_BUCKETS
+    chunk_size: int = 512  # chunked, and bullet's fused steps: tokens a fused step, decode rows included
+    fuse_prompt_tokens: int = 0  # bullet: prompts at most this long fused into decode steps (0: none)
 
     def padded(self, tokens: int) -> int:
         if not self.pad_prefill:
@@ -113,7 +122,10 @@ class SimConfig:
         return next((b for b in self.prefill_buckets if b >= tokens), tokens)
 
     def __post_init__(self):
-        for name in ("max_prefill_tokens", "max_running"):
+        if isinstance(self.fuse_prompt_tokens, bool) or not isinstance(self.fuse_prompt_tokens, int) \
+                or self.fuse_prompt_tokens < 0:
+            raise ValueError(f"fuse_prompt_tokens must be an int >= 0, got {self.fuse_prompt_tokens!r}")
+        for name in ("max_prefill_tokens", "max_running", "chunk_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -145,8 +157,86 @@ class BulletSimulation:
             ms *= self.est.slowdown(PREFILL, split[DECODE])[0]
         return ms
 
+    def _mixed_ms(self, chunk_tokens: int, rows: int, context: int) -> float:
+        """A fused step on the whole GPU (module docstring): its chunk's prefill (at least the
+        weights' read) and its decode rows' step, one after the other."""
+        ms = max(self.est.prefill_ms(chunk_tokens, self.whole).ms, self._weights_ms()) if chunk_tokens else 0.0
+        return ms + (self._decode_ms(rows, context, None, False) if rows else 0.0)
+
+    @functools.cache
+    def _weights_ms(self) -> float:
+        """The profile's smallest decode step on the whole GPU: about the weights' read."""
+        points = [p for p in self.est.profile.decode if p["split"] == "whole-gpu"]
+        smallest = min(points, key=lambda p: (p["batch"], p["context"]))
+        return self._decode_ms(smallest["batch"], smallest["context"], None, False)
+
+    def _fused_step(self, running: list[_Running], fusing: dict, waiting: collections.deque, trace,
+                    t: float, done: dict, limit: int | None) -> tuple[float, list[_Running]]:
+        """One fused step (chunked mode, or bullet's short prompts): the running batch's decode
+        rows and chunks of the prompts in progress (``fusing``: request -> tokens computed), then
+        of new ones from the queue (at most ``limit`` tokens long, where given), ``chunk_size``
+        tokens in all. Returns the time at its end and the running batch after it."""
+        rows = len(running)
+        room = self.cfg.chunk_size - rows
+        chunk = 0
+        ran: list[tuple[int, int]] = []
+        for i in list(fusing):
+            if room <= 0:
+                break
+            part = min(room, trace[i].prompt_len - fusing[i])
+            ran.append((i, part))
+            room -= part
+        while room > 0 and waiting and rows + len(fusing) < self.cfg.max_running and (
+                limit is None or trace[waiting[0]].prompt_len <= limit):
+            i = waiting.popleft()
+            fusing[i] = 0
+            part = min(room, trace[i].prompt_len)
+            ran.append((i, part))
+            room -= part
+        chunk = sum(part for _, part in ran)
+        context = max((r.context for r in running), default=0)
+        step = (self._mixed_ms(chunk, rows, context) if chunk else self._decode_ms(rows, context, None, False))
+        t += step + self.cfg.step_overhead_ms
+        running = _decode_step(running, t, done)
+        complete = []
+        for i, part in ran:
+            fusing[i] += part
+            if fusing[i] == trace[i].prompt_len:
+                del fusing[i]
+                complete.append(i)
+        return t, running + self._join(complete, trace, t, done)
+
+    def run_chunked(self, trace: Sequence[TraceRequest]) -> list[RequestResult]:
+        """Chunked prefill (``bullet serve --mode chunked``): every step a fused one on the whole
+        GPU while prompts wait or are in progress, a decode step otherwise."""
+        arrivals = collections.deque(sorted(range(len(trace)), key=lambda i: trace[i].arrival_s))
+        waiting: collections.deque[int] = collections.deque()
+        running: list[_Running] = []
+        fusing: dict[int, int] = {}
+        done: dict[int, list[float]] = {}
+        t = 0.0
+        while arrivals or waiting or running or fusing:
+            while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= t:
+                waiting.append(arrivals.popleft())
+            if not running and not waiting and not fusing:
+                t = trace[arrivals[0]].arrival_s * 1e3
+                continue
+            t, running = self._fused_step(running, fusing, waiting, trace, t, done, None)
+        return self._results(trace, done)
+
+    def _fuses(self, fusing: dict, waiting: collections.deque, trace, running: list) -> bool:
+        """bullet with fuse_prompt_tokens, no prefill on the lane: is the next step a fused one?"""
+        limit = self.cfg.fuse_prompt_tokens
+        if not limit:
+            return False
+        if fusing:
+            return True
+        room = len(running) < min(self.cfg.chunk_size, self.cfg.max_running)
+        return room and bool(waiting) and trace[waiting[0]].prompt_len <= limit
+
     def run(self, trace: Sequence[TraceRequest]) -> list[RequestResult]:
         cfg = self.cfg
+        fusing: dict[int, int] = {}  # fuse_prompt_tokens: short prompts in progress -> tokens done
         arrivals = collections.deque(sorted(range(len(trace)), key=lambda i: trace[i].arrival_s))
         waiting: collections.deque[int] = collections.deque()
         running: list[_Running] = []
@@ -154,11 +244,15 @@ class BulletSimulation:
         prefill: _Prefill | None = None
         split = None
         t = 0.0  # ms
-        while arrivals or waiting or running or prefill:
+        while arrivals or waiting or running or prefill or fusing:
             while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= t:
                 waiting.append(arrivals.popleft())
-            if not running and not prefill and not waiting:
+            if not running and not prefill and not waiting and not fusing:
                 t = trace[arrivals[0]].arrival_s * 1e3  # idle until the next arrival
+                continue
+            if prefill is None and self._fuses(fusing, waiting, trace, running):
+                split = None  # a fused step runs on the whole GPU
+                t, running = self._fused_step(running, fusing, waiting, trace, t, done, cfg.fuse_prompt_tokens)
                 continue
             if prefill is None and waiting:
                 prefill = self._admit(waiting, trace, len(running))
@@ -240,7 +334,7 @@ class BulletSimulation:
         return joined
 
 
-MODES = ("bullet", "sequential")
+MODES = ("bullet", "sequential", "chunked")
 
 
 def simulate_rates(policy: Policy, make_trace, rates: Sequence[float], ttft_slo_s: float, tpot_slo_s: float,
@@ -250,7 +344,7 @@ def simulate_rates(policy: Policy, make_trace, rates: Sequence[float], ttft_slo_
     if mode not in MODES:
         raise ValueError(f"a simulation runs one of the modes {', '.join(MODES)}, got {mode!r}")
     sim = BulletSimulation(policy, cfg)
-    run = sim.run if mode == "bullet" else sim.run_sequential
+    run = {"bullet": sim.run, "sequential": sim.run_sequential, "chunked": sim.run_chunked}[mode]
     rows = []
     for rate in rates:
         results = run(make_trace(rate))
