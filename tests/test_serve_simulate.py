@@ -112,7 +112,7 @@ def test_chunked_prefill_and_fused_short_prompts(estimator):
     (one,) = sim.run_chunked([TraceRequest(1000, 2, 0.0)])  # 512 + 488 tokens: two fused steps
     two_steps = estimator.prefill_ms(512, whole).ms + estimator.prefill_ms(488, whole).ms
     assert ttft_s(one) * 1e3 == pytest.approx(two_steps)
-    floor = sim._weights_ms()
+    floor = sim._weights_ms
     assert sim._mixed_ms(16, 0, 0) == pytest.approx(floor)  # a tiny chunk still reads the weights
     decode = sim._decode_ms(64, 2048, None, False)
     assert sim._mixed_ms(400, 64, 2048) == pytest.approx(estimator.prefill_ms(400, whole).ms + decode)

@@ -160,10 +160,10 @@ class BulletSimulation:
     def _mixed_ms(self, chunk_tokens: int, rows: int, context: int) -> float:
         """A fused step on the whole GPU (module docstring): its chunk's prefill (at least the
         weights' read) and its decode rows' step, one after the other."""
-        ms = max(self.est.prefill_ms(chunk_tokens, self.whole).ms, self._weights_ms()) if chunk_tokens else 0.0
+        ms = max(self.est.prefill_ms(chunk_tokens, self.whole).ms, self._weights_ms) if chunk_tokens else 0.0
         return ms + (self._decode_ms(rows, context, None, False) if rows else 0.0)
 
-    @functools.cache
+    @functools.cached_property
     def _weights_ms(self) -> float:
         """The profile's smallest decode step on the whole GPU: about the weights' read."""
         points = [p for p in self.est.profile.decode if p["split"] == "whole-gpu"]
@@ -178,7 +178,6 @@ class BulletSimulation:
         tokens in all. Returns the time at its end and the running batch after it."""
         rows = len(running)
         room = self.cfg.chunk_size - rows
-        chunk = 0
         ran: list[tuple[int, int]] = []
         for i in list(fusing):
             if room <= 0:
