@@ -12,6 +12,7 @@ from .request import MODES
 
 TRACES = ("uniform", "sglang-random", "sharegpt", "azure-conversation")
 DEFAULT_TPOT_SLOS_MS = (10.0, 15.0, 20.0, 30.0)
+DEFAULT_CHUNK_SIZE = 512  # tokens of a fused step, decode rows included (serve, and the simulation)
 
 
 def positive_float(text: str) -> float:
@@ -66,7 +67,7 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
     p.add_argument("--max-context", type=positive_int, default=None, help="tokens per request (default: the model's)")
     p.add_argument("--kv-pages", type=positive_int, default=None,
                    help="KV-cache pages (default: sized from free GPU memory, or 256 MiB on the CPU)")
-    p.add_argument("--chunk-size", type=positive_int, default=512, help="chunked mode: tokens per fused step")
+    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, help="chunked mode: tokens per fused step")
     p.add_argument("--max-running", type=positive_int, default=128, help="largest decode batch")
     p.add_argument("--max-prefill-tokens", type=positive_int, default=8192,
                    help="bullet and sequential modes: prompt tokens admitted into one prefill (smaller: a shorter "
@@ -159,7 +160,7 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
     p.add_argument("--simulate-mode", default="bullet", choices=("bullet", "chunked", "sequential"),
                    help="with --simulate: the scheduler mode simulated (chunked: fused steps costed from the "
                    "profile's prefill and decode times, serve/simulate.py)")
-    p.add_argument("--chunk-size", type=positive_int, default=512, metavar="TOKENS",
+    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, metavar="TOKENS",
                    help="with --simulate: tokens of a fused step (chunked mode, and bullet's fused prompts)")
     p.add_argument("--fuse-prompt-tokens", type=tokens_or_zero, default=0, metavar="N",
                    help="with --simulate in bullet mode: prompts of at most N tokens fused into decode steps "
@@ -266,7 +267,8 @@ def bench_serving_main(args) -> int:
 
     vocab = preset_config(args.model).vocab_size
     ttft_s = args.ttft_slo_ms / 1e3
-    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens or args.chunk_size != 512):
+    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens
+                              or args.chunk_size != DEFAULT_CHUNK_SIZE):
         print("bullet bench-serving: error: --simulate-mode, --chunk-size and --fuse-prompt-tokens describe a "
               "simulated scheduler; give --simulate too (a measured server has its own, set by bullet serve)",
               file=sys.stderr)
