@@ -35,9 +35,11 @@ MODEL=${MODEL:-llama-3.1-8b}
 SG=.carry/sglang
 mkdir -p "$OUT"
 
-wait_up() {  # wait_up URL SECONDS: until URL answers
-  local url=$1 limit=$2 t=0
+wait_up() {  # wait_up URL SECONDS [PID]: until URL answers; gives up at once if process PID has exited
+  local url=$1 limit=$2 pid=${3:-} t=0
   until python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url" 2>/dev/null; do
+    # a server that died at start (SGLang's pdmux did, 21 s in) must not hold the call for minutes
+    if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then echo "the server (pid $pid) exited after $t s"; return 1; fi
     sleep 2; t=$((t + 2))
     if [ "$t" -ge "$limit" ]; then echo "no answer from $url after $limit s"; return 1; fi
   done
@@ -111,7 +113,7 @@ PY
   sglang-bench)
     chunk=${2:-2048}
     log="$OUT/sglang-$chunk.log"; [ "$chunk" = bullet ] && log="$OUT/sglang-bullet.log"
-    wait_up http://127.0.0.1:30000/health 540 || { tail -20 "$log"; exit 1; }
+    wait_up http://127.0.0.1:30000/health 540 "$(cat /tmp/sglang.pid 2>/dev/null)" || { tail -20 "$log"; exit 1; }
     # The first load after start pays FlashInfer JIT work (a 10 s stall, measured): a short
     # unrecorded pass first.
     bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
@@ -126,7 +128,7 @@ PY
     setsid bullet serve --model "$MODEL" --mode "$mode" --chunk-size "$chunk" --port 30001 \
       ${DEVICE:+--device "$DEVICE"} ${SERVE_ARGS:-} > "$OUT/serve-$mode-$chunk.log" 2>&1 &
     pid=$!
-    wait_up http://127.0.0.1:30001/health 600 || { tail -20 "$OUT/serve-$mode-$chunk.log"; exit 1; }
+    wait_up http://127.0.0.1:30001/health 600 "$pid" || { tail -20 "$OUT/serve-$mode-$chunk.log"; exit 1; }
     label="$mode"; [ "$mode" = chunked ] && label="chunked$chunk"; label=${LABEL:-$label}$(trace_suffix)
     bench http://127.0.0.1:30001 "$label"; rc=$?
     python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())" \
