@@ -153,3 +153,20 @@ def test_next_rate_stops_where_the_top_rate_misses_or_the_limit_is_reached():
     assert next_rate([row(8, 1.0), row(11, 1.0)], [8, 11], None, 1.0, 0.03) is None  # not asked
     assert next_rate([row(8, 1.0)], [8], 20, 1.0, 0.03) == 10  # one rate given: a quarter of it
     assert next_rate([row(float("inf"), 1.0)], [float("inf")], 20, 1.0, 0.03) is None
+
+
+def test_the_prefill_lane_runs_only_the_groups_queued_on_it_each_step(estimator):
+    """The scheduler tops up PREFILL_AHEAD layer groups once a step: a short prompt's groups,
+    each far shorter than a decode step, take one step per PREFILL_AHEAD groups."""
+    trace = [TraceRequest(512, 60, 0.0), TraceRequest(64, 2, 0.2)]  # a prompt arrives mid-decode
+    groups = len(estimator.groups)
+
+    def steps_to_first_token(ahead):
+        sim = simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig(prefill_ahead=ahead))
+        decoding, short = sim.run(trace)
+        return sum(trace[1].arrival_s < t <= short.first_token_s for t in decoding.token_times_s)
+
+    assert steps_to_first_token(None) <= 2  # the lane never waits: it lands within a step or two
+    assert steps_to_first_token(2) >= groups // 2  # two groups a step
+    assert steps_to_first_token(4) >= groups // 4
+    assert steps_to_first_token(2) > steps_to_first_token(4) > steps_to_first_token(None)

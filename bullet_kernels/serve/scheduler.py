@@ -67,7 +67,8 @@ class SchedulerConfig:
     # decode steps on the whole GPU, as chunked mode does, instead of on the prefill lane. A short
     # prompt costs a fused step little while a split takes SMs from the decode batch: on the
     # H200's ShareGPT-like trace (prompts of a few hundred tokens) chunked prefill served 30 req/s
-    # within P90 TPOT 10 ms against bullet's 18 (docs/serving.md). Not measured on a GPU yet.
+    # within P90 TPOT 10 ms against 18 for bullet with its 15 ms policy (its 10 ms policy was not
+    # run there; docs/serving.md). Not measured on a GPU yet.
     fuse_prompt_tokens: int = 0
 
     def __post_init__(self):

@@ -24,7 +24,9 @@ follows :class:`~.scheduler.Scheduler` in bullet mode at the level of whole step
 - a step costs the estimator's decode time on its lane, times the co-run slowdown while a
   prefill runs beside it, plus ``step_overhead_ms`` of host time (5.9 ms of wall time against
   5.4 ms of graph for a batch-16 step on the H200, docs/serving.md); the prefill lane advances
-  through its groups in the meantime at their estimated (co-run) times on its lane;
+  through its groups in the meantime at their estimated (co-run) times on its lane, but only
+  through the groups the scheduler has queued on it (``PREFILL_AHEAD``, topped up once a step:
+  a short prompt's groups, each far shorter than a step, leave the lane idle until the next);
 - with nothing to decode, a prefill runs alone on the whole GPU;
 - a prefill that lands during a step joins the batch at that step's end: its first token
   appears then (TTFT), and each later step end adds one token to every running request.
@@ -46,6 +48,7 @@ from typing import Sequence
 from ..orchestrate.policy import DECODE, PREFILL, Policy, split_chooser
 from .app import GPU_PREFILL_BUCKETS
 from .metrics import RequestResult, summarize
+from .scheduler import PREFILL_AHEAD
 from .traces import TraceRequest
 
 DEFAULT_STEP_OVERHEAD_MS = 0.5
@@ -73,14 +76,20 @@ class _Prefill:
         """Its time to the end, each group taking ``group_ms(g)``."""
         return self.group_left_ms + sum(group_ms(g) for g in range(self.group, groups))
 
-    def advance(self, budget_ms: float, group_ms, groups: int) -> bool:
-        """Run ``budget_ms`` of it (groups at ``group_ms(g)`` each); whether it landed."""
+    def advance(self, budget_ms: float, group_ms, groups: int, ahead: int | None = None) -> bool:
+        """Run ``budget_ms`` of it (groups at ``group_ms(g)`` each); whether it landed. With
+        ``ahead``, only as many groups as the scheduler keeps queued on the lane run: the one
+        under way and new ones up to ``ahead`` in all (it tops the queue up once a step)."""
+        started = 1 if self.group_left_ms > 0 else 0
         while True:
             if self.group_left_ms <= 0:
                 if self.group == groups:
                     return True
+                if ahead is not None and started >= ahead:
+                    return False  # the lane waits for the next step to queue more
                 self.group_left_ms = group_ms(self.group)
                 self.group += 1
+                started += 1
             used = min(budget_ms, self.group_left_ms)
             budget_ms -= used
             self.group_left_ms -= used
@@ -114,6 +123,9 @@ class SimConfig:
     pad_prefill: bool = False
     prefill_buckets: tuple[int, ...] = GPU_PREFILL_BUCKETS
     chunk_size: int = 512  # chunked, and bullet's fused steps: tokens a fused step, decode rows included
+    # bullet: layer groups the scheduler keeps queued on the prefill lane, topped up once a step
+    # (scheduler.PREFILL_AHEAD); None: the lane never waits for the next step
+    prefill_ahead: int | None = PREFILL_AHEAD
     fuse_prompt_tokens: int = 0  # bullet: prompts at most this long fused into decode steps (0: none)
 
     def padded(self, tokens: int) -> int:
@@ -268,7 +280,7 @@ class BulletSimulation:
                 split = chosen
             step = self._decode_ms(*decode, split, corun=prefill is not None) + cfg.step_overhead_ms
             landed = prefill is not None and prefill.advance(
-                step, lambda g: self._group_ms(prefill.tokens, g, split, True), self.groups)
+                step, lambda g: self._group_ms(prefill.tokens, g, split, True), self.groups, cfg.prefill_ahead)
             t += step
             running = _decode_step(running, t, done)
             if landed:
