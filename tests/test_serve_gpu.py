@@ -19,10 +19,11 @@ pytestmark = pytest.mark.gpu
 PROMPTS = [[2 + (13 * i + j) % 40000 for j in range(40 + 37 * i)] for i in range(12)]
 
 
-def outputs(mode: str, split: str | None = None, overlap: bool = False, fuse: int = 0) -> list[list[int]]:
+def outputs(mode: str, split: str | None = None, overlap: bool = False, fuse: int = 0,
+            prefill_ahead: int = 2) -> list[list[int]]:
     svc = build_service(ServeOptions(model="smollm2-135m", mode=mode, device="cuda", max_context=1024, kv_pages=2048,
                                      chunk_size=256, max_running=16, split=split, overlap=overlap,
-                                     fuse_prompt_tokens=fuse))
+                                     fuse_prompt_tokens=fuse, prefill_ahead=prefill_ahead))
 
     async def main():
         runner = await server.start(svc, port=0)
@@ -72,3 +73,5 @@ def test_overlapped_decode_gives_the_same_greedy_outputs():
         assert outputs(mode, split=split, overlap=True) == sequential, mode
     # bullet with short prompts fused into decode steps and long ones on the prefill lane
     assert outputs("bullet", split="prefill=84,decode=48", overlap=True, fuse=200) == sequential
+    # every layer group of a prefill queued on the lane at once
+    assert outputs("bullet", split="prefill=84,decode=48", overlap=True, prefill_ahead=64) == sequential

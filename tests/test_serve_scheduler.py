@@ -644,7 +644,9 @@ def test_bullet_fuses_short_prompts_and_sends_long_ones_to_the_prefill_lane(expe
     assert everything_fused.counters["prefills"] == 0 and everything_fused.counters["mixed_steps"] > 0
 
 
-def test_fuse_prompt_tokens_is_checked():
+def test_fuse_prompt_tokens_and_prefill_ahead_are_checked():
+    with pytest.raises(ValueError, match="prefill_ahead must be an integer >= 1"):
+        SchedulerConfig(prefill_ahead=0)
     with pytest.raises(ValueError, match="fuse_prompt_tokens must be an integer >= 0"):
         SchedulerConfig(fuse_prompt_tokens=-1)
     with pytest.raises(ValueError, match="applies to mode bullet"):

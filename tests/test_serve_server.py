@@ -238,6 +238,7 @@ def test_bench_serving_against_our_server_writes_goodput(tmp_path, capsys):
     (["serve", "--split", "prefill=100"], "'prefill' and 'decode'"),
     (["serve", "--split", "prefill=100,decode=x"], "--split"),
     (["serve", "--fuse-prompt-tokens", "-5"], "tokens >= 0"),
+    (["serve", "--prefill-ahead", "0"], "at least 1"),
 ])
 def test_serving_commands_refuse_bad_options(capsys, argv, words):
     from bullet_kernels import cli

@@ -81,7 +81,7 @@ def test_bench_serving_simulate_writes_results_marked_simulated(tmp_path):
     assert refused.returncode == 2 and "give --simulate too" in refused.stderr
     refused = subprocess.run(cmd[:5] + ["--simulate-mode", "chunked", "--fuse-prompt-tokens", "64"],
                              capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "applies to --simulate-mode bullet" in refused.stderr
+    assert refused.returncode == 2 and "apply to --simulate-mode bullet" in refused.stderr
 
 
 def test_the_prefill_first_baseline_and_the_bucket_padding(estimator):

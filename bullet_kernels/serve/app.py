@@ -21,7 +21,7 @@ from ..config import EngineConfig
 from ..engine import ModelRunner, Placement
 from ..engine.placement import WHOLE_GPU
 from .engine import ServingEngine
-from .scheduler import Scheduler, SchedulerConfig, whole_gpu
+from .scheduler import PREFILL_AHEAD, Scheduler, SchedulerConfig, whole_gpu
 from .server import Service
 from .tokenizer import TextTokenizer
 
@@ -45,6 +45,7 @@ class ServeOptions:
     split: str | None = None  # bullet mode: this split whenever both lanes have work (no profile needed)
     overlap: bool = True  # overlap host work with the decode step in flight (SchedulerConfig.overlap)
     fuse_prompt_tokens: int = 0  # bullet mode: prompts this short fused into decode steps (SchedulerConfig)
+    prefill_ahead: int = PREFILL_AHEAD  # bullet mode: layer groups queued on the prefill lane (SchedulerConfig)
     seed: int = 0
 
 
@@ -131,7 +132,8 @@ def build_service(opts: ServeOptions) -> Service:
     sched_cfg = SchedulerConfig(mode=opts.mode, chunk_size=opts.chunk_size, max_running=opts.max_running,
                                 max_waiting=opts.max_waiting, max_prefill_tokens=opts.max_prefill_tokens,
                                 eos_token_ids=tuple(model.config.eos_token_ids),
-                                overlap=opts.overlap, fuse_prompt_tokens=opts.fuse_prompt_tokens)
+                                overlap=opts.overlap, fuse_prompt_tokens=opts.fuse_prompt_tokens,
+                                prefill_ahead=opts.prefill_ahead)
     placements, splits, groups = whole_gpu, (), None
     if device.type == "cuda" and opts.mode == "bullet" and opts.split:
         placements, splits, groups = static_placements(opts.split)

@@ -83,6 +83,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
                    help="bullet mode: prompts of at most N tokens are prefilled in chunks fused into decode steps "
                    "on the whole GPU (as --mode chunked does, --chunk-size tokens a step) instead of on the "
                    "prefill lane; longer ones still go to the lane (default 0: every prompt to the lane)")
+    p.add_argument("--prefill-ahead", type=positive_int, default=None, metavar="GROUPS",
+                   help="bullet mode: prefill layer groups kept queued on the prefill lane, topped up once a step "
+                   "(more: a short prompt's groups run back to back; fewer: a change of split waits for less; "
+                   "default: the scheduler's PREFILL_AHEAD, 2)")
     p.add_argument("--split", type=lane_split, default=None, metavar="prefill=P,decode=D",
                    help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
                    "SLO policy over the shipped profile (default: the policy)")
@@ -104,7 +108,8 @@ def serve_main(args) -> int:
                         kv_pages=args.kv_pages, chunk_size=args.chunk_size, max_running=args.max_running,
                         max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,
                         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
-                        split=args.split, overlap=args.overlap, fuse_prompt_tokens=args.fuse_prompt_tokens)
+                        split=args.split, overlap=args.overlap, fuse_prompt_tokens=args.fuse_prompt_tokens,
+                        **({} if args.prefill_ahead is None else {"prefill_ahead": args.prefill_ahead}))
     service = build_service(opts)
     kv = service.engine.scheduler.runner.kv_cache
     print(f"bullet serve: {service.model} ({opts.mode} mode) on {service.engine.scheduler.runner.device}, "
@@ -162,6 +167,9 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
                    "profile's prefill and decode times, serve/simulate.py)")
     p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, metavar="TOKENS",
                    help="with --simulate: tokens of a fused step (chunked mode, and bullet's fused prompts)")
+    p.add_argument("--prefill-ahead", type=positive_int, default=None, metavar="GROUPS",
+                   help="with --simulate in bullet mode: layer groups the scheduler keeps queued on the prefill "
+                   "lane (bullet serve --prefill-ahead; default: the scheduler's)")
     p.add_argument("--fuse-prompt-tokens", type=tokens_or_zero, default=0, metavar="N",
                    help="with --simulate in bullet mode: prompts of at most N tokens fused into decode steps "
                    "(bullet serve --fuse-prompt-tokens)")
@@ -240,11 +248,13 @@ def run_simulation(args, rates: list[float], ttft_s: float, progress) -> tuple[l
     path = args.profile or local_profile(args.model)
     policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
                        ttft_ms=args.ttft_slo_ms)
-    cfg = simulate.SimConfig(chunk_size=args.chunk_size, fuse_prompt_tokens=args.fuse_prompt_tokens)
+    cfg = simulate.SimConfig(chunk_size=args.chunk_size, fuse_prompt_tokens=args.fuse_prompt_tokens,
+                             **({} if args.prefill_ahead is None else {"prefill_ahead": args.prefill_ahead}))
     rows = simulate.simulate_rates(policy, make_trace_fn(args), rates, ttft_s, min(args.tpot_slo_ms) / 1e3,
                                    cfg=cfg, progress=progress, mode=args.simulate_mode)
     return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms,
-                  "mode": args.simulate_mode, "chunk_size": cfg.chunk_size, "fuse_prompt_tokens": cfg.fuse_prompt_tokens}
+                  "mode": args.simulate_mode, "chunk_size": cfg.chunk_size, "fuse_prompt_tokens": cfg.fuse_prompt_tokens,
+                  "prefill_ahead": cfg.prefill_ahead}
 
 
 def bench_serving_main(args) -> int:
@@ -267,14 +277,15 @@ def bench_serving_main(args) -> int:
 
     vocab = preset_config(args.model).vocab_size
     ttft_s = args.ttft_slo_ms / 1e3
-    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens
+    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens or args.prefill_ahead
                               or args.chunk_size != DEFAULT_CHUNK_SIZE):
-        print("bullet bench-serving: error: --simulate-mode, --chunk-size and --fuse-prompt-tokens describe a "
-              "simulated scheduler; give --simulate too (a measured server has its own, set by bullet serve)",
-              file=sys.stderr)
+        print("bullet bench-serving: error: --simulate-mode, --chunk-size, --fuse-prompt-tokens and --prefill-ahead "
+              "describe a simulated scheduler; give --simulate too (a measured server has its own, set by bullet "
+              "serve)", file=sys.stderr)
         return 2
-    if args.simulate and args.fuse_prompt_tokens and args.simulate_mode != "bullet":
-        print("bullet bench-serving: error: --fuse-prompt-tokens applies to --simulate-mode bullet", file=sys.stderr)
+    if args.simulate and (args.fuse_prompt_tokens or args.prefill_ahead) and args.simulate_mode != "bullet":
+        print("bullet bench-serving: error: --fuse-prompt-tokens and --prefill-ahead apply to --simulate-mode bullet",
+              file=sys.stderr)
         return 2
     if args.simulate and args.driver != "ours":
         print("bullet bench-serving: error: --simulate sends no requests; leave --driver out", file=sys.stderr)

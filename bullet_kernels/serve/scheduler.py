@@ -10,7 +10,7 @@ Every :meth:`Scheduler.step` runs one engine iteration and returns what each req
 - ``bullet``: prefill and decode are two lanes. Each step launches the decode batch's next step
   on the decode lane and the next layer groups of the prompts being prefilled (every waiting
   prompt that fits one prefill) on the prefill lane, at the same time: on a GPU with a split
-  policy each on its lane's SMs, the split chosen per step, and up to ``PREFILL_AHEAD`` groups kept
+  policy each on its lane's SMs, the split chosen per step, and up to ``prefill_ahead`` groups kept
   queued on the prefill lane. A prompt joins the decode batch once its last layer group is done,
   so its KV is complete first. Without a GPU the launches run one after the other. With
   ``fuse_prompt_tokens`` set, prompts at most that long skip the prefill lane: while no prefill
@@ -42,7 +42,7 @@ from .request import MODES, BadRequest, Request, State
 
 
 
-PREFILL_AHEAD = 2  # bullet: prefill layer groups kept queued on the prefill lane
+PREFILL_AHEAD = 2  # bullet: prefill layer groups kept queued on the prefill lane (the default)
 
 
 class QueueFull(BulletError):
@@ -70,6 +70,12 @@ class SchedulerConfig:
     # within P90 TPOT 10 ms against 18 for bullet with its 15 ms policy (its 10 ms policy was not
     # run there; docs/serving.md). Not measured on a GPU yet.
     fuse_prompt_tokens: int = 0
+    # bullet: layer groups kept queued on the prefill lane, topped up once a step. More lets a
+    # short prompt's groups (each far shorter than a decode step) run back to back instead of
+    # idling the lane until the next step; fewer lets a change of split wait for less. Simulated
+    # on the chat trace (docs/serving.md): 12 req/s within P90 TPOT 10 ms with 2, 24 with 4, 30
+    # with 8 (every group); no change on the uniform trace. Not measured on a GPU yet.
+    prefill_ahead: int = PREFILL_AHEAD
 
     def __post_init__(self):
         if not isinstance(self.overlap, bool):
@@ -82,7 +88,7 @@ class SchedulerConfig:
         if f and self.mode != "bullet":
             raise ValueError(f"fuse_prompt_tokens applies to mode bullet (the others have no prefill lane to "
                              f"skip); got mode {self.mode!r} with fuse_prompt_tokens {f}")
-        for name in ("chunk_size", "max_running", "max_waiting", "max_prefill_tokens"):
+        for name in ("chunk_size", "max_running", "max_waiting", "max_prefill_tokens", "prefill_ahead"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -698,7 +704,7 @@ class Scheduler:
         else:
             prev, events = None, self._drain()
             decode_out = self._launch_decode(decode_place)
-        # Keep the prefill lane fed: up to PREFILL_AHEAD layer groups queued on its stream (a
+        # Keep the prefill lane fed: up to prefill_ahead layer groups queued on its stream (a
         # group shorter than the decode step would otherwise leave its SMs idle until the next
         # step). Without a GPU, one group per step.
         self._inflight = [e for e in self._inflight if not e.query()]
@@ -706,7 +712,7 @@ class Scheduler:
             # Nothing to decode: wait for the oldest queued group (one stays queued) rather than
             # spin steps that hold the GIL the HTTP side needs.
             self._inflight.pop(0).synchronize()
-        while reqs and self._prefill_group < groups and len(self._inflight) < PREFILL_AHEAD:
+        while reqs and self._prefill_group < groups and len(self._inflight) < self.cfg.prefill_ahead:
             out = self._prefill_step.launch_group(self._prefill_group, prefill_place, self._streams.get("prefill"))
             self._prefill_group += 1
             if self._prefill_group == groups:
