@@ -248,11 +248,13 @@ def test_serving_commands_refuse_bad_options(capsys, argv, words):
     assert exc.value.code == 2 and words in capsys.readouterr().err
 
 
-def test_fusing_prompts_is_refused_outside_bullet_mode(capsys):
+def test_prefill_lane_options_are_refused_outside_bullet_mode(capsys):
     from bullet_kernels import cli
 
     assert cli.main(["serve", "--mode", "chunked", "--fuse-prompt-tokens", "256"]) == 2
-    assert "--fuse-prompt-tokens applies to --mode bullet" in capsys.readouterr().err
+    assert "apply to --mode bullet" in capsys.readouterr().err
+    assert cli.main(["serve", "--mode", "sequential", "--prefill-ahead", "4"]) == 2
+    assert "apply to --mode bullet" in capsys.readouterr().err
 
 
 def test_a_request_id_already_in_flight_is_refused():

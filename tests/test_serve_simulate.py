@@ -79,6 +79,8 @@ def test_bench_serving_simulate_writes_results_marked_simulated(tmp_path):
     assert refused.returncode == 2 and "--simulate sends no requests" in refused.stderr
     refused = subprocess.run(cmd[:4] + ["--simulate-mode", "chunked"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "give --simulate too" in refused.stderr
+    refused = subprocess.run(cmd[:4] + ["--chunk-size", "512"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "give --simulate too" in refused.stderr
     refused = subprocess.run(cmd[:5] + ["--simulate-mode", "chunked", "--fuse-prompt-tokens", "64"],
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "apply to --simulate-mode bullet" in refused.stderr
@@ -121,11 +123,24 @@ def test_chunked_prefill_and_fused_short_prompts(estimator):
                     simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig(fuse_prompt_tokens=300)).run(trace)):
         assert [len(x.token_times_s) for x in results] == [t.output_len for t in trace]
         assert all(x.first_token_s >= x.arrival_s for x in results)
+    # every prompt fused, and the decode batch never as large as a chunk: bullet is chunked prefill
     everything_fused = simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig(fuse_prompt_tokens=10**6))
     chunked = simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig())
     assert [x.token_times_s for x in everything_fused.run(trace)] == [x.token_times_s for x in chunked.run_chunked(trace)]
     with pytest.raises(ValueError, match="fuse_prompt_tokens must be an int >= 0"):
         simulate.SimConfig(fuse_prompt_tokens=-1)
+    with pytest.raises(ValueError, match="prefill_ahead must be None .* or an int >= 1"):
+        simulate.SimConfig(prefill_ahead=0)
+
+
+def test_a_full_decode_batch_admits_no_prefill(estimator):
+    """With max_running requests decoding, the waiting prompts wait: no prefill (and no split
+    for one) until a request finishes, so the decode steps run alone on the whole GPU."""
+    sim = simulate.BulletSimulation(policy(estimator, 15), simulate.SimConfig(max_running=1, step_overhead_ms=0.0))
+    first, *_ = sim.run([TraceRequest(512, 20, 0.0), TraceRequest(512, 5, 0.0), TraceRequest(512, 5, 0.0)])
+    times = first.token_times_s
+    for k in range(1, len(times)):  # token k comes one whole-GPU decode step at context 512 + k after k - 1
+        assert (times[k] - times[k - 1]) * 1e3 == pytest.approx(sim._decode_ms(1, 512 + k, None, False)), k
 
 
 def test_extend_to_keeps_adding_rates_while_the_top_one_meets_the_targets(tmp_path):

@@ -21,7 +21,8 @@ from ..config import EngineConfig
 from ..engine import ModelRunner, Placement
 from ..engine.placement import WHOLE_GPU
 from .engine import ServingEngine
-from .scheduler import PREFILL_AHEAD, Scheduler, SchedulerConfig, whole_gpu
+from .request import DEFAULT_CHUNK_SIZE, PREFILL_AHEAD
+from .scheduler import Scheduler, SchedulerConfig, whole_gpu
 from .server import Service
 from .tokenizer import TextTokenizer
 
@@ -36,7 +37,7 @@ class ServeOptions:
     device: str | None = None  # default: cuda if available
     max_context: int | None = None
     kv_pages: int | None = None
-    chunk_size: int = 512
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     max_running: int = 128
     max_waiting: int = 1024
     max_prefill_tokens: int = 8192  # bullet and sequential: prompt tokens in one prefill

@@ -8,11 +8,10 @@ import math
 import sys
 from pathlib import Path
 
-from .request import MODES
+from .request import DEFAULT_CHUNK_SIZE, MODES, PREFILL_AHEAD
 
 TRACES = ("uniform", "sglang-random", "sharegpt", "azure-conversation")
 DEFAULT_TPOT_SLOS_MS = (10.0, 15.0, 20.0, 30.0)
-DEFAULT_CHUNK_SIZE = 512  # tokens of a fused step, decode rows included (serve, and the simulation)
 
 
 def positive_float(text: str) -> float:
@@ -86,7 +85,7 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
     p.add_argument("--prefill-ahead", type=positive_int, default=None, metavar="GROUPS",
                    help="bullet mode: prefill layer groups kept queued on the prefill lane, topped up once a step "
                    "(more: a short prompt's groups run back to back; fewer: a change of split waits for less; "
-                   "default: the scheduler's PREFILL_AHEAD, 2)")
+                   f"default: {PREFILL_AHEAD})")
     p.add_argument("--split", type=lane_split, default=None, metavar="prefill=P,decode=D",
                    help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
                    "SLO policy over the shipped profile (default: the policy)")
@@ -99,9 +98,9 @@ def serve_main(args) -> int:
     from . import server
     from .app import ServeOptions, build_service
 
-    if args.fuse_prompt_tokens and args.mode != "bullet":
-        print(f"bullet serve: error: --fuse-prompt-tokens applies to --mode bullet (the other modes have no "
-              f"prefill lane to skip); got --mode {args.mode}", file=sys.stderr)
+    if (args.fuse_prompt_tokens or args.prefill_ahead is not None) and args.mode != "bullet":
+        print(f"bullet serve: error: --fuse-prompt-tokens and --prefill-ahead apply to --mode bullet (the other "
+              f"modes have no prefill lane); got --mode {args.mode}", file=sys.stderr)
         return 2
 
     opts = ServeOptions(model=args.model, mode=args.mode, device=args.device, max_context=args.max_context,
@@ -165,8 +164,9 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
     p.add_argument("--simulate-mode", default="bullet", choices=("bullet", "chunked", "sequential"),
                    help="with --simulate: the scheduler mode simulated (chunked: fused steps costed from the "
                    "profile's prefill and decode times, serve/simulate.py)")
-    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, metavar="TOKENS",
-                   help="with --simulate: tokens of a fused step (chunked mode, and bullet's fused prompts)")
+    p.add_argument("--chunk-size", type=positive_int, default=None, metavar="TOKENS",
+                   help="with --simulate: tokens of a fused step (chunked mode, and bullet's fused prompts; "
+                   f"default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--prefill-ahead", type=positive_int, default=None, metavar="GROUPS",
                    help="with --simulate in bullet mode: layer groups the scheduler keeps queued on the prefill "
                    "lane (bullet serve --prefill-ahead; default: the scheduler's)")
@@ -248,7 +248,8 @@ def run_simulation(args, rates: list[float], ttft_s: float, progress) -> tuple[l
     path = args.profile or local_profile(args.model)
     policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
                        ttft_ms=args.ttft_slo_ms)
-    cfg = simulate.SimConfig(chunk_size=args.chunk_size, fuse_prompt_tokens=args.fuse_prompt_tokens,
+    cfg = simulate.SimConfig(chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+                             fuse_prompt_tokens=args.fuse_prompt_tokens,
                              **({} if args.prefill_ahead is None else {"prefill_ahead": args.prefill_ahead}))
     rows = simulate.simulate_rates(policy, make_trace_fn(args), rates, ttft_s, min(args.tpot_slo_ms) / 1e3,
                                    cfg=cfg, progress=progress, mode=args.simulate_mode)
@@ -277,13 +278,13 @@ def bench_serving_main(args) -> int:
 
     vocab = preset_config(args.model).vocab_size
     ttft_s = args.ttft_slo_ms / 1e3
-    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens or args.prefill_ahead
-                              or args.chunk_size != DEFAULT_CHUNK_SIZE):
+    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens
+                              or args.prefill_ahead is not None or args.chunk_size is not None):
         print("bullet bench-serving: error: --simulate-mode, --chunk-size, --fuse-prompt-tokens and --prefill-ahead "
               "describe a simulated scheduler; give --simulate too (a measured server has its own, set by bullet "
               "serve)", file=sys.stderr)
         return 2
-    if args.simulate and (args.fuse_prompt_tokens or args.prefill_ahead) and args.simulate_mode != "bullet":
+    if args.simulate and (args.fuse_prompt_tokens or args.prefill_ahead is not None) and args.simulate_mode != "bullet":
         print("bullet bench-serving: error: --fuse-prompt-tokens and --prefill-ahead apply to --simulate-mode bullet",
               file=sys.stderr)
         return 2

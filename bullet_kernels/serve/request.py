@@ -11,6 +11,8 @@ from ..errors import BulletError
 
 
 MODES = ("bullet", "chunked", "sequential")  # how the scheduler runs prefill beside decode
+DEFAULT_CHUNK_SIZE = 512  # chunked mode, and bullet's fused prompts: tokens a fused step, decode rows included
+PREFILL_AHEAD = 2  # bullet: layer groups kept queued on the prefill lane, topped up once a step
 
 
 class BadRequest(BulletError, ValueError):

@@ -37,12 +37,11 @@ import torch
 from ..engine import KVCacheExhausted, Placement
 from ..engine.placement import WHOLE_GPU
 from ..errors import BulletError
-from .request import MODES, BadRequest, Request, State
+from .request import DEFAULT_CHUNK_SIZE, MODES, PREFILL_AHEAD, BadRequest, Request, State
 
 
 
 
-PREFILL_AHEAD = 2  # bullet: prefill layer groups kept queued on the prefill lane (the default)
 
 
 class QueueFull(BulletError):
@@ -52,7 +51,7 @@ class QueueFull(BulletError):
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
     mode: str = "bullet"
-    chunk_size: int = 512  # chunked: tokens per fused step, decode rows included
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # chunked: tokens per fused step, decode rows included
     max_running: int = 128  # decode batch size cap
     max_waiting: int = 1024  # queued requests before add() refuses (overload)
     max_prefill_tokens: int = 8192  # sequential: prompt tokens prefilled in one step

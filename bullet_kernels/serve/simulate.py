@@ -25,7 +25,7 @@ follows :class:`~.scheduler.Scheduler` in bullet mode at the level of whole step
   prefill runs beside it, plus ``step_overhead_ms`` of host time (5.9 ms of wall time against
   5.4 ms of graph for a batch-16 step on the H200, docs/serving.md); the prefill lane advances
   through its groups in the meantime at their estimated (co-run) times on its lane, but only
-  through the groups the scheduler has queued on it (``PREFILL_AHEAD``, topped up once a step:
+  through the groups the scheduler has queued on it (``prefill_ahead``, topped up once a step:
   a short prompt's groups, each far shorter than a step, leave the lane idle until the next);
 - with nothing to decode, a prefill runs alone on the whole GPU;
 - a prefill that lands during a step joins the batch at that step's end: its first token
@@ -46,9 +46,10 @@ import functools
 from typing import Sequence
 
 from ..orchestrate.policy import DECODE, PREFILL, Policy, split_chooser
+from ..orchestrate.profile import WHOLE_GPU
 from .app import GPU_PREFILL_BUCKETS
 from .metrics import RequestResult, summarize
-from .scheduler import PREFILL_AHEAD
+from .request import DEFAULT_CHUNK_SIZE, PREFILL_AHEAD
 from .traces import TraceRequest
 
 DEFAULT_STEP_OVERHEAD_MS = 0.5
@@ -122,9 +123,9 @@ class SimConfig:
     # target, with it they came out one rate step low (docs/serving.md).
     pad_prefill: bool = False
     prefill_buckets: tuple[int, ...] = GPU_PREFILL_BUCKETS
-    chunk_size: int = 512  # chunked, and bullet's fused steps: tokens a fused step, decode rows included
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # chunked, and bullet's fused steps: tokens a fused step, decode rows included
     # bullet: layer groups the scheduler keeps queued on the prefill lane, topped up once a step
-    # (scheduler.PREFILL_AHEAD); None: the lane never waits for the next step
+    # (SchedulerConfig.prefill_ahead); None: the lane never waits for the next step
     prefill_ahead: int | None = PREFILL_AHEAD
     fuse_prompt_tokens: int = 0  # bullet: prompts at most this long fused into decode steps (0: none)
 
@@ -137,6 +138,9 @@ class SimConfig:
         if isinstance(self.fuse_prompt_tokens, bool) or not isinstance(self.fuse_prompt_tokens, int) \
                 or self.fuse_prompt_tokens < 0:
             raise ValueError(f"fuse_prompt_tokens must be an int >= 0, got {self.fuse_prompt_tokens!r}")
+        a = self.prefill_ahead
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
+            raise ValueError(f"prefill_ahead must be None (the lane never waits) or an int >= 1, got {a!r}")
         for name in ("max_prefill_tokens", "max_running", "chunk_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -178,7 +182,7 @@ class BulletSimulation:
     @functools.cached_property
     def _weights_ms(self) -> float:
         """The profile's smallest decode step on the whole GPU: about the weights' read."""
-        points = [p for p in self.est.profile.decode if p["split"] == "whole-gpu"]
+        points = [p for p in self.est.profile.decode if p["split"] == WHOLE_GPU]
         smallest = min(points, key=lambda p: (p["batch"], p["context"]))
         return self._decode_ms(smallest["batch"], smallest["context"], None, False)
 
@@ -265,7 +269,7 @@ class BulletSimulation:
                 split = None  # a fused step runs on the whole GPU
                 t, running = self._fused_step(running, fusing, waiting, trace, t, done, cfg.fuse_prompt_tokens)
                 continue
-            if prefill is None and waiting:
+            if prefill is None and waiting:  # None when the decode batch is full: nothing admitted
                 prefill = self._admit(waiting, trace, len(running))
             if not running:  # the prefill alone on the whole GPU, to its end
                 split = None
@@ -320,16 +324,17 @@ class BulletSimulation:
                               token_times_s=[x / 1e3 for x in done[i]], end_s=done[i][-1] / 1e3)
                 for i, req in enumerate(trace)]
 
-    def _admit(self, waiting: collections.deque, trace, running: int) -> _Prefill:
+    def _admit(self, waiting: collections.deque, trace, running: int) -> _Prefill | None:
         """The queue's head prompts for one prefill: at least one, up to max_prefill_tokens,
-        within max_running."""
+        within max_running; None when the decode batch has no room (as the scheduler admits
+        nothing then)."""
         chosen, tokens = [], 0
         while waiting and running + len(chosen) < self.cfg.max_running and (
                 not chosen or tokens + trace[waiting[0]].prompt_len <= self.cfg.max_prefill_tokens):
             i = waiting.popleft()
             chosen.append(i)
             tokens += trace[i].prompt_len
-        return _Prefill(chosen, self.cfg.padded(tokens))
+        return _Prefill(chosen, self.cfg.padded(tokens)) if chosen else None
 
     @staticmethod
     def _join(prefill: list[int], trace, t: float, done: dict) -> list[_Running]:
