@@ -108,7 +108,7 @@ def serve_main(args) -> int:
                         max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,
                         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
                         split=args.split, overlap=args.overlap, fuse_prompt_tokens=args.fuse_prompt_tokens,
-                        **({} if args.prefill_ahead is None else {"prefill_ahead": args.prefill_ahead}))
+                        prefill_ahead=args.prefill_ahead or PREFILL_AHEAD)
     service = build_service(opts)
     kv = service.engine.scheduler.runner.kv_cache
     print(f"bullet serve: {service.model} ({opts.mode} mode) on {service.engine.scheduler.runner.device}, "
@@ -250,7 +250,7 @@ def run_simulation(args, rates: list[float], ttft_s: float, progress) -> tuple[l
                        ttft_ms=args.ttft_slo_ms)
     cfg = simulate.SimConfig(chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
                              fuse_prompt_tokens=args.fuse_prompt_tokens,
-                             **({} if args.prefill_ahead is None else {"prefill_ahead": args.prefill_ahead}))
+                             prefill_ahead=args.prefill_ahead or PREFILL_AHEAD)
     rows = simulate.simulate_rates(policy, make_trace_fn(args), rates, ttft_s, min(args.tpot_slo_ms) / 1e3,
                                    cfg=cfg, progress=progress, mode=args.simulate_mode)
     return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms,

@@ -100,6 +100,28 @@ class _Prefill:
                 return False
 
 
+class _Queue:
+    """The trace's requests in arrival order; :meth:`arrive` moves those that have arrived by
+    the simulated time into ``waiting`` (FIFO)."""
+
+    def __init__(self, trace: Sequence[TraceRequest]):
+        self._trace = trace
+        self._pending = collections.deque(sorted(range(len(trace)), key=lambda i: trace[i].arrival_s))
+        self.waiting: collections.deque[int] = collections.deque()
+
+    def arrive(self, t_ms: float) -> None:
+        while self._pending and self._trace[self._pending[0]].arrival_s * 1e3 <= t_ms:
+            self.waiting.append(self._pending.popleft())
+
+    def more(self) -> bool:
+        """Requests still to arrive?"""
+        return bool(self._pending)
+
+    def next_ms(self) -> float:
+        """When the next request arrives (ms): where an idle GPU's clock jumps to."""
+        return self._trace[self._pending[0]].arrival_s * 1e3
+
+
 def _decode_step(running: list[_Running], t: float, done: dict) -> list[_Running]:
     """A decode step ending at ``t``: one token to every running request; those that are
     complete leave (their token times into ``done``)."""
@@ -224,17 +246,16 @@ class BulletSimulation:
     def run_chunked(self, trace: Sequence[TraceRequest]) -> list[RequestResult]:
         """Chunked prefill (``bullet serve --mode chunked``): every step a fused one on the whole
         GPU while prompts wait or are in progress, a decode step otherwise."""
-        arrivals = collections.deque(sorted(range(len(trace)), key=lambda i: trace[i].arrival_s))
-        waiting: collections.deque[int] = collections.deque()
+        queue = _Queue(trace)
+        waiting = queue.waiting
         running: list[_Running] = []
         fusing: dict[int, int] = {}
         done: dict[int, list[float]] = {}
         t = 0.0
-        while arrivals or waiting or running or fusing:
-            while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= t:
-                waiting.append(arrivals.popleft())
+        while queue.more() or waiting or running or fusing:
+            queue.arrive(t)
             if not running and not waiting and not fusing:
-                t = trace[arrivals[0]].arrival_s * 1e3
+                t = queue.next_ms()
                 continue
             t, running = self._fused_step(running, fusing, waiting, trace, t, done, None)
         return self._results(trace, done)
@@ -252,18 +273,17 @@ class BulletSimulation:
     def run(self, trace: Sequence[TraceRequest]) -> list[RequestResult]:
         cfg = self.cfg
         fusing: dict[int, int] = {}  # fuse_prompt_tokens: short prompts in progress -> tokens done
-        arrivals = collections.deque(sorted(range(len(trace)), key=lambda i: trace[i].arrival_s))
-        waiting: collections.deque[int] = collections.deque()
+        queue = _Queue(trace)
+        waiting = queue.waiting
         running: list[_Running] = []
         done: dict[int, list[float]] = {}  # request -> its token times (ms)
         prefill: _Prefill | None = None
         split = None
         t = 0.0  # ms
-        while arrivals or waiting or running or prefill or fusing:
-            while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= t:
-                waiting.append(arrivals.popleft())
+        while queue.more() or waiting or running or prefill or fusing:
+            queue.arrive(t)
             if not running and not prefill and not waiting and not fusing:
-                t = trace[arrivals[0]].arrival_s * 1e3  # idle until the next arrival
+                t = queue.next_ms()  # idle until the next arrival
                 continue
             if prefill is None and self._fuses(fusing, waiting, trace, running):
                 split = None  # a fused step runs on the whole GPU
@@ -296,16 +316,15 @@ class BulletSimulation:
         """The prefill-first baseline (``bullet serve --mode sequential``) on the same model:
         whenever prompts wait, they are prefilled on the whole GPU while decode waits; otherwise
         one decode step of the running batch on the whole GPU."""
-        arrivals = collections.deque(sorted(range(len(trace)), key=lambda i: trace[i].arrival_s))
-        waiting: collections.deque[int] = collections.deque()
+        queue = _Queue(trace)
+        waiting = queue.waiting
         running: list[_Running] = []
         done: dict[int, list[float]] = {}
         t = 0.0
-        while arrivals or waiting or running:
-            while arrivals and trace[arrivals[0]].arrival_s * 1e3 <= t:
-                waiting.append(arrivals.popleft())
+        while queue.more() or waiting or running:
+            queue.arrive(t)
             if not running and not waiting:
-                t = trace[arrivals[0]].arrival_s * 1e3
+                t = queue.next_ms()
                 continue
             if waiting and len(running) < self.cfg.max_running:
                 prefill = self._admit(waiting, trace, len(running))
