@@ -233,6 +233,7 @@ def test_bench_serving_against_our_server_writes_goodput(tmp_path, capsys):
 @pytest.mark.parametrize("argv,words", [
     (["serve", "--mode", "fast"], "invalid choice"),
     (["bench-serving", "--rates", "0"], "number > 0"),
+    (["bench-serving", "--extend-to", "-3"], "number > 0"),
     (["bench-serving", "--trace", "lmsys"], "invalid choice"),
     (["bench-serving", "--trace-file", "/no/such/trace.jsonl"], "is not a file"),
     (["serve", "--split", "prefill=100"], "'prefill' and 'decode'"),
