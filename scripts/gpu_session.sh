@@ -8,7 +8,8 @@
 # adaptertest (the SGLang adapter's GPU test, SGLang from /tmp/site: run the sgpart stages first),
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
 # capture, smsweep, roofline, sglang), sweep (`bullet sweep`), the investigations (greendiag,
-# greenconn, greenfade: green_cause.py connections and fade; interference:
+# greenconn, greenfade: green_cause.py connections and fade; greentest:N: the green cross-lane
+# GPU test with BULLET_GREEN_SETTLE_PROBES=N, 0 for off; interference:
 # interference_variants.py), and the serving goodput runs of
 # scripts/serving_goodput.sh:
 #   serve:LABEL:MODE:CHUNK:TRACE:RATES[:SERVE_ARGS]  `bullet serve` measured (RATES comma-separated)
@@ -98,6 +99,8 @@ for s in "$@"; do
     greendiag) stage greendiag python3 bench/investigations/green_diagnose.py ;;
     greenconn) stage greenconn python3 bench/investigations/green_cause.py connections 2 ;;
     greenfade) stage greenfade python3 bench/investigations/green_cause.py fade ;;
+    greentest:*) stage "greentest-settle${s#greentest:}" env BULLET_GREEN_SETTLE_PROBES="${s#greentest:}" \
+                   python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_green_cross_lane_gpu.py ;;
     interference) stage interference python3 bench/investigations/interference_variants.py ;;
     serve:*)   IFS=: read -r _ label mode chunk trace rates sargs <<< "$s"
                RATES=${rates//,/ } TRACE=$trace LABEL=$label SERVE_ARGS=${sargs:-} \

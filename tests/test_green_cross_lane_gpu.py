@@ -15,7 +15,9 @@ CHECKS = Path(__file__).parent / "fresh_process" / "green_cross_lane_checks.py"
 def _run(scenario: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-m", "gpu", str(CHECKS)]
     env = {**os.environ, "BULLET_SCENARIO": scenario}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=CHECKS.parents[1], timeout=900)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=CHECKS.parents[1], timeout=900)
+    print(done.stdout[-6000:])  # what each lane and retry showed: the record the docs cite (pytest -s)
+    return done
 
 
 def test_splits_opened_up_front_hold_through_inductor_work():
