@@ -103,7 +103,7 @@ class LayerOps:
             raise ValueError(f"no kernel {name!r}; kernels: {', '.join(costs.LAYER_OPS)}")
         if name in self.w:
             x = {"qkv_proj": self.x, "o_proj": self.attn_out, "gate_up_proj": self.x, "down_proj": self.act}[name]
-            return [lambda w=w, x=x: kernels.linear(x, w) for w in self.w[name]]
+            return [lambda w=w, x=x: self.linear(x, w) for w in self.w[name]]
         if name == "attention":
             q = self.split_heads(self.qkv)[0].contiguous()
             calls = [lambda cache=cache: self.attention(q, cache) for cache in self.caches]
@@ -116,12 +116,17 @@ class LayerOps:
         }[name]
         return [small] * REPEAT_SMALL
 
+    def linear(self, x, w):
+        """A GEMM of this layer's phase: the GEMM ``BULLET_LINEAR`` picks for it, as in the model."""
+        with kernels.gemm_phase(self.phase):
+            return kernels.linear(x, w)
+
     def layer(self):
         """The layer's kernels in order, on one set of data (what one layer of a step runs)."""
         c, cache = self.config, self.caches[0]
         h, res = kernels.fused_add_rms_norm(self.x, self.res, self.norm_w, self.eps)
-        q = self.rotary(*self.split_heads(kernels.linear(h, self.w["qkv_proj"][0])), cache)
-        o = kernels.linear(self.attention(q, cache).reshape(-1, c.q_size), self.w["o_proj"][0])
+        q = self.rotary(*self.split_heads(self.linear(h, self.w["qkv_proj"][0])), cache)
+        o = self.linear(self.attention(q, cache).reshape(-1, c.q_size), self.w["o_proj"][0])
         h, res = kernels.fused_add_rms_norm(o, res, self.norm_w, self.eps)
-        up = kernels.silu_and_mul(kernels.linear(h, self.w["gate_up_proj"][0]))
-        return kernels.linear(up, self.w["down_proj"][0]), res
+        up = kernels.silu_and_mul(self.linear(h, self.w["gate_up_proj"][0]))
+        return self.linear(up, self.w["down_proj"][0]), res

@@ -24,8 +24,10 @@ BULLET_SPLITS                   splits opened at start, ``;``-separated, e.g.
                                 ``prefill=96,decode=36;decode=16`` (from_env)
 BULLET_KERNELS                  ``triton`` (default) or ``reference``: force the reference
                                 kernels everywhere, for A/B comparisons (kernel_settings)
-BULLET_LINEAR                   ``cublas`` (default), ``triton`` or ``cublaslt-target``
-                                (cuBLASLt told the SM budget): the GEMM (kernel_settings)
+BULLET_LINEAR                   the GEMM, one of ``cublas``, ``triton`` or ``cublaslt-target``
+                                (cuBLASLt told the SM budget), for both phases or per phase:
+                                ``decode=cublaslt-target,prefill=cublas`` (the default)
+                                (kernel_settings)
 BULLET_TPC_MECHANISM            auto, record or hook (read by bullet_kernels.partition.tpc)
 BULLET_TPC_STREAM_OFFSET        byte offset of the driver's stream mask, e.g. ``0x51c``
                                 (read by bullet_kernels.partition.tpc)
@@ -195,10 +197,26 @@ ENV_FIELDS: dict[str, tuple[str, Callable]] = {
 }
 
 
+# The default GEMM per phase, measured on the H200 (bench/results/interference-*-01fb384, the
+# same run for both): cuBLASLt told the lane's SM count made decode steps 5-13% faster on 32-80
+# SM lanes (batch 128, 2048 context: 26.1 -> 23.9 ms on 32 SMs) and 1% on the whole GPU, but
+# prefill layer groups up to 25% slower on lanes (4096 tokens on 52 SMs: 26.7 -> 33.4 ms), where
+# cuBLAS's own choice wins. So decode GEMMs go to cuBLASLt with the target, prefill's to cuBLAS.
+DEFAULT_LINEAR = {"decode": "cublaslt-target", "prefill": "cublas"}
+PHASES = ("decode", "prefill")
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelSettings:
     kernels: str  # "triton" or "reference"
-    linear: str  # "cublas" or "triton"
+    linear_decode: str = DEFAULT_LINEAR["decode"]  # one of LINEAR_CHOICES, for decode steps' GEMMs
+    linear_prefill: str = DEFAULT_LINEAR["prefill"]  # and for prefill (and fused prefill+decode) GEMMs
+
+    def linear(self, phase: str) -> str:
+        """The GEMM of ``phase`` (``decode`` or ``prefill``)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+        return self.linear_decode if phase == "decode" else self.linear_prefill
 
 
 def kernel_settings() -> KernelSettings:
@@ -209,9 +227,31 @@ def kernel_settings() -> KernelSettings:
 @functools.lru_cache(maxsize=8)
 def _parse_kernel_settings(kernels: str, linear: str) -> KernelSettings:
     # Validated once per distinct value: the kernel dispatcher calls this on every launch.
-    kernels, linear = kernels.strip().lower() or "triton", linear.strip().lower() or "cublas"
+    kernels = kernels.strip().lower() or "triton"
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"BULLET_KERNELS={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
-    if linear not in LINEAR_CHOICES:
-        raise ValueError(f"BULLET_LINEAR={linear!r} is not one of {', '.join(LINEAR_CHOICES)}")
-    return KernelSettings(kernels, linear)
+    return KernelSettings(kernels, **{f"linear_{p}": choice for p, choice in parse_linear(linear).items()})
+
+
+def parse_linear(text: str) -> dict[str, str]:
+    """``BULLET_LINEAR`` -> ``{"decode": ..., "prefill": ...}``: one choice for both phases
+    (``cublas``), or per phase (``decode=cublaslt-target,prefill=cublas``; a phase left out keeps
+    its default, :data:`DEFAULT_LINEAR`)."""
+    text = text.strip().lower()
+    allowed = f"one of {', '.join(LINEAR_CHOICES)}, or per phase, e.g. decode=cublaslt-target,prefill=cublas"
+    if not text:
+        return dict(DEFAULT_LINEAR)
+    if "=" not in text:
+        if text not in LINEAR_CHOICES:
+            raise ValueError(f"BULLET_LINEAR={text!r}: expected {allowed}")
+        return {p: text for p in PHASES}
+    out = dict(DEFAULT_LINEAR)
+    seen = set()
+    for part in text.split(","):
+        phase, _, choice = (x.strip() for x in part.partition("="))
+        if phase not in PHASES or choice not in LINEAR_CHOICES or phase in seen:
+            raise ValueError(f"BULLET_LINEAR={text!r}: {part.strip()!r} is not <phase>=<gemm> with phase in "
+                             f"{'/'.join(PHASES)} (each once) and gemm {allowed}")
+        seen.add(phase)
+        out[phase] = choice
+    return out

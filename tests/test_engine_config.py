@@ -82,13 +82,25 @@ def test_from_env_names_the_variable_behind_a_bad_value(monkeypatch):
 def test_kernel_settings_validate_and_follow_the_environment(monkeypatch):
     monkeypatch.delenv("BULLET_KERNELS", raising=False)
     monkeypatch.delenv("BULLET_LINEAR", raising=False)
-    assert kernel_settings() == KernelSettings("triton", "cublas")
+    default = kernel_settings()
+    assert default == KernelSettings("triton", "cublaslt-target", "cublas")  # measured per phase (config.py)
+    assert (default.linear("decode"), default.linear("prefill")) == ("cublaslt-target", "cublas")
     monkeypatch.setenv("BULLET_KERNELS", "reference")
     monkeypatch.setenv("BULLET_LINEAR", "Triton")
-    assert kernel_settings() == KernelSettings("reference", "triton")
-    monkeypatch.setenv("BULLET_LINEAR", "cutlass")
-    with pytest.raises(ValueError, match="BULLET_LINEAR='cutlass' is not one of cublas, triton, cublaslt-target"):
-        kernel_settings()
+    assert kernel_settings() == KernelSettings("reference", "triton", "triton")
+    monkeypatch.setenv("BULLET_LINEAR", "prefill=triton")  # decode keeps its default
+    assert kernel_settings() == KernelSettings("reference", "cublaslt-target", "triton")
+    monkeypatch.setenv("BULLET_LINEAR", " decode = cublas , prefill=cublaslt-target")
+    assert kernel_settings() == KernelSettings("reference", "cublas", "cublaslt-target")
+    with pytest.raises(ValueError, match="phase must be one of decode, prefill, got 'mixed'"):
+        kernel_settings().linear("mixed")
+    for bad, says in (("cutlass", "BULLET_LINEAR='cutlass': expected one of cublas, triton, cublaslt-target"),
+                      ("decode=cutlass", "'decode=cutlass' is not <phase>=<gemm>"),
+                      ("mixed=cublas", "'mixed=cublas' is not <phase>=<gemm>"),
+                      ("decode=cublas,decode=triton", "'decode=triton' is not <phase>=<gemm> .* \\(each once\\)")):
+        monkeypatch.setenv("BULLET_LINEAR", bad)
+        with pytest.raises(ValueError, match=says):
+            kernel_settings()
 
 
 def test_engine_variables_are_read_only_in_config_py():

@@ -127,6 +127,47 @@ def test_decode_splits_follow_budget_not_lengths():
 # ---------------------------------------------------------------- dispatcher
 
 
+def test_linear_uses_the_gemm_of_the_current_phase(monkeypatch):
+    """decode and prefill GEMMs follow BULLET_LINEAR per phase; the model sets the phase."""
+    from bullet_kernels import kernels
+
+    chosen = []
+    monkeypatch.setattr(kernels, "_triton", lambda *t: True)  # as on a GPU: the choice matters
+    monkeypatch.setattr(kernels.gemm, "linear", lambda x, w: chosen.append("triton") or F.linear(x, w))
+    monkeypatch.setenv("BULLET_LINEAR", "decode=triton,prefill=cublas")
+    x, w = torch.randn(3, 8), torch.randn(5, 8)
+    kernels.linear(x, w)  # outside any phase: prefill's
+    with kernels.gemm_phase("decode"):
+        out = kernels.linear(x, w)
+        with kernels.gemm_phase("prefill"):
+            kernels.linear(x, w)
+        kernels.linear(x, w)
+    assert chosen == ["triton", "triton"]
+    torch.testing.assert_close(out, F.linear(x, w))
+    with pytest.raises(ValueError, match="phase must be one of decode, prefill, got 'mixed'"):
+        with kernels.gemm_phase("mixed"):
+            pass
+
+
+def test_gemms_through_hands_every_gemm_to_the_runner_and_nothing_else():
+    from bullet_kernels import kernels
+
+    seen = []
+
+    def runner(gemm):
+        seen.append("gemm")
+        return gemm()
+
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    with kernels.gemms_through(runner):
+        out = kernels.linear(kernels.silu_and_mul(torch.randn(4, 16)), w)
+        kernels.rms_norm(x, torch.ones(8), 1e-6)
+        with kernels.gemms_through(None):  # an inner scope may turn it off
+            kernels.linear(x, w)
+    kernels.linear(x, w)
+    assert seen == ["gemm"] and out.shape == (4, 6)
+
+
 def test_cublaslt_target_is_the_budget_as_torchs_carveout():
     from bullet_kernels.kernels import blas_target
 

@@ -5,14 +5,22 @@ CUDA tensors go to our Triton kernels; everything else runs the reference. Two e
 overrides, read through :func:`bullet_kernels.config.kernel_settings`:
 
 - ``BULLET_KERNELS=reference`` forces the reference everywhere (A/B comparisons);
-- ``BULLET_LINEAR=cublas|triton|cublaslt-target`` picks the GEMM (default ``cublas``: on
-  partitions cuBLAS already draws copy bandwidth; ``cublaslt-target``: cuBLASLt told the SM
-  budget, :mod:`.blas_target`).
+- ``BULLET_LINEAR`` picks the GEMM per phase: ``cublas``, ``triton`` (our split-K GEMM) or
+  ``cublaslt-target`` (cuBLASLt told the SM budget, :mod:`.blas_target`); by default decode
+  steps use ``cublaslt-target`` and prefill ``cublas`` (measured, see ``config.DEFAULT_LINEAR``).
 
-Launch sizes follow :func:`current_sm_budget`; wrap graph captures in :func:`sm_budget`.
+The phase is the one of the innermost :func:`gemm_phase` scope (the model sets it per forward
+from ``ForwardBatch.is_decode``; outside any scope: prefill, the choice that never loses much
+on the whole GPU). Launch sizes follow :func:`current_sm_budget`; wrap graph captures in
+:func:`sm_budget`. :func:`gemms_through` hands every GEMM to a runner (kernel-level placement:
+the engine runs GEMMs on another lane than the rest of a graph).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,14 +89,50 @@ def paged_prefill_attention(q, k_cache, v_cache, page_table, cu_seqlens_q, seq_l
     return reference.paged_prefill_attention(*args, scale)
 
 
+_GEMM_PHASE: contextvars.ContextVar[str] = contextvars.ContextVar("bullet_gemm_phase", default="prefill")
+_GEMM_RUNNER: contextvars.ContextVar[Callable[[Callable[[], Any]], Any] | None] = contextvars.ContextVar(
+    "bullet_gemm_runner", default=None)
+
+
+@contextlib.contextmanager
+def gemm_phase(phase: str) -> Iterator[None]:
+    """GEMMs inside are ``phase``'s (``decode`` or ``prefill``): :func:`linear` uses that phase's
+    GEMM from ``BULLET_LINEAR``."""
+    kernel_settings().linear(phase)  # refuses an unknown phase here, not at the first GEMM
+    token = _GEMM_PHASE.set(phase)
+    try:
+        yield
+    finally:
+        _GEMM_PHASE.reset(token)
+
+
+@contextlib.contextmanager
+def gemms_through(runner: Callable[[Callable[[], Any]], Any] | None) -> Iterator[None]:
+    """Every :func:`linear` inside runs as ``runner(gemm)``, ``gemm`` a no-argument function
+    that computes it (None: run directly). The runner decides where (which stream and SM
+    budget); it must return what ``gemm()`` returned."""
+    token = _GEMM_RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _GEMM_RUNNER.reset(token)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` (no bias), routed to cuBLAS, cuBLASLt with the SM budget as its
-    SM-count target, or our split-K GEMM."""
-    mode = kernel_settings().linear
+    SM-count target, or our split-K GEMM, as ``BULLET_LINEAR`` says for the current phase."""
+    runner = _GEMM_RUNNER.get()
+    if runner is not None:
+        return runner(lambda: _linear(x, weight))
+    return _linear(x, weight)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    mode = kernel_settings().linear(_GEMM_PHASE.get())
     if mode == "triton" and _triton(x, weight):
         return gemm.linear(x, weight)
     if mode == "cublaslt-target" and _triton(x, weight):
-        with blas_target.cublaslt_sm_target(current_sm_budget()):
+        with blas_target.cublaslt_sm_target(current_sm_budget()):  # read when the GEMM runs: a runner's budget
             return F.linear(x, weight)
     return F.linear(x, weight)
 
@@ -103,6 +147,8 @@ __all__ = [
     "sm_budget",
     "apply_rotary",
     "fused_add_rms_norm",
+    "gemm_phase",
+    "gemms_through",
     "linear",
     "paged_decode_attention",
     "paged_prefill_attention",

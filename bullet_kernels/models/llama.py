@@ -185,8 +185,9 @@ class LlamaModel(nn.Module):
         """Run layers ``[start, end)``; returns the ``(hidden, residual)`` pair for the next group."""
         if self.layers[0].k_cache is None:
             raise RuntimeError("no KV cache attached: call model.attach_kv_cache(cache) first")
-        for layer in self.layers[start:end]:
-            hidden, residual = layer(hidden, residual, batch, self.cos_sin_cache)
+        with kernels.gemm_phase("decode" if batch.is_decode else "prefill"):
+            for layer in self.layers[start:end]:
+                hidden, residual = layer(hidden, residual, batch, self.cos_sin_cache)
         return hidden, residual
 
     def final(
