@@ -8,7 +8,7 @@
 # adaptertest (the SGLang adapter's GPU test, SGLang from /tmp/site: run the sgpart stages first),
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
 # capture, smsweep, roofline, sglang), sweep (`bullet sweep`), the investigations (greendiag,
-# greenconn, greenfade: green_cause.py connections and fade; greentest:N: the green cross-lane
+# greenconn, greenfade: green_cause.py connections (GREENCONN_ARGS, default 2) and fade; greentest:N: the green cross-lane
 # GPU test with BULLET_GREEN_SETTLE_PROBES=N, 0 for off; interference:
 # interference_variants.py), and the serving goodput runs of
 # scripts/serving_goodput.sh:
@@ -97,7 +97,7 @@ for s in "$@"; do
                  --sglang-model-dir "${SGLANG_MODEL_DIR:-.carry/llama-3.1-8b-dummy}" --sglang-pythonpath "${SGLANG_SITE:-/tmp/site}" ;;
     sweep)     stage sweep bullet sweep ${SWEEP_ARGS:-} ;;
     greendiag) stage greendiag python3 bench/investigations/green_diagnose.py ;;
-    greenconn) stage greenconn python3 bench/investigations/green_cause.py connections 2 ;;
+    greenconn) stage greenconn python3 bench/investigations/green_cause.py connections ${GREENCONN_ARGS:-2} ;;
     greenfade) stage greenfade python3 bench/investigations/green_cause.py fade ;;
     greentest:*) stage "greentest-settle${s#greentest:}" env BULLET_GREEN_SETTLE_PROBES="${s#greentest:}" \
                    python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_green_cross_lane_gpu.py ;;
