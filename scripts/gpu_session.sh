@@ -7,7 +7,8 @@
 # the files in SERVETESTS),
 # adaptertest (the SGLang adapter's GPU test, SGLang from /tmp/site: run the sgpart stages first),
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
-# capture, smsweep, roofline, sglang), sweep (`bullet sweep`), the investigations (greendiag,
+# capture, smsweep, roofline, colocation, sglang), profile (`bullet profile --fresh`: this GPU's
+# shipped latency profile measured again, used by later stages and copied to bench/results), sweep (`bullet sweep`), the investigations (greendiag,
 # greenconn, greenfade: green_cause.py connections (GREENCONN_ARGS, default 2) and fade; greentest:N: the green cross-lane
 # GPU test with BULLET_GREEN_SETTLE_PROBES=N, 0 for off; interference:
 # interference_variants.py), and the serving goodput runs of
@@ -93,6 +94,9 @@ for s in "$@"; do
     capture)   bench_stage capture bench/test_capture_bank.py ;;
     smsweep)   bench_stage smsweep bench/test_sm_sweep.py ;;
     roofline)  bench_stage roofline bench/test_roofline.py ;;
+    colocation) bench_stage colocation bench/test_colocation.py ;;
+    profile)   stage profile bash -c 'bullet profile --fresh || exit 1; for f in graphs/*/llama-3.1-8b.json; do
+                 [ "$f" -nt "'"$STARTED"'" ] && cp "$f" "bench/results/profile-$(basename "$(dirname "$f")")-llama-3.1-8b-$(date -u +%Y%m%d).json"; done; exit 0' ;;
     sglang)    bench_stage sglang bench/test_sglang_compare.py \
                  --sglang-model-dir "${SGLANG_MODEL_DIR:-.carry/llama-3.1-8b-dummy}" --sglang-pythonpath "${SGLANG_SITE:-/tmp/site}" ;;
     sweep)     stage sweep bullet sweep ${SWEEP_ARGS:-} ;;
