@@ -10,7 +10,8 @@
 # capture, smsweep, roofline, colocation, sglang), profile (`bullet profile --fresh`: this GPU's
 # shipped latency profile measured again, used by later stages and copied to bench/results), sweep (`bullet sweep`), the investigations (greendiag,
 # greenconn, greenfade: green_cause.py connections (GREENCONN_ARGS, default 2) and fade; greentest:N: the green cross-lane
-# GPU test with BULLET_GREEN_SETTLE_PROBES=N, 0 for off; interference:
+# GPU test with BULLET_GREEN_SETTLE_PROBES=N, 0 for off; greenvariants: green_variants.py (GREENVARIANTS,
+# default all); interference:
 # interference_variants.py), and the serving goodput runs of
 # scripts/serving_goodput.sh:
 #   serve:LABEL:MODE:CHUNK:TRACE:RATES[:SERVE_ARGS]  `bullet serve` measured (RATES comma-separated)
@@ -103,6 +104,7 @@ for s in "$@"; do
     greendiag) stage greendiag python3 bench/investigations/green_diagnose.py ;;
     greenconn) stage greenconn python3 bench/investigations/green_cause.py connections ${GREENCONN_ARGS:-2} ;;
     greenfade) stage greenfade python3 bench/investigations/green_cause.py fade ;;
+    greenvariants) stage greenvariants python3 bench/investigations/green_variants.py ${GREENVARIANTS:-all} ;;
     greentest:*) stage "greentest-settle${s#greentest:}" env BULLET_GREEN_SETTLE_PROBES="${s#greentest:}" \
                    python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_green_cross_lane_gpu.py ;;
     interference) stage interference python3 bench/investigations/interference_variants.py ;;
