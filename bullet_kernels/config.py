@@ -34,6 +34,8 @@ BULLET_TPC_STREAM_OFFSET        byte offset of the driver's stream mask, e.g. ``
 BULLET_TPC_LIB                  path of the TPC-mask library (read by bullet_kernels.partition.tpc)
 BULLET_GREEN_SETTLE_PROBES      re-probes of a green set that ran on fewer SMs than granted before
                                 fresh contexts are made; default 0 (read by bullet_kernels.partition.green)
+BULLET_GREEN_CARVE              ``split`` (default) or ``atoms``: how green lanes are cut from the
+                                device's SMs (read by bullet_kernels.partition.green)
 BULLET_CACHE_DIR                cache folder, default ``~/.cache/bullet_kernels``
                                 (read by bullet_kernels.partition.tpc)
 BULLET_COMMIT                   commit recorded in result files (read by bullet_kernels.results)

@@ -20,6 +20,7 @@
 #   sgbullet:TPOT        start SGLang with bullet_sglang --enable-bullet instead (then sg:bullet:...)
 #   sg:CHUNK:TRACE:RATES[:sglang]  measure it (it stays up for the next trace), requests sent by
 #                        our load generator or by SGLang's own bench_serving; sgstop: stop it
+# export:VAR=VALUE sets an environment variable for the stages after it.
 # BENCH_SIZE=quick|full sizes the suite (default quick); SWEEP_ARGS go to `bullet sweep`; the
 # sglang stage reads SGLANG_MODEL_DIR and SGLANG_SITE; PROMPTS is the serving runs' requests per rate
 # and EXTEND_TO their rate limit for going past RATES (bench-serving --extend-to).
@@ -119,6 +120,7 @@ for s in "$@"; do
                grep -h "^goodput\|answers" "$OUT/sg-$chunk-$trace${driver:+-$driver}.log" ;;
     sgbullet:*) stage sgbullet bash scripts/serving_goodput.sh sglang-bullet-start "${s#sgbullet:}" ;;
     sgstop)    pkill -f "[s]glang.launch_server" ;;
+    export:*)  export "${s#export:}"; echo "=== export ${s#export:} (for the stages after it)" ;;
     *) echo "unknown stage $s"; failed+=("$s") ;;
   esac
 done

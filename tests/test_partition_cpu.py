@@ -225,3 +225,71 @@ def test_a_set_that_only_undercounts_may_be_probed_again_before_fresh_contexts(m
     monkeypatch.setenv(green.SETTLE_ENV, "some")
     with pytest.raises(ValueError, match="whole number of re-probes"):
         green.settle_probes()
+
+
+class _FakeGreenDriver:
+    """Enough of cuda.bindings.driver for GreenBackend._carve: SM resources are counted, each
+    descriptor remembers the resources it was made of."""
+
+    def __init__(self, sm_count):
+        from types import SimpleNamespace
+
+        from cuda.bindings import driver
+
+        self.ok, self.ns = driver.CUresult.CUDA_SUCCESS, SimpleNamespace
+        self.CUdevResourceType, self.CUgreenCtxCreate_flags, self.CUstream_flags = (
+            driver.CUdevResourceType, driver.CUgreenCtxCreate_flags, driver.CUstream_flags)
+        self.sm_count, self.split_calls, self.descs = sm_count, [], []
+
+    def res(self, n, tag):
+        return self.ns(sm=self.ns(smCount=n), tag=tag)
+
+    def cuDeviceGetDevResource(self, dev, kind):
+        return self.ok, self.res(self.sm_count, "device")
+
+    def cuDevSmResourceSplitByCount(self, groups, whole, flags, size):
+        self.split_calls.append((groups, whole.sm.smCount, size))
+        made = [self.res(size, f"{whole.tag}/{i}") for i in range(groups)]
+        return self.ok, made, groups, self.res(whole.sm.smCount - groups * size, f"{whole.tag}/rest")
+
+    def cuDevResourceGenerateDesc(self, resources, n):
+        self.descs.append([r.tag for r in resources][:n])
+        return self.ok, len(self.descs)
+
+    def cuGreenCtxCreate(self, desc, dev, flags):
+        return self.ok, desc
+
+    def cuGreenCtxStreamCreate(self, ctx, flags, priority):
+        return self.ok, 1000 + ctx
+
+
+@pytest.mark.parametrize("carve", ["split", "atoms"])
+def test_green_lanes_are_carved_per_set_or_from_one_split_into_atoms(monkeypatch, carve):
+    import torch
+
+    from bullet_kernels.partition import green
+
+    pytest.importorskip("cuda.bindings")
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device=None: handle)
+    monkeypatch.setattr(green, "_atoms_by_device", {})
+    monkeypatch.setenv(green.CARVE_ENV, carve)
+    backend = green.GreenBackend(_fake_device(sm_count=132, green_contexts=True, min_partition_sms=8,
+                                              partition_alignment_sms=8))
+    drv = _FakeGreenDriver(132)
+    for split in (SMSplit(prefill=96, decode=36), SMSplit(prefill=104, decode=28)):
+        lanes = backend._carve(drv, 0, split, backend.grant(split), created=[])
+        assert [(n, lane.granted) for n, lane in lanes.items()] == [(n, split[n]) for n in split.names]
+    if carve == "split":  # one split call per aligned lane, off the remainder; the last lane takes it
+        assert drv.split_calls == [(1, 132, 96), (1, 132, 104)]
+        assert drv.descs == [["device/0"], ["device/rest"], ["device/0"], ["device/rest"]]
+    else:  # one split of the device into 16 atoms of 8 (4 SMs left over), shared by both sets
+        assert drv.split_calls == [(16, 132, 8)]
+        atoms = [f"device/{i}" for i in range(16)]
+        assert drv.descs == [atoms[:12], atoms[12:] + ["device/rest"], atoms[:13], atoms[13:] + ["device/rest"]]
+        lanes = backend._carve(drv, 0, SMSplit(prefill=100, decode=32), {"prefill": 100, "decode": 32}, created=[])
+        assert drv.descs[-1] == atoms[4:] + ["device/rest"]  # the remainder lane last: 12 atoms + 4 SMs
+        with pytest.raises(UnsupportedError, match="lane 'prefill' \\(90 SMs\\) is not a whole number of 8-SM atoms"):
+            backend._carve(drv, 0, SMSplit(prefill=90, decode=42), {"prefill": 90, "decode": 42}, created=[])
+    monkeypatch.setenv(green.CARVE_ENV, "tpc")
+    with pytest.raises(ValueError, match="BULLET_GREEN_CARVE must be one of split, atoms, got 'tpc'"):
+        green.carve_mode()

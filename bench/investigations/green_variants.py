@@ -11,10 +11,10 @@ others. Each variant runs in a fresh process:
   remainder of the device's SMs);
 - ``close``: each split's set is closed (its green contexts destroyed) once its work is done,
   before the next opens: is it the *living* earlier context whose SMs the new lane loses?
-- ``atoms``: the device's SMs split once per process into groups of the driver's minimum size,
-  and every lane of every split made from a list of those groups (``cuDevResourceGenerateDesc``
-  takes several resources of one split): lanes of different splits then share resource objects,
-  not just SM ids;
+- ``atoms``: ``BULLET_GREEN_CARVE=atoms``: the device's SMs split once per process into groups
+  of the alignment size, every lane of every split a list of those groups
+  (``cuDevResourceGenerateDesc`` takes several resources of one split): lanes of different
+  splits then share the driver's resource objects, not only SM ids;
 - ``conn1``, ``conn32``: the baseline under ``CUDA_DEVICE_MAX_CONNECTIONS`` 1 and 32 (how many
   hardware work queues a context's streams map onto).
 
@@ -32,49 +32,9 @@ import subprocess
 import sys
 
 VARIANTS = ("baseline", "close", "atoms", "conn1", "conn32")
-ENV = {"conn1": {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}, "conn32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}}
+ENV = {"conn1": {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}, "conn32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
+       "atoms": {"BULLET_GREEN_CARVE": "atoms"}}
 PROBES = int(os.environ.get("FADE_PROBES", "12"))
-
-
-def atom_backend(device):
-    """A GreenBackend whose lanes are unions of one process-wide split into minimum-size groups."""
-    import torch
-
-    from bullet_kernels.device import check
-    from bullet_kernels.partition.base import Lane
-    from bullet_kernels.partition.green import GreenBackend
-
-    class AtomGreenBackend(GreenBackend):
-        atoms: list | None = None
-
-        def _atoms(self, drv, dev):
-            if self.atoms is None:
-                sm = check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM), "sm")
-                size = self.device.min_partition_sms
-                n = int(sm.sm.smCount) // size
-                groups, got, rest = check(drv.cuDevSmResourceSplitByCount(n, sm, 0, size), "split into atoms")
-                self.atoms = list(groups[:got]) + ([rest] if int(rest.sm.smCount) else [])
-            return self.atoms
-
-        def _carve(self, drv, dev, split, granted, created):  # an experiment: our own class's hook
-            atoms = self._atoms(drv, dev)
-            lanes, at = {}, 0
-            for name in split.names:
-                want, taken = granted[name], []
-                while sum(int(a.sm.smCount) for a in taken) < want and at < len(atoms):
-                    taken.append(atoms[at])
-                    at += 1
-                got = sum(int(a.sm.smCount) for a in taken)
-                desc = check(drv.cuDevResourceGenerateDesc(taken, len(taken)), f"desc of {len(taken)} atoms")
-                gctx = check(drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
-                             "cuGreenCtxCreate")
-                stream = check(drv.cuGreenCtxStreamCreate(gctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
-                               "cuGreenCtxStreamCreate")
-                created.append((gctx, stream))
-                lanes[name] = Lane(name, split[name], got, torch.cuda.ExternalStream(int(stream), device=self.device.index))
-            return lanes
-
-    return AtomGreenBackend(device)
 
 
 def one(variant: str) -> dict:
@@ -105,8 +65,6 @@ def one(variant: str) -> dict:
         probe_lanes(pset, "open")
 
     with Partitioner("green", verify=False) as parts:
-        if variant == "atoms":
-            parts.backend = atom_backend(parts.backend.device)
         work(parts, after_open=after_open)
         for pset in parts.open_sets():
             if not pset.closed:

@@ -20,6 +20,25 @@ from .config import SMSplit, grant_green
 
 GREEN_OPEN_ATTEMPTS = 3  # fresh sets tried before a split is refused
 SETTLE_ENV = "BULLET_GREEN_SETTLE_PROBES"
+CARVE_ENV = "BULLET_GREEN_CARVE"
+CARVES = ("split", "atoms")
+_atoms_by_device: dict[int, tuple[list, object]] = {}  # one split of the device into atoms per process
+
+
+def carve_mode() -> str:
+    """How lanes are cut from the device's SMs (``BULLET_GREEN_CARVE``):
+
+    - ``split`` (default): each lane split off the remainder of the device by its own
+      ``cuDevSmResourceSplitByCount``, per set;
+    - ``atoms``: the device split once per process into groups of the alignment size, every lane
+      of every set a list of those groups (``cuDevResourceGenerateDesc`` of several resources).
+      An experiment for the growing-lane flicker (docs/green-contexts.md): lanes of different
+      splits then share the driver's resource objects, not only SM ids.
+    """
+    mode = os.environ.get(CARVE_ENV, "split").strip().lower() or "split"
+    if mode not in CARVES:
+        raise ValueError(f"{CARVE_ENV} must be one of {', '.join(CARVES)}, got {mode!r}")
+    return mode
 
 
 def settle_probes() -> int:
@@ -123,8 +142,54 @@ class GreenBackend(Backend):
         return pset
 
     def _carve(self, drv, dev, split: SMSplit, granted: dict[str, int], created: list) -> dict[str, Lane]:
+        if carve_mode() == "atoms":
+            return self._carve_atoms(drv, dev, split, granted, created)
+        return self._carve_split(drv, dev, split, granted, created)
+
+    def _lane(self, drv, dev, split: SMSplit, name: str, resources: list, created: list) -> Lane:
+        """A green context over ``resources`` (SM groups of one split call) and a stream in it."""
         import torch
 
+        got = sum(int(r.sm.smCount) for r in resources)
+        if got < split[name]:
+            raise UnsupportedError(f"driver granted {got} SMs to lane {name!r}, which asked for {split[name]}")
+        desc = check(drv.cuDevResourceGenerateDesc(resources, len(resources)), "cuDevResourceGenerateDesc")
+        gctx = check(
+            drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
+            "cuGreenCtxCreate",
+        )
+        stream = check(
+            drv.cuGreenCtxStreamCreate(gctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
+            "cuGreenCtxStreamCreate",
+        )
+        created.append((gctx, stream))
+        return Lane(name, split[name], got, torch.cuda.ExternalStream(int(stream), device=self.device.index))
+
+    def _carve_atoms(self, drv, dev, split: SMSplit, granted: dict[str, int], created: list) -> dict[str, Lane]:
+        d = self.device
+        size = d.partition_alignment_sms
+        if d.index not in _atoms_by_device:
+            whole = check(drv.cuDeviceGetDevResource(dev, drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM),
+                          "cuDeviceGetDevResource")
+            groups, n, left = check(drv.cuDevSmResourceSplitByCount(d.sm_count // size, whole, 0, size),
+                                    f"cuDevSmResourceSplitByCount(atoms of {size} SMs)")
+            _atoms_by_device[d.index] = (list(groups[:n]), left)
+        atoms, left = _atoms_by_device[d.index]
+        order = sorted(granted, key=lambda n: granted[n] % size != 0)  # the remainder lane last
+        lanes, at = {}, 0
+        for i, name in enumerate(order):
+            want = granted[name]
+            last = i == len(order) - 1
+            count = want // size if not last or want % size == 0 else (want - int(left.sm.smCount)) // size
+            taken = atoms[at:at + count] + ([left] if last and want % size else [])
+            at += count
+            if sum(int(r.sm.smCount) for r in taken) != want:
+                raise UnsupportedError(f"lane {name!r} ({want} SMs) is not a whole number of {size}-SM atoms "
+                                       f"(plus the {int(left.sm.smCount)} left over, last lane only)")
+            lanes[name] = self._lane(drv, dev, split, name, taken, created)
+        return {n: lanes[n] for n in split.names}
+
+    def _carve_split(self, drv, dev, split: SMSplit, granted: dict[str, int], created: list) -> dict[str, Lane]:
         d = self.device
         align = d.partition_alignment_sms
         sm_type = drv.CUdevResourceType.CU_DEV_RESOURCE_TYPE_SM
@@ -145,22 +210,6 @@ class GreenBackend(Backend):
                 if n_groups < 1:
                     raise UnsupportedError(f"driver could not split {want} SMs for lane {name!r}")
                 group = result[0]
-            got = int(group.sm.smCount)
-            if got < split[name]:
-                raise UnsupportedError(
-                    f"driver granted {got} SMs to lane {name!r}, which asked for {split[name]}"
-                )
-            desc = check(drv.cuDevResourceGenerateDesc([group], 1), "cuDevResourceGenerateDesc")
-            gctx = check(
-                drv.cuGreenCtxCreate(desc, dev, drv.CUgreenCtxCreate_flags.CU_GREEN_CTX_DEFAULT_STREAM),
-                "cuGreenCtxCreate",
-            )
-            stream = check(
-                drv.cuGreenCtxStreamCreate(gctx, drv.CUstream_flags.CU_STREAM_NON_BLOCKING, 0),
-                "cuGreenCtxStreamCreate",
-            )
-            created.append((gctx, stream))
-            torch_stream = torch.cuda.ExternalStream(int(stream), device=d.index)
-            lanes[name] = Lane(name, split[name], got, torch_stream)
+            lanes[name] = self._lane(drv, dev, split, name, [group], created)
         return {n: lanes[n] for n in split.names}  # keep the caller's lane order
 
