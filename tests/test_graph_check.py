@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bullet_kernels.engine.graph_check import GraphVerificationError, LaneExpectation, check_graph_sms
+from bullet_kernels.engine.graph_check import GraphVerificationError, LaneExpectation, check_graph_lanes, check_graph_sms
 
 LANE = LaneExpectation("prefill96-decode36:decode", 36, frozenset(range(96, 132)), 132)
 
@@ -55,3 +55,27 @@ def test_a_graph_that_escapes_its_expectation_is_refused_on_the_gpu():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, x @ x)
+
+
+# -- kernel-level placement: one probe per lane, each checked against its own lane ---------------
+
+GEMM_LANE = LaneExpectation("prefill68-decode64:decode (GEMM lane)", 64, frozenset(range(68, 132)), 132)
+
+
+def test_every_lane_of_a_placed_graph_passes_on_its_own_sms():
+    check_graph_lanes("decode[128]+gemm", [(frozenset(range(96, 132)), LANE), (frozenset(range(68, 132)), GEMM_LANE)])
+
+
+def test_a_gemm_lane_that_escapes_is_refused_naming_that_lane():
+    # The home probe is fine; the GEMM lane's probe ran on the home lane's 36 SMs only.
+    with pytest.raises(GraphVerificationError) as err:
+        check_graph_lanes("decode[128]+gemm", [(frozenset(range(96, 132)), LANE), (frozenset(range(96, 132)), GEMM_LANE)])
+    text = str(err.value)
+    assert "GEMM lane" in text and "ran on 36 SMs, not the 64 granted" in text
+
+
+def test_the_home_lane_is_checked_first_and_no_probes_is_an_error():
+    with pytest.raises(GraphVerificationError, match="prefill96-decode36:decode"):
+        check_graph_lanes("g", [(frozenset(range(0, 36)), LANE), (frozenset(range(68, 132)), GEMM_LANE)])
+    with pytest.raises(ValueError, match="no probe results"):
+        check_graph_lanes("g", [])

@@ -13,6 +13,14 @@ is named by ``pool_key``, by default the key's phase: a phase's graphs replay on
 (whatever their split), while prefill and decode run concurrently (that is the point). Inputs
 and outputs the caller keeps should live in static buffers allocated outside the pool. Every
 whole-GPU capture of the process uses one stream (:func:`whole_gpu_stream`).
+
+Kernel-level placement (:mod:`.kernel_lanes`, docs/kernel-placement.md): a decode key with a
+``gemm_lane`` is captured on its home lane's stream as usual, but every GEMM is forked to the
+GEMM lane's stream inside the same capture and joined back, so the graph's GEMMs keep that
+lane's SMs. Allocations on the forked stream during the capture land in the same private pool:
+torch's allocator routes an allocation to the capturing graph's pool when the allocating
+stream's capture id is the graph's (``CUDAGraph::create_allocate_filter``), and a stream joined
+into the capture by an event wait reports that capture's id.
 """
 
 from __future__ import annotations
@@ -22,11 +30,12 @@ import contextlib
 import dataclasses
 import threading
 import time
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
-from ..errors import CaptureError, ClosedError, NoBucketError
+from ..errors import CaptureError, ClosedError, NoBucketError, UnsupportedError
 from ..partition import Partitioner, SMSplit
-from .graph_check import GraphProbe, GraphVerificationError, LaneExpectation, check_graph_sms
+from .graph_check import GraphProbe, GraphVerificationError, LaneExpectation, check_graph_lanes
+from .kernel_lanes import GemmFork, backend_refusal, check_gemm_lane, gemms_on
 from .placement import Placement
 
 
@@ -38,9 +47,13 @@ class GraphKey:
     lane: str  # which lane of the split the graph runs on ("main" for the whole GPU)
     group: int = 0  # layer group (prefill is captured per group so the split can change between groups)
     signature: Hashable = ()  # anything else the graph is specific to (a compiled function's input shapes)
+    # Kernel-level placement: the lane the graph's GEMMs run on (None: every kernel on the key's
+    # own lane, the home lane). Decode keys of a split's lane only (kernel_lanes.check_gemm_lane).
+    gemm_lane: Placement | None = None
 
     def __post_init__(self) -> None:
-        Placement(self.split, self.lane)  # refuses a lane the split does not have
+        home = Placement(self.split, self.lane)  # refuses a lane the split does not have
+        check_gemm_lane(self.phase, home, self.gemm_lane)
 
     @property
     def placement(self) -> Placement:
@@ -48,7 +61,8 @@ class GraphKey:
 
     def __str__(self) -> str:
         extra = f"/{self.signature}" if self.signature != () else ""
-        return f"{self.phase}[{self.bucket}]@{self.placement}/g{self.group}{extra}"
+        gemm = f"+gemm@{self.gemm_lane}" if self.gemm_lane is not None else ""
+        return f"{self.phase}[{self.bucket}]@{self.placement}{gemm}/g{self.group}{extra}"
 
 
 @dataclasses.dataclass
@@ -63,7 +77,17 @@ class CapturedGraph:
         return self.output
 
 
-def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int = 2, check_lane=None, name: str = "graph"):
+@dataclasses.dataclass(frozen=True)
+class ForkedLane:
+    """Another lane's stream that ``fn`` forks work to inside the capture (kernel placement),
+    and what that lane's probe must see (None: the capture is not verified)."""
+
+    stream: Any
+    check: LaneExpectation | None = None
+
+
+def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int = 2, check_lane=None,
+                      name: str = "graph", forked: Sequence[ForkedLane] = ()):
     """Warm ``fn`` up then capture it on ``stream`` with kernels sized for ``sms``.
 
     Returns ``(graph, output)``. The warm-up runs on the same stream, outside the capture, so
@@ -74,21 +98,30 @@ def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int
     With ``check_lane`` (a :class:`~.graph_check.LaneExpectation`) a ``%smid`` probe node is
     captured at the head of the graph, read after one replay, checked, then disabled
     (:mod:`.graph_check`); a graph that escapes its lane raises GraphVerificationError.
+
+    ``forked``: the other lanes' streams ``fn`` forks to and joins back from (kernel-level
+    placement); with ``check_lane`` each gets its own probe, forked onto its stream right after
+    the home probe inside the same capture and checked against its own expectation.
     """
     import torch
 
     from ..kernels.sizing import sm_budget
 
+    if check_lane is not None and any(f.check is None for f in forked):
+        raise ValueError(f"{name}: a verified capture needs an expectation for every forked lane")
     with sm_budget(sms):
         stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn()
-        stream.synchronize()
-        graph_probe = None
+        stream.synchronize()  # forked streams joined back into this one: their work is done too
+        probes: list[tuple[GraphProbe, LaneExpectation]] = []
         if check_lane is not None:
-            graph_probe = GraphProbe(stream, check_lane.sm_count, stream.device.index or 0)
-        # keep_graph: the probe node is disabled in the executable after the first replay.
+            device_index = stream.device.index or 0
+            probes = [(GraphProbe(s, lane.sm_count, device_index), lane)
+                      for s, lane in [(stream, check_lane), *((f.stream, f.check) for f in forked)]]
+        graph_probe = probes[0][0] if probes else None
+        # keep_graph: the probe nodes are disabled in the executable after the first replay.
         graph = torch.cuda.CUDAGraph(keep_graph=graph_probe is not None)
         # cuBLAS workspaces: torch keeps one per (handle, stream), allocated on first use. One
         # allocated before the capture would live outside the graph's pool, shared with eager
@@ -100,6 +133,10 @@ def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             if graph_probe is not None:
                 graph_probe.add()
+            for side, _ in probes[1:]:  # fork each other lane's probe after the home probe, join back
+                side.stream.wait_stream(stream)
+                side.add()
+                stream.wait_stream(side.stream)
             output = fn()
         torch._C._cuda_clearCublasWorkspaces()
         if graph_probe is not None:
@@ -109,8 +146,9 @@ def capture_on_stream(fn: Callable[[], Any], stream, sms: int, pool, warmup: int
             with torch.cuda.stream(stream):
                 graph.replay()
             stream.synchronize()
-            check_graph_sms(name, graph_probe.observed(), check_lane)
-            graph_probe.disable(graph)
+            check_graph_lanes(name, [(p.observed(), lane) for p, lane in probes])
+            for p, _ in probes:
+                p.disable(graph)
             upload_graph(graph, stream)  # the executable changed: upload it again in the lane scope
     stream.synchronize()
     return graph, output
@@ -158,6 +196,16 @@ def default_buckets(largest: int, smallest: int = 1) -> list[int]:
     if out and out[-1] != largest:
         out.append(largest)
     return sorted(set(x for x in out if x >= smallest))
+
+
+def _with_gemms(fn: Callable[[], Any], fork: GemmFork) -> Callable[[], Any]:
+    """``fn`` with every ``kernels.linear`` forked to the GEMM lane (warm-up and capture alike)."""
+
+    def placed():
+        with gemms_on(fork):
+            return fn()
+
+    return placed
 
 
 _whole_gpu_streams: dict[int, Any] = {}
@@ -211,34 +259,75 @@ class GraphBank:
             self._pools[pool_key] = torch.cuda.graph_pool_handle()
         return self._pools[pool_key]
 
-    def _partition_set(self, key: GraphKey):
+    def _partition_set(self, key: GraphKey, split: SMSplit | None = None):
         if self.partitioner is None:
             raise CaptureError(f"{key} names a split but this bank has no Partitioner: create GraphBank(partitioner)")
-        return self.partitioner.get(key.split)
+        return self.partitioner.get(key.split if split is None else split)
 
     def stream_for(self, key: GraphKey):
         """The stream a key's graph is captured on: its lane's partition stream."""
-        if key.split is None:
-            return whole_gpu_stream(self.device_index)
-        return self._partition_set(key).stream(key.lane)
+        return self._lane_stream(key, key.placement)
 
     def granted_sms(self, key: GraphKey) -> int:
-        import torch
-
-        if key.split is None:
-            return torch.cuda.get_device_properties(self.device_index).multi_processor_count
-        return self._partition_set(key).lane(key.lane).granted
+        return self._lane_granted(key, key.placement)
 
     def lane_expectation(self, key: GraphKey) -> LaneExpectation:
         """The SMs a graph of ``key`` may run on: its lane's verified SMs (all of them whole-GPU)."""
+        return self._lane_expectation(key, key.placement)
+
+    def _lane_stream(self, key: GraphKey, where: Placement):
+        if where.split is None:
+            return whole_gpu_stream(self.device_index)
+        return self._partition_set(key, where.split).stream(where.lane)
+
+    def _lane_granted(self, key: GraphKey, where: Placement) -> int:
+        import torch
+
+        if where.split is None:
+            return torch.cuda.get_device_properties(self.device_index).multi_processor_count
+        return self._partition_set(key, where.split).lane(where.lane).granted
+
+    def _lane_expectation(self, key: GraphKey, where: Placement, role: str = "") -> LaneExpectation:
         import torch
 
         sm_count = torch.cuda.get_device_properties(self.device_index).multi_processor_count
-        if key.split is None:
-            return LaneExpectation("whole-gpu", sm_count, frozenset(range(sm_count)), sm_count)
-        lane = self._partition_set(key).lane(key.lane)
+        if where.split is None:
+            return LaneExpectation(f"whole-gpu{role}", sm_count, frozenset(range(sm_count)), sm_count)
+        lane = self._partition_set(key, where.split).lane(where.lane)
         allowed = lane.expected_sms or lane.observed_sms or None  # None: the lane was opened unverified
-        return LaneExpectation(str(key.placement), lane.granted, allowed, sm_count)
+        return LaneExpectation(f"{where}{role}", lane.granted, allowed, sm_count)
+
+    def check_kernel_placement(self, key: GraphKey) -> None:
+        """Refuse a key's GEMM lane before any GPU work, saying what was wrong and what to do: its
+        split not open in this bank's Partitioner, or a backend whose lanes cannot place single
+        kernels (:func:`~.kernel_lanes.backend_refusal`). Nothing to check without a GEMM lane."""
+        if key.gemm_lane is None:
+            return
+        gemm_lane = key.gemm_lane
+        if gemm_lane.split is not None:
+            opened = self.partitioner is not None and any(
+                s.split == gemm_lane.split and not s.closed for s in self.partitioner.open_sets())
+            if not opened:
+                raise CaptureError(
+                    f"{key}: the GEMM lane's split {gemm_lane.split.key} is not open in this bank's Partitioner. "
+                    "Open it up front, before other GPU work (EngineConfig.splits or partitioner.get(split)): "
+                    "green lanes opened late may run on another lane's SMs (docs/green-contexts.md)"
+                )
+        needs_scope = self._partition_set(key).needs_scope or (
+            gemm_lane.split is not None and self._partition_set(key, gemm_lane.split).needs_scope)
+        refusal = backend_refusal(self.partitioner.backend.name, needs_scope)
+        if refusal:
+            raise UnsupportedError(f"{key}: kernel-level placement refused: {refusal}")
+
+    def _gemm_fork(self, key: GraphKey) -> tuple[GemmFork | None, tuple[ForkedLane, ...]]:
+        """The GEMM runner and forked lane of a key with kernel placement (checked first)."""
+        if key.gemm_lane is None:
+            return None, ()
+        self.check_kernel_placement(key)
+        gemm_lane = key.gemm_lane
+        stream = self._lane_stream(key, gemm_lane)
+        check = self._lane_expectation(key, gemm_lane, " (GEMM lane)") if self.verify_graphs else None
+        return GemmFork(stream, self._lane_granted(key, gemm_lane)), (ForkedLane(stream, check),)
 
     def _scope_for(self, key: GraphKey):
         """The lane scope a key's graph is captured in (see PartitionSet.lane_scope)."""
@@ -256,6 +345,9 @@ class GraphBank:
         self._check_open()
         if key in self._graphs:
             return self._graphs[key]
+        fork, forked = self._gemm_fork(key)
+        if fork is not None:
+            fn = _with_gemms(fn, fork)
         start = time.perf_counter()
         try:
             # Everything that must see the lane's SMs happens inside its scope: the warm-up,
@@ -265,6 +357,7 @@ class GraphBank:
                 graph, output = capture_on_stream(
                     fn, self.stream_for(key), self.granted_sms(key), self._pool(pool_key or key.phase), warmup,
                     check_lane=self.lane_expectation(key) if self.verify_graphs else None, name=str(key),
+                    forked=forked,
                 )
                 captured = CapturedGraph(key, graph, output, time.perf_counter() - start)
         except GraphVerificationError:
@@ -274,6 +367,8 @@ class GraphBank:
                 f"capturing {key} failed: {exc}. Graphs need static shapes, no host syncs "
                 "(.item(), .cpu(), printing tensors) and no CPU tensors inside the captured function"
             ) from exc
+        if fork is not None and fork.calls == 0:  # nothing was placed: a plain graph under another name
+            raise CaptureError(f"{key} names a GEMM lane but its function ran no kernels.linear GEMM")
         self._graphs[key] = captured
         return captured
 

@@ -1,4 +1,4 @@
-"""Every captured graph is checked once: does it run on its lane's SMs?
+"""Every captured graph is checked once: does each of its lanes run on that lane's SMs?
 
 Verifying a lane when it opens is not enough: we measured a green lane whose kernels ran on an
 earlier lane's SMs after other work in the process (docs/green-contexts.md). So the graph bank
@@ -8,13 +8,19 @@ which SMs the graph ran on; a graph that escapes its lane is refused with the la
 asked and the SMs seen. The probe node is then disabled in the executable (a disabled node is
 an empty node), so later replays pay nothing for it.
 
-:func:`check_graph_sms` is the pure decision (tested on CPU with simulated probe results);
-:class:`GraphProbe` does the driver work.
+A graph with kernel-level placement (:mod:`.kernel_lanes`) uses two lanes: its home lane and
+the lane its GEMMs are forked to. Each lane is checked once: a probe at the head of the home
+stream and one forked onto the GEMM lane's stream in the same capture, each read against its own
+lane's expectation (:func:`check_graph_lanes`), both disabled after.
+
+:func:`check_graph_sms` / :func:`check_graph_lanes` are the pure decision (tested on CPU with
+simulated probe results); :class:`GraphProbe` does the driver work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 from ..errors import CaptureError
 from ..partition.base import format_ranges
@@ -55,6 +61,15 @@ def check_graph_sms(graph_name: str, observed: frozenset[int], lane: LaneExpecta
             + f" (observed {format_ranges(sorted(observed))}). Refusing to use it; see "
             "docs/green-contexts.md (open every split before other GPU work) or try backend='tpc'"
         )
+
+
+def check_graph_lanes(graph_name: str, seen: Sequence[tuple[frozenset[int], LaneExpectation]]) -> None:
+    """Check each lane a graph uses: ``(observed SMs, that lane's expectation)`` per probe, home
+    lane first. The first lane that escapes raises, naming that lane, its SMs asked and seen."""
+    if not seen:
+        raise ValueError(f"graph {graph_name}: no probe results to check (one per lane the graph uses)")
+    for observed, lane in seen:
+        check_graph_sms(graph_name, observed, lane)
 
 
 class GraphProbe:

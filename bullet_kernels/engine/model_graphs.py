@@ -1,6 +1,8 @@
 """A LlamaModel captured into the graph bank (used through :class:`~.runner.ModelRunner`).
 
-Decode: one graph per (batch bucket, placement) running the whole forward.
+Decode: one graph per (batch bucket, placement) running the whole forward; optionally with
+kernel-level placement, its GEMMs on another lane (``gemm_lane``, :mod:`.kernel_lanes`), a
+separate graph of its own key beside the plain one.
 Prefill: one graph per (token bucket, layer group, placement), so the split can change
 between layer groups of one prefill. Group graphs hand the residual stream to each other
 through static ``hidden``/``residual`` buffers of the bucket: group 0 embeds, the last group
@@ -140,24 +142,35 @@ class ModelGraphs:
 
         return prefill_group
 
-    def key(self, phase: str, bucket: int, placement: Placement, group: int = 0) -> GraphKey:
-        return GraphKey(phase, bucket, placement.split, placement.lane, group)
+    def key(self, phase: str, bucket: int, placement: Placement, group: int = 0,
+            gemm_lane: Placement | None = None) -> GraphKey:
+        """The graph of one bucket and group on ``placement``; ``gemm_lane``: its GEMMs' lane
+        (decode only; None: every kernel on ``placement``)."""
+        return GraphKey(phase, bucket, placement.split, placement.lane, group, gemm_lane=gemm_lane)
 
     # -- capture and replay ---------------------------------------------------------------
     @torch.no_grad()
-    def capture(self, placement: Placement, phases=PHASES, progress: bool = False) -> dict:
+    def capture(self, placement: Placement, phases=PHASES, progress: bool = False,
+                gemm_lane: Placement | None = None) -> dict:
         """Capture every bucket of ``phases`` on one placement, largest buckets first so smaller
-        ones reuse the pool. Returns ``{"graphs", "seconds", "memory_bytes"}``."""
+        ones reuse the pool. Returns ``{"graphs", "seconds", "memory_bytes"}``.
+
+        ``gemm_lane``: capture with every GEMM on that lane (decode only: pass
+        ``phases=("decode",)``)."""
         for phase in phases:
             _check_phase(phase)
+        if gemm_lane is not None and tuple(phases) != ("decode",):
+            raise ValueError(f"gemm_lane={gemm_lane} places decode graphs only; capture with phases=('decode',), "
+                             f"got phases={tuple(phases)}")
         t0, mem0 = time.perf_counter(), torch.cuda.memory_reserved()
-        keys = [self.key(phase, bucket, placement, g)
+        keys = [self.key(phase, bucket, placement, g, gemm_lane)
                 for phase in phases for bucket in sorted(self.buckets[phase], reverse=True)
                 for g in range(self.num_groups(phase))]
         if progress:
             from tqdm import tqdm
 
-            keys = tqdm(keys, desc=f"capturing {placement}", unit="graph")
+            where = placement if gemm_lane is None else f"{placement}+gemm@{gemm_lane}"
+            keys = tqdm(keys, desc=f"capturing {where}", unit="graph")
         for key in keys:
             self.bank.capture(key, self._fn(key))
         return {
@@ -201,5 +214,6 @@ class ModelGraphs:
             torch.cuda.synchronize()
 
     def release(self, placement: Placement | None = None) -> int:
-        """Drop the graphs of ``placement`` (all when None); static buffers stay."""
+        """Drop the graphs of ``placement`` (all when None; with or without a GEMM lane); static
+        buffers stay."""
         return self.bank.release(None if placement is None else (lambda k: k.placement == placement))

@@ -31,6 +31,7 @@ from ..config import EngineConfig
 from ..errors import BulletError
 from .batch import ForwardBatch, SeqChunk, pack_input_ids, pad_input_ids, plan_decode, plan_prefill
 from .graph_bank import GraphBank
+from .kernel_lanes import check_gemm_lane
 from .kv_cache import PagedKVCache
 from .memory import size_kv_cache
 from .model_graphs import ModelGraphs, prefill_groups
@@ -175,14 +176,19 @@ class ModelRunner:
             self._graphs = ModelGraphs(self.model, bank, self.cfg, self.max_pages)
         return self._graphs
 
-    def capture(self, placement: Placement | None = None, phases=("decode", "prefill"), progress: bool = False) -> dict:
+    def capture(self, placement: Placement | None = None, phases=("decode", "prefill"), progress: bool = False,
+                gemm_lane: Placement | None = None) -> dict:
         """Capture every configured bucket of ``phases`` on ``placement`` (default: whole GPU).
 
+        ``gemm_lane``: kernel-level placement, every GEMM on that lane (decode graphs only, so
+        pass ``phases=("decode",)``; docs/kernel-placement.md).
         Returns ``{"graphs", "seconds", "memory_bytes"}``.
         """
         placement = WHOLE_GPU if placement is None else placement
         self._partitioner_for(placement)
-        return self.graphs.capture(placement, phases, progress)
+        if gemm_lane is not None:
+            self._partitioner_for(gemm_lane)
+        return self.graphs.capture(placement, phases, progress, gemm_lane)
 
     def release_graphs(self, placement: Placement | None = None) -> int:
         """Drop captured graphs: all of them (and their buffers), or those of ``placement``."""
@@ -218,7 +224,8 @@ class ModelRunner:
             )
         return placements
 
-    def _graph_bucket(self, phase: str, batch: ForwardBatch, placements: list[Placement]) -> tuple[int | None, str]:
+    def _graph_bucket(self, phase: str, batch: ForwardBatch, placements: list[Placement],
+                      gemm_lane: Placement | None = None) -> tuple[int | None, str]:
         """The bucket whose graphs run this step, or None and the reason none fits."""
         if self.device.type != "cuda":
             return None, "no GPU"
@@ -230,24 +237,30 @@ class ModelRunner:
             return None, f"prefill tokens beyond the largest prefill bucket ({max(self.cfg.prefill_buckets)})"
         bucket = self.graphs.pick_bucket(phase, batch)
         for g, placement in enumerate(placements):
-            if not self.graphs.has(self.graphs.key(phase, bucket, placement, g)):
-                return None, f"no {phase} graph captured for {placement} (lazy_capture is off)"
+            if not self.graphs.has(self.graphs.key(phase, bucket, placement, g, gemm_lane)):
+                where = placement if gemm_lane is None else f"{placement}+gemm@{gemm_lane}"
+                return None, f"no {phase} graph captured for {where} (lazy_capture is off)"
         return bucket, ""
 
-    def prepare(self, input_ids: torch.Tensor, batch: ForwardBatch, placement=None) -> Step:
+    def prepare(self, input_ids: torch.Tensor, batch: ForwardBatch, placement=None,
+                gemm_lane: Placement | None = None) -> Step:
         """A step for an exact batch from :meth:`plan_prefill`/:meth:`plan_decode`.
 
         ``placement``: a :class:`Placement` (default: whole GPU); a prefill may take a list with
-        one per layer group. Picks the smallest bucket that fits, pads the batch to it and copies
-        it into the bucket's static buffers on the current stream; the step's launch waits for
-        those copies. Where no graph fits, an eager step (counted in :attr:`stats`).
+        one per layer group. ``gemm_lane``: kernel-level placement of a decode step, its GEMMs on
+        that lane (graphs only; an eager fallback runs every kernel on ``placement``). Picks the
+        smallest bucket that fits, pads the batch to it and copies it into the bucket's static
+        buffers on the current stream; the step's launch waits for those copies. Where no graph
+        fits, an eager step (counted in :attr:`stats`).
         """
         phase = "decode" if batch.is_decode else "prefill"
         placements = self._placements(phase, placement)
+        for p in placements:
+            check_gemm_lane(phase, p, gemm_lane)  # refused here, on any machine, not at launch
         if self.device.type == "cuda":
-            for p in placements:
+            for p in placements + ([gemm_lane] if gemm_lane is not None else []):
                 self._partitioner_for(p)
-        bucket, reason = self._graph_bucket(phase, batch, placements)
+        bucket, reason = self._graph_bucket(phase, batch, placements, gemm_lane)
         if bucket is None:
             self._steps["eager"] += 1
             self._eager_reasons[reason] += 1
@@ -264,12 +277,13 @@ class ModelRunner:
             ids = ids.pin_memory()
         self.graphs.load(phase, bucket, ids, padded)
         self._steps["graph"] += 1
-        return GraphStep(self.graphs, phase, bucket, placements, batch.bucket.batch_size)
+        return GraphStep(self.graphs, phase, bucket, placements, batch.bucket.batch_size, gemm_lane)
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, placement=None, stream=None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, placement=None, stream=None,
+                gemm_lane: Placement | None = None) -> torch.Tensor:
         """Prepare and launch; fp32 logits ``[rows, vocab]`` (a graph step's are a view of its
         static buffer, valid until that bucket runs again)."""
-        step = self.prepare(input_ids, batch, placement)
+        step = self.prepare(input_ids, batch, placement, gemm_lane)
         return step.launch(stream)[: step.rows]
 
     def eager_scope(self, placement: Placement):

@@ -4,6 +4,9 @@ Two kinds with one interface. :class:`GraphStep` replays captured graphs whose s
 already hold the padded batch; :class:`EagerStep` runs the model eagerly, on the placement's lane
 where there is a GPU, when no captured graph fits (the runner counts and names the reason).
 
+A graph step may carry a ``gemm_lane`` (kernel-level placement, decode only): its graphs run
+their GEMMs on that lane and the rest on the step's placement.
+
 ``launch(stream)`` runs every layer group in order on one stream; ``launch_group(g, ...)`` runs
 one, so a caller can put the groups of one prefill on different lanes and order them with
 events. Decode has one group.
@@ -55,20 +58,24 @@ class GraphStep(Step):
     """Replays of one bucket's graphs. The logits are the bucket's static buffer ``[bucket rows,
     vocab]``: valid until the next replay of that bucket (clone to keep them)."""
 
-    def __init__(self, graphs: ModelGraphs, phase: str, bucket: int, placements: list[Placement], rows: int):
+    def __init__(self, graphs: ModelGraphs, phase: str, bucket: int, placements: list[Placement], rows: int,
+                 gemm_lane: Placement | None = None):
         self.graphs, self.phase, self.bucket = graphs, phase, bucket
         self.placements, self.rows = placements, rows
+        self.gemm_lane = gemm_lane  # kernel-level placement: the lane of every launch's GEMMs
         self._ready = torch.cuda.Event()
         self._ready.record()  # the copies into the static buffers, on the preparing stream
 
     def launch_group(self, g: int, placement: Placement | None = None, stream=None) -> torch.Tensor:
-        key = self.graphs.key(self.phase, self.bucket, self._placement(g, placement), g)
+        key = self.graphs.key(self.phase, self.bucket, self._placement(g, placement), g, self.gemm_lane)
         (stream or torch.cuda.current_stream()).wait_event(self._ready)
         return self.graphs.replay(key, stream)
 
 
 class EagerStep(Step):
-    """The model run eagerly on the exact (unpadded) batch; logits are exactly ``[rows, vocab]``."""
+    """The model run eagerly on the exact (unpadded) batch; logits are exactly ``[rows, vocab]``.
+    Every kernel runs on the placement's lane (a GEMM lane asked of the runner applies to graphs
+    only: the eager fallback is for correctness, not speed)."""
 
     def __init__(self, runner, phase: str, input_ids: torch.Tensor, batch: ForwardBatch,
                  placements: list[Placement], groups: Sequence[tuple[int, int]], reason: str):

@@ -86,20 +86,23 @@ class Rig:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def prepare(self, planned, placement: Placement) -> Step:
-        step = self.runner.prepare(*planned, placement)
+    def prepare(self, planned, placement: Placement, gemm_lane: Placement | None = None) -> Step:
+        step = self.runner.prepare(*planned, placement, gemm_lane)
         if step.eager_reason:  # lazy capture is on: an eager step here is a sizing bug
             raise RuntimeError(f"no graph for this step on {placement}: {step.eager_reason}")
         return step
 
-    def mix_launchers(self, work: MixWork, streams: dict) -> dict:
+    def mix_launchers(self, work: MixWork, streams: dict, gemm_lane: Placement | None = None,
+                      decode_home: Placement = WHOLE_GPU) -> dict:
         """The orchestrator's launch functions for ``work``'s prompt and decode batch: each step
         prepared once, on its phase's stream (``streams["prefill"]``, ``streams["decode"]``), so
-        its static-buffer copies come before its replays there."""
+        its static-buffer copies come before its replays there. ``gemm_lane``: the decode
+        steps' GEMMs run on that lane (kernel-level placement): give ``decode_home``, the split
+        lane the launches put decode on (a whole-GPU decode has no home lane to widen)."""
         with torch.cuda.stream(streams["prefill"]):
             prefill = self.prepare(self.prefill_batch(work.prompt_tokens), WHOLE_GPU)
         with torch.cuda.stream(streams["decode"]):
-            decode = self.prepare(self.decode_batch(work.decode_batch, work.context), WHOLE_GPU)
+            decode = self.prepare(self.decode_batch(work.decode_batch, work.context), decode_home, gemm_lane)
         return {"prefill": lambda i, p, s: prefill.launch_group(i, p, s),
                 "decode": lambda i, p, s: decode.launch_group(0, p, s)}
 
