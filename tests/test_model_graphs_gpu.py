@@ -72,11 +72,19 @@ def test_graph_replay_under_every_split_matches_eager():
             runner.capture(placement)
         other = torch.cuda.Stream()
         for placement in placements:
-            with on(parts, placement):  # the same SMs, split-KV counts and cuBLAS choices
-                lane_pre, lane_dec = eager(runner, pre), eager(runner, dec)
+            # Each graph against an eager run on its lane (the same SMs, split-KV counts and
+            # GEMM choices) that reads the same KV cache: the decode step is compared after the
+            # graph prefill wrote the cache, because an eager prefill of the exact 377 tokens and
+            # a graph of the 512-token bucket round K and V differently (other GEMM shapes), and
+            # the decode logits of this random 30-layer model carry that on (1.2% measured on the
+            # H200 at 50405b6 when the eager decode read the eager prefill's cache).
+            with on(parts, placement):
+                lane_pre = eager(runner, pre)
             out = runner.forward(*pre, placement, stream=other)
             other.synchronize()
             assert out.shape[0] == 2 and rel_err(out, lane_pre) < REL_TOL, placement
+            with on(parts, placement):
+                lane_dec = eager(runner, dec)
             out = runner.forward(*dec, placement, stream=other)
             other.synchronize()
             assert out.shape[0] == 2 and rel_err(out, lane_dec) < REL_TOL, placement
