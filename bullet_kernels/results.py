@@ -31,6 +31,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def commit() -> str:
+    """The commit results are stamped with: ``BULLET_COMMIT`` where set (a copied checkout's .git
+    may name another commit than the code it holds), else git's."""
+    return os.environ.get("BULLET_COMMIT") or git_commit()
+
+
 def environment() -> dict:
     """Device, driver, torch, commit, power limit and top SM clock of this run (empty device
     fields without a GPU). ``BULLET_COMMIT`` stamps the commit where the checkout has no .git."""
@@ -45,7 +51,7 @@ def environment() -> dict:
         "sms": info.sm_count if info else 0,
         "driver": f"{info.kernel_driver} (CUDA {info.driver_api_version_str})" if info else "",
         "torch": torch.__version__,
-        "commit": os.environ.get("BULLET_COMMIT") or git_commit(),
+        "commit": commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }

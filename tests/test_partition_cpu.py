@@ -58,6 +58,8 @@ def test_verification_refuses_and_names_the_driver(lanes, msg):
     with pytest.raises(PartitionVerificationError, match=msg) as err:
         check_lanes(lanes, 8, disjoint=True, backend="green", driver="13.0")
     assert "driver 13.0" in str(err.value) and "Refusing to run unpartitioned" in str(err.value)
+    # only a green lane on fewer SMs gets the advice for the shared-SM effect of open sets
+    assert ("Partitioner.release" in str(err.value)) == (msg == "granted 4 SMs but the probe ran on 2")
 
 
 @requires_no_gpu
@@ -86,6 +88,21 @@ def test_none_backend_runs_on_cpu_and_refuses_use_after_close():
         parts.close()
     with pytest.raises(ClosedError):
         parts.get(SMSplit(decode=8))
+
+
+def test_release_closes_one_split_and_a_later_get_opens_a_fresh_set():
+    parts = Partitioner("none")
+    old, other = parts.get(SMSplit(prefill=96, decode=36)), parts.get(SMSplit(prefill=104, decode=28))
+    parts.release(SMSplit(prefill=96, decode=36))
+    assert old.closed and not other.closed and parts.open_sets() == [other]
+    fresh = parts.get(SMSplit(prefill=96, decode=36))
+    assert fresh is not old and not fresh.closed
+    with pytest.raises(KeyError, match="split prefill64-decode68 is not open in this Partitioner; open: "
+                                       "prefill104-decode28, prefill96-decode36"):
+        parts.release(SMSplit(prefill=64, decode=68))
+    parts.close()
+    with pytest.raises(ClosedError, match="closed"):
+        parts.release(SMSplit(prefill=96, decode=36))
 
 
 def test_package_imports_without_native_library_or_gpu():

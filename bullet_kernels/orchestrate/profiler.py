@@ -78,7 +78,7 @@ def new_profile(preset: str, grid: ProfileGrid, backend: str, command: str) -> P
     from ..device import describe_state
     from ..measure import gpu_limits
     from ..models.presets import preset_config
-    from ..results import git_commit, gpu_slug
+    from ..results import commit, gpu_slug
 
     info, reason = describe_state()
     if info is None:
@@ -88,7 +88,7 @@ def new_profile(preset: str, grid: ProfileGrid, backend: str, command: str) -> P
         gpu=gpu_slug(info.name), model=preset, model_config=model_config_dict(preset_config(preset)),
         device=info.as_dict(), driver={"kernel": info.kernel_driver, "cuda_api": info.driver_api_version_str},
         software={"bullet_kernels": __version__, "torch": torch.__version__, "triton": triton.__version__},
-        commit=git_commit(), command=command,
+        commit=commit(), command=command,
         engine={"backend": backend, "page_size": 16, "layer_groups": grid.groups,
                 "decode_buckets": list(grid.batches), "prefill_buckets": list(grid.tokens)},
         timing={"method": "cuda-events", "warmup": 1, "reps": grid.reps, "statistic": "median"},

@@ -89,6 +89,25 @@ class Partitioner:
     def open_sets(self) -> list[PartitionSet]:
         return list(self._sets.values())
 
+    def release(self, split: SMSplit) -> None:
+        """Close one split's set now (its streams finished first); a later ``get`` opens a fresh one.
+
+        Why: on driver 580 a launch on a green lane may leave out the SMs it shares with a lane
+        of another open set that has run work (docs/green-contexts.md: a growing lane opened
+        beside a used set lost those SMs on 16% of probes; with the used set closed first, on
+        none). A program that moves from one split to the next for good should release the old
+        one. Graphs captured on the released set must not be replayed again: drop them first
+        (``ModelRunner.release_graphs(placement)`` or ``GraphBank.release``)."""
+        with self._lock:
+            if self._closed:
+                raise ClosedError("this Partitioner was closed; create a new one")
+            pset = self._sets.pop(split, None)
+            if pset is None:
+                open_now = ", ".join(s.key for s in self._sets) or "none"
+                raise KeyError(f"split {split.key} is not open in this Partitioner; open: {open_now}")
+            if not pset.closed:
+                pset.close()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

@@ -44,9 +44,16 @@ def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: 
                         f"lanes {a!r} and {b!r} were promised disjoint but share SMs {format_ranges(sorted(shared))}"
                     )
     if problems:
+        hint = ""
+        if backend == "green" and undercounts == len(problems):
+            # measured on the H200, driver 580 (docs/green-contexts.md)
+            hint = (" A green lane that runs on fewer SMs than granted is leaving out the SMs it shares with a "
+                    "lane of another open set that has run work: open every split before running work "
+                    "(EngineConfig.splits), release splits no longer used (Partitioner.release), or use "
+                    "backend='tpc'.")
         raise PartitionVerificationError(
             f"{backend} partition failed verification on driver {driver}: " + "; ".join(problems)
-            + ". Refusing to run unpartitioned; try another backend (bullet info lists them).",
+            + ". Refusing to run unpartitioned; try another backend (bullet info lists them)." + hint,
             undercount_only=undercounts == len(problems),
         )
 
