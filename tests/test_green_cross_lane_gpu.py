@@ -30,3 +30,10 @@ def test_splits_opened_late_are_verified_or_refused_never_misplaced():
     a refused set is made again, and only a verified one is used."""
     done = _run("late")
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-3000:]
+
+
+def test_splits_released_after_their_work_verify_at_once():
+    """The fix for moving from split to split: release the used set before opening the next
+    (docs/green-contexts.md, "The cause")."""
+    done = _run("released")
+    assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-3000:]

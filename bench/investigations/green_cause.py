@@ -58,7 +58,7 @@ SPLITS = [SMSplit.parse(s) for s in ("prefill=96,decode=36", "prefill=104,decode
 FADE_PROBES = int(os.environ.get("FADE_PROBES", "8"))  # probes per lane in ``fade``
 
 
-def work(parts: Partitioner, after_open=None) -> None:
+def work(parts: Partitioner, after_open=None, before_open=None) -> None:
     """The sequence that reproduced it: Inductor graphs of three backends on the whole GPU, then
     prefill and decode concurrently on the two lanes of each split (bench/test_compile_backend.py's
     model). tests/fresh_process/green_cross_lane_checks.py runs it too."""
@@ -77,6 +77,8 @@ def work(parts: Partitioner, after_open=None) -> None:
                 fn(step, decode=True)
         fn = compiled[0]
         for split in SPLITS:
+            if before_open is not None:  # the split about to open (the earlier ones' work is done)
+                before_open(split)
             if after_open is not None:  # the split opened, nothing run on it yet
                 after_open(parts.get(split))
             for _ in range(10):

@@ -9,8 +9,10 @@ others. Each variant runs in a fresh process:
 
 - ``baseline``: the library as it ships (one ``cuDevSmResourceSplitByCount`` per lane, off the
   remainder of the device's SMs);
-- ``close``: each split's set is closed (its green contexts destroyed) once its work is done,
-  before the next opens: is it the *living* earlier context whose SMs the new lane loses?
+- ``close``: each split's set is closed (its green contexts destroyed) once its work is done:
+  right after the next split's contexts are made, before anything is launched on them (the
+  library's ``Partitioner.release`` does the same close): is it the *living* earlier context
+  whose SMs the new lane loses?
 - ``atoms``: ``BULLET_GREEN_CARVE=atoms``: the device's SMs split once per process into groups
   of the alignment size, every lane of every split a list of those groups
   (``cuDevResourceGenerateDesc`` takes several resources of one split): lanes of different

@@ -6,6 +6,10 @@ lane then usually ran on the earlier, smaller lane's SMs; verification refuses s
 makes it again (up to three sets), so the split is either verified or refused, never misplaced.
 ``BULLET_SCENARIO=upfront``: the same work, but every split is opened and verified first (what
 ``EngineConfig.splits`` does); every lane and every captured graph must then hold.
+``BULLET_SCENARIO=released``: opened late as in ``late``, but each split is released
+(``Partitioner.release``) once its work is done, before the next opens: measured with the
+same sequence unverified (bench/investigations/green_variants.py ``close``, H200 at 50405b6),
+no probe then lost an SM, so every split must verify at its first attempt.
 tests/test_green_cross_lane_gpu.py runs this file; not collected by a plain ``pytest``.
 """
 
@@ -54,5 +58,16 @@ def test_scenario():
                 assert "failed verification" in str(err) and "refused 3 times" in str(err), err
                 print(f"refused after three fresh sets, as measured before: {err}")
             _assert_no_lane_escapes(parts)
+        elif scenario == "released":
+            opened = []
+
+            def release_previous(split):  # before the next split's contexts are made
+                if opened:
+                    parts.release(opened[-1])
+                opened.append(split)
+
+            work(parts, before_open=release_previous)
+            assert parts.backend.reopened == [], parts.backend.reopened  # every split verified at once
+            _assert_no_lane_escapes(parts)
         else:
-            pytest.fail(f"BULLET_SCENARIO must be 'upfront' or 'late', got {scenario!r}")
+            pytest.fail(f"BULLET_SCENARIO must be 'upfront', 'late' or 'released', got {scenario!r}")
