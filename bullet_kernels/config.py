@@ -200,8 +200,8 @@ ENV_FIELDS: dict[str, tuple[str, Callable]] = {
 
 
 # The default GEMM per phase, measured on the H200 (bench/results/interference-*-01fb384, the
-# same run for both): cuBLASLt told the lane's SM count made decode steps 5-13% faster on 32-80
-# SM lanes (batch 128, 2048 context: 26.1 -> 23.9 ms on 32 SMs) and 1% on the whole GPU, but
+# same run for both): cuBLASLt told the lane's SM count made decode steps 2-13% faster on 32-80
+# SM lanes (batch 128, 2048 context: 26.1 -> 23.9 ms on 32 SMs) and 1-3% on the whole GPU, but
 # prefill layer groups up to 25% slower on lanes (4096 tokens on 52 SMs: 26.7 -> 33.4 ms), where
 # cuBLAS's own choice wins. So decode GEMMs go to cuBLASLt with the target, prefill's to cuBLAS.
 DEFAULT_LINEAR = {"decode": "cublaslt-target", "prefill": "cublas"}

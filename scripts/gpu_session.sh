@@ -45,7 +45,9 @@ pack_all() {  # one archive (in 15 MiB pieces if larger: a file over 16 MiB does
   archive="session-$(date -u +%H%M%S).tgz"
   tar czf "/tmp/$archive" $(new_results) -C "$OUT" $(cd "$OUT" && ls | grep -v '^session-') 2>/dev/null
   (cd "$OUT" && ls | grep -v '^session-' | xargs -r rm -rf)
-  if [ "$(stat -c %s "/tmp/$archive")" -gt $((15 << 20)) ]; then
+  if [ ! -e "/tmp/$archive" ]; then
+    echo "nothing to pack"
+  elif [ "$(stat -c %s "/tmp/$archive")" -gt $((15 << 20)) ]; then
     split -b 15M -d "/tmp/$archive" "$OUT/$archive.part" && rm "/tmp/$archive"
     echo "packed into $OUT/$archive.part* (cat them, then tar xzf)"
   else
@@ -64,8 +66,9 @@ stage() {  # stage NAME CMD...: run under a time limit, tee the log, remember fa
     if [ "$limit" -le 0 ]; then echo "=== $name: skipped, no time left before DEADLINE"; failed+=("$name"); return; fi
   fi
   echo "=== $name (limit ${limit} s): $*"
-  local t0=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  local t0=$SECONDS log="$OUT/$name.log" n=2
+  while [ -e "$log" ]; do log="$OUT/$name-$n.log"; n=$((n + 1)); done  # a stage run twice keeps both logs
+  timeout "$limit" "$@" 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [ "$rc" = 0 ] || failed+=("$name")
@@ -112,15 +115,15 @@ for s in "$@"; do
     serve:*)   IFS=: read -r _ label mode chunk trace rates sargs <<< "$s"
                RATES=${rates//,/ } TRACE=$trace LABEL=$label SERVE_ARGS=${sargs:-} \
                  stage "run-$label-$trace" bash scripts/serving_goodput.sh ours "$mode" "$chunk"
-               grep -h "^goodput" "$OUT/run-$label-$trace.log" ;;
+               grep -h "^goodput" "$(ls -t "$OUT/run-$label-$trace"*.log | head -1)" ;;
     sgpart:*)  stage "sgpart-${s#sgpart:}" bash .carry/sglang/install.sh ".carry/sglang/${s#sgpart:}" ;;
     sgstart:*) stage sgstart bash scripts/serving_goodput.sh sglang-start "${s#sgstart:}" ;;
     sg:*)      IFS=: read -r _ chunk trace rates driver <<< "$s"
                RATES=${rates//,/ } TRACE=$trace DRIVER=${driver:-} KEEP=1 stage "sg-$chunk-$trace${driver:+-$driver}" bash scripts/serving_goodput.sh sglang-bench "$chunk"
-               grep -h "^goodput\|answers" "$OUT/sg-$chunk-$trace${driver:+-$driver}.log" ;;
+               grep -h "^goodput\|answers" "$(ls -t "$OUT/sg-$chunk-$trace${driver:+-$driver}"*.log | head -1)" ;;
     sgbullet:*) stage sgbullet bash scripts/serving_goodput.sh sglang-bullet-start "${s#sgbullet:}" ;;
     sgstop)    pkill -f "[s]glang.launch_server" ;;
-    export:*)  export "${s#export:}"; echo "=== export ${s#export:} (for the stages after it)" ;;
+    export:*)  if export "${s#export:}"; then echo "=== export ${s#export:} (for the stages after it)"; else failed+=("$s"); fi ;;
     *) echo "unknown stage $s"; failed+=("$s") ;;
   esac
 done

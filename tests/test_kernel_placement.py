@@ -288,3 +288,25 @@ def test_a_placement_mode_s_decode_logits_are_compared_with_its_plain_static_mod
     assert fields["decode_logits_max_abs_diff"] == pytest.approx(0.25) and fields["decode_argmax_agreement"] == 1.0
     other = "static-prefill84-decode48+gemm@prefill52-decode80"  # its plain mode has not run
     assert colocation.ModeRun(bench, "A", other).decode_fields() == {"decode_reference_mode": None}
+
+
+def test_releasing_a_placement_drops_the_graphs_whose_gemms_run_there():
+    """Before Partitioner.release(split): no graph may keep kernels on the released lanes."""
+    plain_home = GraphKey("decode", 8, HOME_SPLIT, "decode")
+    placed = GraphKey("decode", 8, HOME_SPLIT, "decode", gemm_lane=GEMM)
+    plain_gemm_split = GraphKey("decode", 8, GEMM_SPLIT, "decode")
+    other = GraphKey("prefill", 512, GEMM_SPLIT, "prefill")
+    kept = [plain_home, placed, plain_gemm_split, other]
+
+    class Bank:  # the one method ModelGraphs.release uses
+        def release(self, where):
+            dropped = [k for k in kept if where is None or where(k)]
+            for k in dropped:
+                kept.remove(k)
+            return len(dropped)
+
+    graphs = ModelGraphs.__new__(ModelGraphs)
+    graphs.bank = Bank()
+    assert graphs.release(GEMM) == 2  # the placed graph's GEMMs and the plain graph on that lane
+    assert kept == [plain_home, other]
+    assert graphs.release(HOME) == 1 and kept == [other]

@@ -298,9 +298,10 @@ class GraphBank:
         return LaneExpectation(f"{where}{role}", lane.granted, allowed, sm_count)
 
     def check_kernel_placement(self, key: GraphKey) -> None:
-        """Refuse a key's GEMM lane before any GPU work, saying what was wrong and what to do: its
-        split not open in this bank's Partitioner, or a backend whose lanes cannot place single
-        kernels (:func:`~.kernel_lanes.backend_refusal`). Nothing to check without a GEMM lane."""
+        """Refuse a key's GEMM lane before its graph is captured, saying what was wrong and what to
+        do: its split not open in this bank's Partitioner, or a backend whose lanes cannot place
+        single kernels (:func:`~.kernel_lanes.backend_refusal`; asking may open the key's home
+        split). Nothing to check without a GEMM lane."""
         if key.gemm_lane is None:
             return
         gemm_lane = key.gemm_lane

@@ -214,6 +214,7 @@ class ModelGraphs:
             torch.cuda.synchronize()
 
     def release(self, placement: Placement | None = None) -> int:
-        """Drop the graphs of ``placement`` (all when None; with or without a GEMM lane); static
-        buffers stay."""
-        return self.bank.release(None if placement is None else (lambda k: k.placement == placement))
+        """Drop the graphs that run on ``placement`` (all when None): those whose home lane it is
+        and those whose GEMMs run on it. Static buffers stay."""
+        return self.bank.release(None if placement is None else (
+            lambda k: k.placement == placement or k.gemm_lane == placement))

@@ -261,6 +261,10 @@ class ModelRunner:
             for p in placements + ([gemm_lane] if gemm_lane is not None else []):
                 self._partitioner_for(p)
         bucket, reason = self._graph_bucket(phase, batch, placements, gemm_lane)
+        if gemm_lane is not None and bucket is not None:
+            # the GEMM split not open, or a backend that cannot place single kernels: refused
+            # now, not at the first replay of a lazily captured graph
+            self.graphs.bank.check_kernel_placement(self.graphs.key(phase, bucket, placements[0], 0, gemm_lane))
         if bucket is None:
             self._steps["eager"] += 1
             self._eager_reasons[reason] += 1

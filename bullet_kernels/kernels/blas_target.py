@@ -12,18 +12,23 @@ On Hopper the target mainly steers cuBLASLt's heuristics, and persistent kernels
 (PyTorch issue #183330, CUTLASS issue #2108): whether it helps is measured per lane and shape
 (``BULLET_LINEAR=cublaslt-target``, bench/test_decode_partitions.py), not assumed.
 
-Both settings are process-wide in torch, so the scope sets and restores them around each call;
-a CUDA graph captured inside keeps the kernels chosen at capture.
+Both settings are process-wide in torch, so the scope sets and restores them around each call,
+under one lock: two threads running forwards would otherwise interleave their save and restore
+and leave one thread's target set for everyone. A CUDA graph captured inside keeps the kernels
+chosen at capture.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
 
 from .sizing import device_sm_count
+
+_torch_blas_settings = threading.RLock()  # guards torch's process-wide BLAS library and carveout
 
 
 def carveout_for(sms: int, device_sms: int) -> int | None:
@@ -37,15 +42,16 @@ def carveout_for(sms: int, device_sms: int) -> int | None:
 def cublaslt_sm_target(sms: int) -> Iterator[None]:
     """torch matmuls inside go through cuBLASLt with SM-count target ``sms`` (CUDA only)."""
     carveout = carveout_for(sms, device_sm_count())
-    library = torch.backends.cuda.preferred_blas_library()
-    previous = torch._C._get_sm_carveout_experimental()
-    try:
+    with _torch_blas_settings:
+        library = torch.backends.cuda.preferred_blas_library()
+        previous = torch._C._get_sm_carveout_experimental()
         try:
-            torch.backends.cuda.preferred_blas_library("cublaslt")
-        except RuntimeError as exc:
-            raise RuntimeError(f"BULLET_LINEAR=cublaslt-target needs a torch built with cuBLASLt: {exc}") from exc
-        torch._C._set_sm_carveout_experimental(carveout)
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(previous)
-        torch.backends.cuda.preferred_blas_library(library)
+            try:
+                torch.backends.cuda.preferred_blas_library("cublaslt")
+            except RuntimeError as exc:
+                raise RuntimeError(f"BULLET_LINEAR=cublaslt-target needs a torch built with cuBLASLt: {exc}") from exc
+            torch._C._set_sm_carveout_experimental(carveout)
+            yield
+        finally:
+            torch._C._set_sm_carveout_experimental(previous)
+            torch.backends.cuda.preferred_blas_library(library)

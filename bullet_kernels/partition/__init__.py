@@ -90,14 +90,16 @@ class Partitioner:
         return list(self._sets.values())
 
     def release(self, split: SMSplit) -> None:
-        """Close one split's set now (its streams finished first); a later ``get`` opens a fresh one.
+        """Close one split's set now; a later ``get`` opens a fresh one. The whole device is
+        synchronized first: a graph captured on the set's lanes may be replaying on any stream.
 
         Why: on driver 580 a launch on a green lane may leave out the SMs it shares with a lane
         of another open set that has run work (docs/green-contexts.md: a growing lane opened
         beside a used set lost those SMs on 16% of probes; with the used set closed first, on
         none). A program that moves from one split to the next for good should release the old
-        one. Graphs captured on the released set must not be replayed again: drop them first
-        (``ModelRunner.release_graphs(placement)`` or ``GraphBank.release``)."""
+        one. Graphs captured on the released set must not be replayed again: drop them first,
+        for every lane of the split (``ModelRunner.release_graphs(placement)`` drops the graphs
+        whose home lane or GEMM lane it is; or ``GraphBank.release``)."""
         with self._lock:
             if self._closed:
                 raise ClosedError("this Partitioner was closed; create a new one")
@@ -106,6 +108,10 @@ class Partitioner:
                 open_now = ", ".join(s.key for s in self._sets) or "none"
                 raise KeyError(f"split {split.key} is not open in this Partitioner; open: {open_now}")
             if not pset.closed:
+                if self.device is not None:
+                    import torch
+
+                    torch.cuda.synchronize(self.device.index)
                 pset.close()
 
     def close(self) -> None:

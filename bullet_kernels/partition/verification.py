@@ -47,10 +47,10 @@ def check_lanes(lanes: dict[str, Lane], sm_count: int, disjoint: bool, backend: 
         hint = ""
         if backend == "green" and undercounts == len(problems):
             # measured on the H200, driver 580 (docs/green-contexts.md)
-            hint = (" A green lane that runs on fewer SMs than granted is leaving out the SMs it shares with a "
-                    "lane of another open set that has run work: open every split before running work "
-                    "(EngineConfig.splits), release splits no longer used (Partitioner.release), or use "
-                    "backend='tpc'.")
+            hint = (" A green lane on fewer SMs than granted is what the driver does when the lane shares SMs "
+                    "with a lane of another open set that has run work (docs/green-contexts.md): if other "
+                    "splits are open, open every split before running work (EngineConfig.splits), release "
+                    "splits no longer used (Partitioner.release), or use backend='tpc'.")
         raise PartitionVerificationError(
             f"{backend} partition failed verification on driver {driver}: " + "; ".join(problems)
             + ". Refusing to run unpartitioned; try another backend (bullet info lists them)." + hint,
