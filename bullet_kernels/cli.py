@@ -309,8 +309,8 @@ def bench(args: argparse.Namespace) -> int:
     if simulated:
         print(f"bullet bench: SIMULATION. {'No GPU here' if device is None else '--simulate given'}: the "
               f"co-location schedules run through the latency estimator on the profile {path} "
-              f"(measured on an {gpu.upper()}), not on a GPU. Chunked prefill needs measured fused "
-              "batches and is left out.\n", flush=True)
+              f"(measured on an {gpu.upper()}), not on a GPU. Chunked prefill and kernel-level "
+              "placement need graphs no profile measures and are left out.\n", flush=True)
     estimator = _estimator(path, None if simulated else device, plan.preset)
     partitioner = None
     if not simulated:
