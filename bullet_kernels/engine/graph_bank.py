@@ -312,7 +312,7 @@ class GraphBank:
                 raise CaptureError(
                     f"{key}: the GEMM lane's split {gemm_lane.split.key} is not open in this bank's Partitioner. "
                     "Open it up front, before other GPU work (EngineConfig.splits or partitioner.get(split)): "
-                    "green lanes opened late may run on another lane's SMs (docs/green-contexts.md)"
+                    "a green lane opened beside used lanes of other splits may run on fewer SMs than granted (docs/green-contexts.md)"
                 )
         needs_scope = self._partition_set(key).needs_scope or (
             gemm_lane.split is not None and self._partition_set(key, gemm_lane.split).needs_scope)
