@@ -240,6 +240,7 @@ def test_bench_serving_against_our_server_writes_goodput(tmp_path, capsys):
     (["serve", "--split", "prefill=100,decode=x"], "--split"),
     (["serve", "--fuse-prompt-tokens", "-5"], "tokens >= 0"),
     (["serve", "--prefill-ahead", "0"], "at least 1"),
+    (["serve", "--backend", "mps"], "invalid choice: 'mps'"),
 ])
 def test_serving_commands_refuse_bad_options(capsys, argv, words):
     from bullet_kernels import cli
@@ -256,6 +257,18 @@ def test_prefill_lane_options_are_refused_outside_bullet_mode(capsys):
     assert "apply to --mode bullet" in capsys.readouterr().err
     assert cli.main(["serve", "--mode", "sequential", "--prefill-ahead", "4"]) == 2
     assert "apply to --mode bullet" in capsys.readouterr().err
+    assert cli.main(["serve", "--mode", "chunked", "--backend", "tpc"]) == 2
+    assert "--backend apply to --mode bullet" in capsys.readouterr().err
+
+
+def test_the_backend_option_reaches_the_engine_and_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("BULLET_BACKEND", "green")
+    svc = build_service(ServeOptions(model="tiny-llama3", mode="bullet", device="cpu", kv_pages=64, max_context=128,
+                                     backend="tpc"))
+    try:
+        assert svc.engine.scheduler.runner.cfg.backend == "tpc"
+    finally:
+        svc.engine.shutdown(drain=False, timeout_s=5)
 
 
 def test_a_request_id_already_in_flight_is_refused():

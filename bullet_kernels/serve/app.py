@@ -47,6 +47,7 @@ class ServeOptions:
     overlap: bool = True  # overlap host work with the decode step in flight (SchedulerConfig.overlap)
     fuse_prompt_tokens: int = 0  # bullet mode: prompts this short fused into decode steps (SchedulerConfig)
     prefill_ahead: int = PREFILL_AHEAD  # bullet mode: layer groups queued on the prefill lane (SchedulerConfig)
+    backend: str | None = None  # bullet mode: the lanes' partition backend (None: BULLET_BACKEND, else green)
     seed: int = 0
 
 
@@ -144,6 +145,7 @@ def build_service(opts: ServeOptions) -> Service:
     cfg = EngineConfig.from_env(
         kv_num_pages=opts.kv_pages, max_context=opts.max_context, lazy_capture=gpu, splits=splits,
         prefill_max_seqs=opts.max_running + 1,
+        **({"backend": opts.backend} if opts.backend else {}),
         **({"layer_groups": groups} if groups else {}),  # the profile's groups: the policy counts in them
         **({"decode_buckets": GPU_DECODE_BUCKETS, "prefill_buckets": GPU_PREFILL_BUCKETS} if gpu else {}),
     )

@@ -86,6 +86,10 @@ def add_serve_arguments(p: argparse.ArgumentParser, positive_int, presets) -> No
                    help="bullet mode: prefill layer groups kept queued on the prefill lane, topped up once a step "
                    "(more: a short prompt's groups run back to back; fewer: a change of split waits for less; "
                    f"default: {PREFILL_AHEAD})")
+    p.add_argument("--backend", default=None, choices=("green", "tpc"),
+                   help="bullet mode: SM partition backend of the lanes (default: BULLET_BACKEND, else green). "
+                   "On driver 580 a green lane may run on fewer SMs while an overlapping lane of another split "
+                   "has run work (docs/green-contexts.md); tpc lanes have no contexts")
     p.add_argument("--split", type=lane_split, default=None, metavar="prefill=P,decode=D",
                    help="bullet mode on a GPU: always this split while both lanes have work, instead of the "
                    "SLO policy over the shipped profile (default: the policy)")
@@ -98,9 +102,9 @@ def serve_main(args) -> int:
     from . import server
     from .app import ServeOptions, build_service
 
-    if (args.fuse_prompt_tokens or args.prefill_ahead is not None) and args.mode != "bullet":
-        print(f"bullet serve: error: --fuse-prompt-tokens and --prefill-ahead apply to --mode bullet (the other "
-              f"modes have no prefill lane); got --mode {args.mode}", file=sys.stderr)
+    if (args.fuse_prompt_tokens or args.prefill_ahead is not None or args.backend) and args.mode != "bullet":
+        print(f"bullet serve: error: --fuse-prompt-tokens, --prefill-ahead and --backend apply to --mode bullet "
+              f"(the other modes have no prefill lane); got --mode {args.mode}", file=sys.stderr)
         return 2
 
     opts = ServeOptions(model=args.model, mode=args.mode, device=args.device, max_context=args.max_context,
@@ -108,7 +112,7 @@ def serve_main(args) -> int:
                         max_waiting=args.max_waiting, max_prefill_tokens=args.max_prefill_tokens,
                         ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms,
                         split=args.split, overlap=args.overlap, fuse_prompt_tokens=args.fuse_prompt_tokens,
-                        prefill_ahead=args.prefill_ahead or PREFILL_AHEAD)
+                        prefill_ahead=args.prefill_ahead or PREFILL_AHEAD, backend=args.backend)
     service = build_service(opts)
     kv = service.engine.scheduler.runner.kv_cache
     print(f"bullet serve: {service.model} ({opts.mode} mode) on {service.engine.scheduler.runner.device}, "
