@@ -9,7 +9,7 @@
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
 # capture, smsweep, roofline, colocation, sglang), profile (`bullet profile --fresh`: this GPU's
 # shipped latency profile measured again, used by later stages and copied to bench/results), sweep (`bullet sweep`), the investigations (greendiag,
-# greenconn, greenfade: green_cause.py connections (GREENCONN_ARGS, default 2) and fade; greentest:N: the green cross-lane
+# greenconn, greenfade: green_cause.py connections (GREENCONN_ARGS, default 2 repeats) and fade; greentest:N: the green cross-lane
 # GPU test with BULLET_GREEN_SETTLE_PROBES=N, 0 for off; greenvariants: green_variants.py (GREENVARIANTS,
 # default all); interference:
 # interference_variants.py), and the serving goodput runs of

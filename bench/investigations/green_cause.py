@@ -18,19 +18,18 @@ and prints, per lane, the context ids (``cuCtxGetId``), the SM count each contex
 function shared between two lanes' contexts shows. Writes JSON to ``$OUT`` (or the cwd).
 
     python3 bench/investigations/green_cause.py [late|fresh|verified|fade]
-    python3 bench/investigations/green_cause.py connections [REPEATS] [verified|fade]
+    python3 bench/investigations/green_cause.py connections [REPEATS]
 
 ``fade`` opens each split without verification and probes every lane of it ``FADE_PROBES``
 times in a row *before* any work runs there (then runs the work): does the wrong SM set come
 only with a new context's first launches and then fade, or stay? If it fades, probing the same
 set again (rather than making fresh contexts, which start over) would settle it.
 
-``connections`` runs ``verified`` (or ``fade``) REPEATS times (default 3) in fresh processes for
-each ``CUDA_DEVICE_MAX_CONNECTIONS`` in (unset, 1, 8, 32) and tallies the first-attempt failures
-(sets refused, and sets made again after a refusal), or with ``fade`` the probes that saw fewer
-SMs than their lane was granted (measured on the H200 at 01fb384: the wrong set does not fade,
-it comes and goes from one probe to the next, e.g. 96, 104, 104, 96, 104, 96, 96, 96 on a
-104-SM lane, so a count over many probes says more than a first-attempt failure). The hypothesis it tests: a hardware work
+``connections`` runs ``verified`` REPEATS times (default 3) in fresh processes for each
+``CUDA_DEVICE_MAX_CONNECTIONS`` in (unset, 1, 8, 32) and tallies the first-attempt failures
+(sets refused, and sets made again after a refusal); ``green_variants.py baseline conn1 conn8
+conn32`` counts the short probes per setting instead, which says more (the wrong set comes and
+goes from one probe to the next). The hypothesis it tests: a hardware work
 queue shared by the contexts keeps the SM mask of the context that used it last, and the number
 of queues (the variable sets how many a context's streams map onto) changes how often a lane's
 work lands in one that another lane used.
@@ -203,30 +202,9 @@ def fade() -> None:
         json.dump({"device": torch.cuda.get_device_name(0), "probes": seen}, f, indent=1)
 
 
-def verified_tally(out) -> dict:
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("verified:")), "")
-    made_again = re.search(r"(\d+) set\(s\) made again", line)
-    return {"refused": "REFUSED" in line, "reopened": int(made_again.group(1)) if made_again else 0,
-            "line": line or f"rc {out.returncode}: {out.stderr[-300:]}"}
-
-
-def fade_tally(out) -> dict:
-    """Counts the probes of a ``fade`` run that saw fewer SMs than the lane was granted."""
-    short = probes = 0
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("fade: ")]
-    for ln in lines:
-        granted = int(re.search(r"\(granted (\d+)\)", ln).group(1))
-        seen = [int(x) for x in re.search(r"\[([\d, ]+)\]", ln).group(1).split(",")]
-        probes += len(seen)
-        short += sum(n < granted for n in seen)
-    return {"short": short, "probes": probes, "lines": lines or [f"rc {out.returncode}: {out.stderr[-300:]}"]}
-
-
-def connections(repeats: int, mode: str = "verified") -> None:
+def connections(repeats: int) -> None:
     import subprocess
 
-    if mode not in ("verified", "fade"):
-        raise SystemExit(f"connections runs 'verified' or 'fade', got {mode!r}")
     tally = {}
     for value in (None, "1", "8", "32"):
         env = {k: v for k, v in os.environ.items() if k != "CUDA_DEVICE_MAX_CONNECTIONS"}
@@ -234,16 +212,15 @@ def connections(repeats: int, mode: str = "verified") -> None:
             env["CUDA_DEVICE_MAX_CONNECTIONS"] = value
         runs = []
         for _ in range(repeats):
-            out = subprocess.run([sys.executable, __file__, mode], env=env, capture_output=True, text=True)
-            runs.append(fade_tally(out) if mode == "fade" else verified_tally(out))
+            out = subprocess.run([sys.executable, __file__, "verified"], env=env, capture_output=True, text=True)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("verified:")), "")
+            made_again = re.search(r"(\d+) set\(s\) made again", line)
+            runs.append({"refused": "REFUSED" in line, "reopened": int(made_again.group(1)) if made_again else 0,
+                         "line": line or f"rc {out.returncode}: {out.stderr[-300:]}"})
         key = value or "unset"
         tally[key] = runs
-        if mode == "fade":
-            print(f"CUDA_DEVICE_MAX_CONNECTIONS={key}: probes on fewer SMs than granted, per run: "
-                  f"{[(r['short'], r['probes']) for r in runs]} (short, probes)", flush=True)
-        else:
-            print(f"CUDA_DEVICE_MAX_CONNECTIONS={key}: {sum(r['refused'] for r in runs)} of {repeats} runs refused; "
-                  f"sets made again: {[r['reopened'] for r in runs]}", flush=True)
+        print(f"CUDA_DEVICE_MAX_CONNECTIONS={key}: {sum(r['refused'] for r in runs)} of {repeats} runs refused; "
+              f"sets made again: {[r['reopened'] for r in runs]}", flush=True)
     with open(os.path.join(os.environ.get("OUT", "."), "green-cause-connections.json"), "w") as f:
         json.dump(tally, f, indent=1)
 
@@ -255,7 +232,7 @@ def main() -> None:
     if mode == "fade":
         return fade()
     if mode == "connections":
-        return connections(int(sys.argv[2]) if len(sys.argv) > 2 else 3, sys.argv[3] if len(sys.argv) > 3 else "verified")
+        return connections(int(sys.argv[2]) if len(sys.argv) > 2 else 3)
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     report = {"mode": mode, "device": torch.cuda.get_device_name(0), "lanes": {}}
     parts = Partitioner("green", verify=False)

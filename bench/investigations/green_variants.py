@@ -17,8 +17,8 @@ others. Each variant runs in a fresh process:
   of the alignment size, every lane of every split a list of those groups
   (``cuDevResourceGenerateDesc`` takes several resources of one split): lanes of different
   splits then share the driver's resource objects, not only SM ids;
-- ``conn1``, ``conn32``: the baseline under ``CUDA_DEVICE_MAX_CONNECTIONS`` 1 and 32 (how many
-  hardware work queues a context's streams map onto).
+- ``conn1``, ``conn8``, ``conn32``: the baseline under ``CUDA_DEVICE_MAX_CONNECTIONS`` 1, 8 and 32
+  (how many hardware work queues a context's streams map onto).
 
     python3 bench/investigations/green_variants.py [all|VARIANT...]
 
@@ -33,9 +33,9 @@ import os
 import subprocess
 import sys
 
-VARIANTS = ("baseline", "close", "atoms", "conn1", "conn32")
-ENV = {"conn1": {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}, "conn32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"},
-       "atoms": {"BULLET_GREEN_CARVE": "atoms"}}
+VARIANTS = ("baseline", "close", "atoms", "conn1", "conn8", "conn32")
+ENV = {"conn1": {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}, "conn8": {"CUDA_DEVICE_MAX_CONNECTIONS": "8"},
+       "conn32": {"CUDA_DEVICE_MAX_CONNECTIONS": "32"}, "atoms": {"BULLET_GREEN_CARVE": "atoms"}}
 PROBES = int(os.environ.get("FADE_PROBES", "12"))
 
 

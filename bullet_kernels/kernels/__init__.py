@@ -11,9 +11,10 @@ overrides, read through :func:`bullet_kernels.config.kernel_settings`:
 
 The phase is the one of the innermost :func:`gemm_phase` scope (the model sets it around its
 decoder layers from ``ForwardBatch.is_decode``; outside any scope, e.g. the LM head after the
-layers: prefill's GEMM, the choice the shipped profile was measured with). Launch sizes follow :func:`current_sm_budget`; wrap graph captures in
-:func:`sm_budget`. :func:`gemms_through` hands every GEMM to a runner (kernel-level placement:
-the engine runs GEMMs on another lane than the rest of a graph).
+layers: prefill's GEMM, the choice the shipped profile was measured with). Launch sizes follow
+:func:`current_sm_budget`; wrap graph captures in :func:`sm_budget`. :func:`gemms_through`
+hands every GEMM to a runner (kernel-level placement: the engine runs GEMMs on another lane
+than the rest of a graph).
 """
 
 from __future__ import annotations
