@@ -90,7 +90,7 @@ for s in "$@"; do
     info)      stage info bullet info --json bench/results/info.json ;;
     tests)     stage tests python3 -m pytest -m gpu -q -p no:cacheprovider ;;
     servetests) stage servetests python3 -m pytest -m gpu -q -p no:cacheprovider ${SERVETESTS:-tests/test_serve_gpu.py tests/test_kernels_gpu.py} ;;
-    adaptertest) stage adaptertest env BULLET_SGLANG_PYTHONPATH=/tmp/site \
+    adaptertest) stage adaptertest env BULLET_SGLANG_PYTHONPATH=/tmp/site BULLET_SGLANG_LOG_DIR="$OUT" \
                    python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sglang_adapter_gpu.py ;;
     bench)     bench_stage bench ;;
     decode)    bench_stage decode bench/test_decode_partitions.py ;;

@@ -34,6 +34,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SGLANG_PATH = os.environ.get("BULLET_SGLANG_PYTHONPATH", "")  # where sglang imports, e.g. /tmp/site
+LOG_DIR = os.environ.get("BULLET_SGLANG_LOG_DIR", "")  # keep the servers' logs here (the GPU session's $OUT)
 
 
 def server_env() -> dict:
@@ -126,10 +127,13 @@ def test_enable_bullet_gives_unmodified_sglangs_greedy_tokens(tmp_path):
     from bullet_kernels.models.presets import write_model_dir
 
     model = write_model_dir("llama-3.1-8b", tmp_path / "model")
-    plain = serve_and_generate(model, [], tmp_path / "sglang.log")
-    bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], tmp_path / "bullet.log")
+    logs = Path(LOG_DIR) if LOG_DIR else tmp_path
+    logs.mkdir(parents=True, exist_ok=True)
+    # bullet first: a failure of the adapter shows before minutes go to the baseline's start
+    bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], logs / "adapter-bullet.log")
+    plain = serve_and_generate(model, [], logs / "adapter-sglang.log")
     assert all(len(o) == NEW_TOKENS for o in plain)
-    splits = [m.groups() for m in SPLIT_CHOSEN.finditer((tmp_path / "bullet.log").read_text())]
+    splits = [m.groups() for m in SPLIT_CHOSEN.finditer((logs / "adapter-bullet.log").read_text())]
     assert any(int(p) and int(d) for _, p, d in splits), f"no split was chosen (groups seen: {splits})"
     mismatched = [i for i, (a, b) in enumerate(zip(plain, bullet)) if a != b]
     assert not mismatched, f"greedy outputs differ for prompts {mismatched}"
