@@ -15,6 +15,11 @@ from bullet_kernels.partition import Partitioner, SMSplit
 # bf16 weights and activations. Each lane's graphs are compared with an eager run on the same
 # lane; the mixed-split prefill with the eager full-GPU run, whose sums happen in another order.
 REL_TOL = 1e-2
+# A decode step's logits differ from another run's by about 1.1% in this random 30-layer bf16 model
+# whatever runs them: on the H200 at e48b00f an eager decode was 1.12% from an eager prefill of the
+# same whole sequences, the graph 1.15% from it and 1.16% from the eager decode
+# (bench/investigations/decode_graph_reference.py); prefill graphs matched eager bit for bit.
+DECODE_REL_TOL = 2e-2
 CFG = EngineConfig(page_size=16, decode_buckets=(8,), prefill_buckets=(512,), prefill_max_seqs=4,
                    layer_groups=3, kv_num_pages=512, max_context=1024)
 
@@ -71,6 +76,7 @@ def test_graph_replay_under_every_split_matches_eager():
         for placement in placements:
             runner.capture(placement)
         other = torch.cuda.Stream()
+        errors = {}
         for placement in placements:
             # Each graph against an eager run on its lane (the same SMs, split-KV counts and
             # GEMM choices) that reads the same KV cache: the decode step is compared after the
@@ -82,12 +88,17 @@ def test_graph_replay_under_every_split_matches_eager():
                 lane_pre = eager(runner, pre)
             out = runner.forward(*pre, placement, stream=other)
             other.synchronize()
-            assert out.shape[0] == 2 and rel_err(out, lane_pre) < REL_TOL, placement
+            assert out.shape[0] == 2
+            errors[f"{placement} prefill"] = rel_err(out, lane_pre)
             with on(parts, placement):
                 lane_dec = eager(runner, dec)
             out = runner.forward(*dec, placement, stream=other)
             other.synchronize()
-            assert out.shape[0] == 2 and rel_err(out, lane_dec) < REL_TOL, placement
+            assert out.shape[0] == 2
+            errors[f"{placement} decode"] = rel_err(out, lane_dec)
+            assert torch.equal(out.argmax(-1), lane_dec.argmax(-1)), placement
+        # every placement's errors in the message, to see how near the others were
+        assert all(e < (DECODE_REL_TOL if k.endswith("decode") else REL_TOL) for k, e in errors.items()), errors
         assert runner.stats == {"graph_steps": 2 * len(placements), "eager_steps": 0, "eager_reasons": {}}
 
         # the split may change between layer groups of one prefill
@@ -118,6 +129,6 @@ def test_graph_replay_under_every_split_matches_eager():
             ref_dec = eager(lazy, dec)
         out = lazy.forward(*dec, where, stream=other)
         other.synchronize()
-        assert rel_err(out, ref_dec) < REL_TOL and len(lazy.graphs.bank) == 1
+        assert rel_err(out, ref_dec) < DECODE_REL_TOL and len(lazy.graphs.bank) == 1
         assert lazy.stats["graph_steps"] == 1 and lazy.stats["eager_steps"] == 0
         lazy.close()
