@@ -208,7 +208,8 @@ def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy()
     want = policy.decide(Work(decode=(64, 1003), prefill_tokens=2048, prefill_groups_left=3)).split
     idx, group = s.adjust_stream_groups()
     assert idx == plan.splits.index(want) + 1 and group == f"group{idx}"
-    assert s.pdmux_config.split_forward_token_budget == 2048 * 4  # one policy group (32 / 8 layers) a turn
+    # the turn that admits the prefill enqueues all its layers (pdmux runs budget // tokens of them)
+    assert s.pdmux_config.split_forward_token_budget // 2048 == 32
     assert pdmux.current == idx and switched == [idx]  # the decode attention backend follows the group
     s.split_prefill_batch = None
     assert s.adjust_stream_groups() == (5, "group5")  # decode alone: the whole GPU

@@ -9,10 +9,8 @@ after its last layers has landed). What it lacks, we override:
   green contexts, and pdmux's config carries their count;
 - ``adjust_stream_groups``: the group comes from our SLO policy (:func:`.stream_groups.choose_group`).
   The loop asks only with both streams idle: when a prefill is admitted or merged, or decode ran
-  dry, so a split holds for a whole prefill. It also sizes pdmux's per-call token budget so that
-  each turn of the loop runs one of the policy's layer groups of the prefill (pdmux's default,
-  65536 tokens, runs every layer of a prompt under 2048 tokens in one turn, and the policy's
-  "groups left" would never move);
+  dry, so a split holds for a whole prefill. It also sizes pdmux's per-turn token budget so that
+  the turn that admits a prefill enqueues all its layers (:data:`PREFILL_LAYERS_PER_TURN`).
 - ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
   in ``self.ps``; without them pdmux cannot start (its own launch fails that way).
 
@@ -23,12 +21,20 @@ state its graph runner and scheduler read); tests pass a stand-in with the same 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable
 
 from .stream_groups import GroupPlan, choose_group, groups_left
 
 logger = logging.getLogger("bullet_sglang")
+
+# Layers of a split prefill enqueued per turn of pdmux's loop; None: all of them at once.
+# Decision (measured on the H200 at e48b00f, docs/sglang-adapter.md): the loop re-decides the split
+# only when a prefill is admitted or merged, never between its layers, so enqueueing the layers a
+# few at a time buys no decision; it only leaves the prefill lane idle while each turn waits for
+# the decode step. With one policy layer group (4 of 32 layers) a turn, a 1k-token prefill took 8
+# decode steps and P50 TTFT was 130-155 ms against unmodified SGLang's 41-50 ms; the decode lane
+# ran those 8 steps on 32 SMs.
+PREFILL_LAYERS_PER_TURN: int | None = None
 
 
 def _from_parallel_state(name: str) -> property:
@@ -72,8 +78,8 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
                 prefill = self.split_prefill_batch.extend_num_tokens
                 layers = self.model_config.num_hidden_layers
                 left = groups_left(self.split_prefill_batch.split_index, layers, policy_groups)
-                # pdmux runs budget // tokens layers a turn: one policy layer group
-                self.pdmux_config.split_forward_token_budget = max(1, prefill) * math.ceil(layers / policy_groups)
+                # pdmux runs budget // tokens layers a turn
+                self.pdmux_config.split_forward_token_budget = max(1, prefill) * (PREFILL_LAYERS_PER_TURN or layers)
             idx = choose_group(plan, policy, decode, prefill, left, ttft_ms)
             pdmux.set_current_stream_idx(idx)
             self.tp_worker.model_runner.update_decode_attn_backend(idx)
