@@ -3,11 +3,15 @@
 #
 #   bash scripts/serving_goodput.sh install                # ours (offline) + SGLang bins in .carry/sglang/bin*
 #   bash scripts/serving_goodput.sh sglang-start [CHUNK]   # SGLang 0.5.15 in the background (setsid);
-#       CHUNK=pdmux: SGLang's own --enable-pdmux instead of chunked prefill (label sglang-pdmux)
+#       CHUNK=pdmux: SGLang's own --enable-pdmux instead of chunked prefill (label sglang-pdmux);
+#       CHUNK=2048-nooverlap: chunked 2048 without the overlap scheduler, which the bullet loop
+#       must run without (label sglang-chunk2048-nooverlap: the loop's cost apart from the lanes)
 #   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
 #       (KEEP=1: leave it running, to measure another trace next)
 #   bash scripts/serving_goodput.sh sglang-bullet-start [TPOT]  # SGLang through bullet_sglang --enable-bullet
-#   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang
+#   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang-tpotTPOT
+#       (sglang-bench measures whichever server the last start left: its label and log are kept in
+#       /tmp/sglang.label and /tmp/sglang.logpath)
 #   bash scripts/serving_goodput.sh ours MODE [CHUNK]      # bullet serve MODE, measure, stop it
 #   bash scripts/serving_goodput.sh split-bins [MB]        # (here, not on the GPU machine) regroup
 #       the wheel bins into .carry/sglang/part*/ of at most MB each (default 50): a device call
@@ -22,6 +26,8 @@
 # Environment: RATES (req/s), EXTEND_TO (req/s: more rates past RATES while the top one still
 # meets the loosest target, up to this; bench-serving --extend-to), PROMPTS (per rate), TRACE (uniform|sglang-random|sharegpt|azure-conversation),
 # DRIVER (sglang: requests sent by SGLang's own bench_serving, with TRACE=sglang-random),
+# SGLANG_ARGS (more SGLang server options for every SGLang start, bullet's included, e.g.
+# --cuda-graph-max-bs 128: bullet captures the decode graphs once per stream group),
 # MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
 # options, e.g. --tpot-slo-ms 10), LABEL (results name; a trace other than uniform is appended,
 # e.g. chunked512-sharegpt), OUT (default /tmp/bullet-out).
@@ -94,32 +100,33 @@ PY
   sglang-start)
     chunk=${2:-2048}
     # pdmux: SGLang's own PD multiplexing (green contexts), which refuses chunked prefill
-    mode_args=(--chunked-prefill-size "$chunk")
+    mode_args=(--chunked-prefill-size "${chunk%-nooverlap}")
     [ "$chunk" = pdmux ] && mode_args=(--chunked-prefill-size -1 --enable-pdmux --disable-overlap-schedule)
+    [ "$chunk" != "${chunk%-nooverlap}" ] && mode_args+=(--disable-overlap-schedule)
+    label="sglang-chunk$chunk"; [ "$chunk" = pdmux ] && label=sglang-pdmux
     python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
     PYTHONPATH=/tmp/site setsid python3 -m sglang.launch_server --model-path "$SG/model" --load-format dummy \
       --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache \
-      "${mode_args[@]}" --mem-fraction-static 0.80 --port 30000 > "$OUT/sglang-$chunk.log" 2>&1 &
-    echo $! > /tmp/sglang.pid
-    echo "SGLang (chunk $chunk) starting; its first start takes about 4.5 minutes" ;;
+      "${mode_args[@]}" --mem-fraction-static 0.80 --port 30000 ${SGLANG_ARGS:-} > "$OUT/sglang-$chunk.log" 2>&1 &
+    echo $! > /tmp/sglang.pid; echo "$label" > /tmp/sglang.label; echo "$OUT/sglang-$chunk.log" > /tmp/sglang.logpath
+    echo "SGLang (chunk $chunk${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes about 4.5 minutes" ;;
   sglang-bullet-start)
     tpot=${2:-15}
     python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
     PYTHONPATH=/tmp/site setsid python3 -m bullet_sglang.launch_server --model-path "$SG/model" --load-format dummy \
       --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache --mem-fraction-static 0.80 \
-      --port 30000 --enable-bullet --bullet-tpot-slo-ms "$tpot" > "$OUT/sglang-bullet.log" 2>&1 &
-    echo $! > /tmp/sglang.pid
-    echo "SGLang with --enable-bullet (policy $tpot ms) starting; its first start takes minutes" ;;
+      --port 30000 --enable-bullet --bullet-tpot-slo-ms "$tpot" ${SGLANG_ARGS:-} > "$OUT/sglang-bullet-tpot$tpot.log" 2>&1 &
+    echo $! > /tmp/sglang.pid; echo "bullet-in-sglang-tpot$tpot" > /tmp/sglang.label
+    echo "$OUT/sglang-bullet-tpot$tpot.log" > /tmp/sglang.logpath
+    echo "SGLang with --enable-bullet (policy $tpot ms${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes minutes" ;;
   sglang-bench)
-    chunk=${2:-2048}
-    log="$OUT/sglang-$chunk.log"; [ "$chunk" = bullet ] && log="$OUT/sglang-bullet.log"
+    log=$(cat /tmp/sglang.logpath 2>/dev/null)
     wait_up http://127.0.0.1:30000/health 540 "$(cat /tmp/sglang.pid 2>/dev/null)" || { tail -20 "$log"; exit 1; }
     # The first load after start pays FlashInfer JIT work (a 10 s stall, measured): a short
     # unrecorded pass first.
     bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
       --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
-    label="sglang-chunk$chunk"; [ "$chunk" = pdmux ] && label=sglang-pdmux
-    [ "$chunk" = bullet ] && label=bullet-in-sglang  # a bullet run in the report (its ratio is against the baselines)
+    label=$(cat /tmp/sglang.label)  # bullet-in-sglang-*: a bullet run in the report (its ratio is against the baselines)
     bench http://127.0.0.1:30000 "$label$(trace_suffix)"; rc=$?
     [ -n "${KEEP:-}" ] || { kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server"; }
     exit "$rc" ;;
