@@ -285,3 +285,36 @@ def test_a_profile_the_policy_cannot_plan_with_is_refused_at_start(tmp_path):
     broken.write_text(json.dumps(doc))
     with pytest.raises(UnsupportedSetup, match="broken.json"):
         build(BulletOptions(enable=True, profile=str(broken)))
+
+
+def test_a_partition_backend_that_cannot_run_is_refused_before_sglang_starts(monkeypatch):
+    import dataclasses as dc
+
+    from bullet_kernels.device import DeviceInfo
+    from bullet_kernels.partition.tpc import mechanisms
+    from bullet_sglang.setup import check_partition
+
+    import bullet_kernels.device
+
+    monkeypatch.setattr(bullet_kernels.device, "describe_state", lambda index: (None, "the CUDA driver reports no GPU"))
+    with pytest.raises(UnsupportedSetup, match="green cannot run on GPU 0: no GPU \\(the CUDA driver reports no GPU\\)"):
+        check_partition("green", 0)
+    h200 = DeviceInfo(index=0, name="NVIDIA H200", uuid="GPU-0", sm_count=132, tpc_count=66,
+                      compute_capability=(9, 0), driver_api_version=13000, kernel_driver="580.159.04",
+                      total_memory_bytes=141 << 30, l2_bytes=60 << 20, green_contexts=True,
+                      green_unavailable_reason="", min_partition_sms=8, partition_alignment_sms=8)
+    check_partition("green", 0, device=h200)  # runs
+    no_green = dc.replace(h200, green_contexts=False, green_unavailable_reason="driver 535 has no green contexts")
+    with pytest.raises(UnsupportedSetup, match="green cannot run on GPU 0: green contexts unsupported: driver 535"):
+        check_partition("green", 0, device=no_green)
+    from bullet_kernels.partition.tpc import native
+
+    if native.unavailable_reason():  # our TPC library is not built here: that is the refusal
+        with pytest.raises(UnsupportedSetup, match="--bullet-partition tpc cannot run"):
+            check_partition("tpc", 0, device=h200)
+        return
+    monkeypatch.setattr(mechanisms, "choose", lambda lib, version: mechanisms.Choice("hook", "auto", why="no offset"))
+    with pytest.raises(UnsupportedSetup, match="gets the hook mechanism \\(no offset\\).*use --bullet-partition green"):
+        check_partition("tpc", 0, device=h200)
+    monkeypatch.setattr(mechanisms, "choose", lambda lib, version: mechanisms.Choice("record", "auto", offset=0x51C))
+    check_partition("tpc", 0, device=h200)

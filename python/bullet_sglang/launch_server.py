@@ -27,8 +27,8 @@ STARTING = ("--enable-bullet: SGLang {version} with bullet_sglang {ours} (profil
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
     from .hooks import check_hook_points, installed_source_root
-    from .options import ENV, UnsupportedSetup, check_supported, sglang_argv_for_bullet, split_argv
-    from .setup import resolve
+    from .options import ENV, UnsupportedSetup, check_supported, sglang_argv_for_bullet, split_argv, value_of
+    from .setup import check_partition, resolve
     from .version import UnsupportedSGLang, check_sglang_version
 
     argv = sys.argv[1:] if argv is None else argv
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UnsupportedSGLang("SGLang's extension points differ from what bullet_sglang hooks:\n  "
                                         + "\n  ".join(problems))
             opts = resolve(opts, sglang_argv)
+            check_partition(opts.partition, int(value_of(sglang_argv, "--base-gpu-id") or 0))
     except (UnsupportedSetup, UnsupportedSGLang) as exc:
         print(f"bullet_sglang: error: {exc}", file=sys.stderr)
         return 2

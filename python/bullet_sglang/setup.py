@@ -64,6 +64,35 @@ def find_matching_profile(device: str, config: dict, root: str | Path | None = N
     )
 
 
+def check_partition(name: str, gpu_index: int = 0, device=None) -> None:
+    """Refuse, before SGLang starts, a partition backend this GPU cannot run, and the tpc
+    library's launch hook, whose lanes hold only inside our own launch scope (SGLang launches
+    outside it, so they would run on the whole GPU). ``device`` (a ``DeviceInfo``, or None for
+    no GPU) replaces the driver query in tests; the query takes no GPU memory (no context)."""
+    from bullet_kernels.device import describe_state
+    from bullet_kernels.partition import available_backends, backend_class
+
+    why = ""
+    if device is None:
+        device, why = describe_state(gpu_index)
+    reason = backend_class(name).unavailable_reason(device)
+    if reason:
+        usable = [b for b, r in available_backends(device).items() if not r and b != "none"]
+        raise UnsupportedSetup(f"--bullet-partition {name} cannot run on GPU {gpu_index}: {reason}"
+                               + (f" ({why})" if why and why not in reason else "")
+                               + f"; usable here: {', '.join(usable) or 'none'}")
+    if name == "tpc":
+        from bullet_kernels.partition.tpc import mechanisms, native
+
+        choice = mechanisms.choose(native.load(), device.driver_api_version)
+        if choice.mechanism != "record":
+            raise UnsupportedSetup(
+                f"--bullet-partition tpc needs the driver's per-stream mask record; on driver API "
+                f"{device.driver_api_version} it gets the {choice.mechanism} mechanism ({choice.why or 'as asked'}), whose "
+                "lanes hold only inside bullet_kernels' launch scope, which SGLang does not enter; use "
+                "--bullet-partition green")
+
+
 # Models whose SGLang implementation has the split-prefill forward, restricted to the Llama family:
 # Qwen3-family models fork a stream of their own during graph capture, which nothing confines to
 # a lane yet (docs/sglang-adapter.md).
