@@ -18,6 +18,7 @@
 #   sgpart:PART          install one part of the SGLang wheel set (.carry/sglang/PART) into /tmp/site
 #   sgstart:CHUNK        start SGLang 0.5.15 (chunked prefill CHUNK) in the background
 #   sgbullet:TPOT        start SGLang with bullet_sglang --enable-bullet instead (then sg:bullet:...)
+#   sgpolicy:TPOT        set the running bullet server's policy target (then sg:bullet:... again)
 #   sg:CHUNK:TRACE:RATES[:sglang]  measure it (it stays up for the next trace), requests sent by
 #                        our load generator or by SGLang's own bench_serving; sgstop: stop it
 # export:VAR=VALUE sets an environment variable for the stages after it.
@@ -122,6 +123,7 @@ for s in "$@"; do
                RATES=${rates//,/ } TRACE=$trace DRIVER=${driver:-} KEEP=1 stage "sg-$chunk-$trace${driver:+-$driver}" bash scripts/serving_goodput.sh sglang-bench "$chunk"
                grep -h "^goodput\|answers" "$(ls -t "$OUT/sg-$chunk-$trace${driver:+-$driver}"*.log | head -1)" ;;
     sgbullet:*) stage sgbullet bash scripts/serving_goodput.sh sglang-bullet-start "${s#sgbullet:}" ;;
+    sgpolicy:*) stage sgpolicy bash scripts/serving_goodput.sh sglang-bullet-policy "${s#sgpolicy:}" ;;
     sgstop)    pkill -f "[s]glang.launch_server" ;;
     export:*)  if export "${s#export:}"; then echo "=== export ${s#export:} (for the stages after it)"; else failed+=("$s"); fi ;;
     *) echo "unknown stage $s"; failed+=("$s") ;;

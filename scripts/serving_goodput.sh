@@ -9,6 +9,8 @@
 #   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
 #       (KEEP=1: leave it running, to measure another trace next)
 #   bash scripts/serving_goodput.sh sglang-bullet-start [TPOT]  # SGLang through bullet_sglang --enable-bullet
+#   bash scripts/serving_goodput.sh sglang-bullet-policy TPOT  # the running bullet server's policy target, set
+#       through SGLang's /set_internal_state (no restart: a start captures every stream group's graphs)
 #   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang-tpotTPOT
 #       (sglang-bench measures whichever server the last start left: its label and log are kept in
 #       /tmp/sglang.label and /tmp/sglang.logpath)
@@ -119,6 +121,18 @@ PY
     echo $! > /tmp/sglang.pid; echo "bullet-in-sglang-tpot$tpot" > /tmp/sglang.label
     echo "$OUT/sglang-bullet-tpot$tpot.log" > /tmp/sglang.logpath
     echo "SGLang with --enable-bullet (policy $tpot ms${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes minutes" ;;
+  sglang-bullet-policy)
+    tpot=${2:?usage: sglang-bullet-policy TPOT}
+    wait_up http://127.0.0.1:30000/health 540 "$(cat /tmp/sglang.pid 2>/dev/null)" || exit 1
+    python3 - "$tpot" <<'PY' || exit 1
+import json, sys, urllib.request
+body = json.dumps({"server_args": {"bullet_tpot_slo_ms": float(sys.argv[1])}}).encode()
+req = urllib.request.Request("http://127.0.0.1:30000/set_internal_state", body, {"Content-Type": "application/json"})
+answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
+print("set_internal_state:", answer)
+sys.exit(0 if answer and all(answer) else 1)
+PY
+    echo "bullet-in-sglang-tpot$tpot" > /tmp/sglang.label ;;
   sglang-bench)
     log=$(cat /tmp/sglang.logpath 2>/dev/null)
     wait_up http://127.0.0.1:30000/health 540 "$(cat /tmp/sglang.pid 2>/dev/null)" || { tail -20 "$log"; exit 1; }

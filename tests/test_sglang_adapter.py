@@ -219,6 +219,32 @@ def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy()
     assert s.gpu_id == 5 and s.ps.gpu_id == 3
 
 
+def test_set_internal_state_changes_the_policy_targets_and_leaves_sglangs_own_alone():
+    from bullet_sglang.scheduler import bullet_scheduler_class
+
+    plan, policy, estimator = h200_policy()
+
+    class SGLangScheduler:
+        def set_internal_state(self, recv_req):
+            return ("sglang's own", recv_req.server_args)
+
+    def output(updated, server_args):
+        return {"updated": updated, "server_args": server_args}
+
+    cls = bullet_scheduler_class(SGLangScheduler, plan, policy, lambda p, g: [], fake_pdmux(),
+                                 policy_groups=len(estimator.groups), state_output=output)
+    s = cls()
+    req = lambda **kw: types.SimpleNamespace(server_args=kw)  # noqa: E731
+    assert s.set_internal_state(req(pp_max_micro_batch_size=8)) == ("sglang's own", {"pp_max_micro_batch_size": 8})
+    done = s.set_internal_state(req(bullet_tpot_slo_ms=10, bullet_ttft_slo_ms=800))
+    assert done == {"updated": True, "server_args": {"bullet_tpot_slo_ms": 10.0, "bullet_ttft_slo_ms": 800.0}}
+    assert (policy.tpot_ms, policy.ttft_ms) == (10.0, 800.0)
+    for bad in (req(bullet_tpot_slo_ms=0), req(bullet_tpot_slo_ms="fast"), req(bullet_tpot_slo_ms=True),
+                req(bullet_tpot_ms=12), req(bullet_tpot_slo_ms=12, pp_max_micro_batch_size=8)):
+        assert s.set_internal_state(bad) == {"updated": False, "server_args": {"bullet_tpot_slo_ms": 10.0,
+                                                                               "bullet_ttft_slo_ms": 800.0}}
+
+
 def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
     from bullet_kernels.models.presets import write_model_dir
     from bullet_sglang.options import BulletOptions, UnsupportedSetup, sglang_argv_for_bullet

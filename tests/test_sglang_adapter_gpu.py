@@ -101,7 +101,15 @@ def stop(proc: subprocess.Popen) -> None:
             time.sleep(1)
 
 
-def serve_and_generate(model_dir, extra: list[str], log_path: Path) -> list[list[int]]:
+def set_policy_target(url: str, **targets) -> list:
+    body = json.dumps({"server_args": targets}).encode()
+    req = urllib.request.Request(f"{url}/set_internal_state", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def serve_and_generate(model_dir, extra: list[str], log_path: Path, then=None) -> list[list[int]]:
+    """The greedy outputs of a server started with ``extra``; ``then(url)`` runs before it stops."""
     cmd = [sys.executable, "-m", "bullet_sglang.launch_server", "--model-path", str(model_dir),
            "--port", str(PORT), *COMMON, *extra]
     env = server_env()
@@ -118,7 +126,10 @@ def serve_and_generate(model_dir, extra: list[str], log_path: Path) -> list[list
                 except OSError:
                     assert time.time() < deadline, f"no answer from {url}/health after {START_S} s: see {log_path}"
                     time.sleep(2)
-            return generate_all(url)
+            outputs = generate_all(url)
+            if then is not None:
+                then(url)
+            return outputs
         finally:
             stop(proc)
 
@@ -130,7 +141,15 @@ def test_enable_bullet_gives_unmodified_sglangs_greedy_tokens(tmp_path):
     logs = Path(LOG_DIR) if LOG_DIR else tmp_path
     logs.mkdir(parents=True, exist_ok=True)
     # bullet first: a failure of the adapter shows before minutes go to the baseline's start
-    bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], logs / "adapter-bullet.log")
+    answers = []
+
+    def change_the_policy(url):  # a benchmark sets each target on one running server
+        answers.append(set_policy_target(url, bullet_tpot_slo_ms=10))
+        answers.append(set_policy_target(url, bullet_tpot_slo_ms=-1))
+
+    bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], logs / "adapter-bullet.log",
+                                then=change_the_policy)
+    assert answers == [[True], [False]]
     plain = serve_and_generate(model, [], logs / "adapter-sglang.log")
     assert all(len(o) == NEW_TOKENS for o in plain)
     splits = [m.groups() for m in SPLIT_CHOSEN.finditer((logs / "adapter-bullet.log").read_text())]

@@ -44,11 +44,35 @@ def _from_parallel_state(name: str) -> property:
                     lambda self, value: self.__dict__.__setitem__(key, value))
 
 
+# The policy's targets SGLang's /set_internal_state may change at serving time (a benchmark runs
+# every target on one server: each start captures every stream group's decode graphs, minutes).
+POLICY_TARGETS = {"bullet_tpot_slo_ms": "tpot_ms", "bullet_ttft_slo_ms": "ttft_ms"}
+
+
+def update_policy_targets(policy, changes: dict) -> str:
+    """Set ``policy``'s targets from ``{"bullet_tpot_slo_ms": ms, ...}``; "" when done, else why
+    nothing was changed (an unknown key or a value that is not a positive number)."""
+    for key, value in changes.items():
+        if key not in POLICY_TARGETS:
+            return f"{key} is not one of {', '.join(POLICY_TARGETS)} (bullet's targets are set apart from SGLang's own state)"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"{key} must be a positive number of milliseconds, got {value!r}"
+    for key, value in changes.items():
+        setattr(policy, POLICY_TARGETS[key], float(value))
+    return ""
+
+
+def policy_targets(policy) -> dict:
+    return {key: getattr(policy, attr) for key, attr in POLICY_TARGETS.items()}
+
+
 def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Callable[[GroupPlan, int], list],
-                           pdmux: Any, policy_groups: int, ttft_ms: float | None = None) -> type:
+                           pdmux: Any, policy_groups: int, state_output: Callable[..., Any] | None = None) -> type:
     """A subclass of SGLang's ``Scheduler`` (``base``) running pdmux's loop on ``plan``'s groups.
 
-    ``open_groups(plan, gpu_id)`` returns one (prefill stream, decode stream) per group."""
+    ``open_groups(plan, gpu_id)`` returns one (prefill stream, decode stream) per group. The TTFT
+    target is the policy's (``policy.ttft_ms``). ``state_output`` builds SGLang's
+    ``SetInternalStateReqOutput`` (imported from SGLang when None; tests pass a stand-in)."""
 
     class BulletScheduler(base):
         gpu_id = _from_parallel_state("gpu_id")
@@ -80,7 +104,7 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
                 left = groups_left(self.split_prefill_batch.split_index, layers, policy_groups)
                 # pdmux runs budget // tokens layers a turn
                 self.pdmux_config.split_forward_token_budget = max(1, prefill) * (PREFILL_LAYERS_PER_TURN or layers)
-            idx = choose_group(plan, policy, decode, prefill, left, ttft_ms)
+            idx = choose_group(plan, policy, decode, prefill, left, policy.ttft_ms)
             pdmux.set_current_stream_idx(idx)
             self.tp_worker.model_runner.update_decode_attn_backend(idx)
             if idx != self.bullet_group:
@@ -88,6 +112,24 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
                             "%d layer groups left", idx, plan.sm_counts()[idx], decode, prefill, left)
                 self.bullet_group = idx
             return idx, self.stream_groups[idx]
+
+        def set_internal_state(self, recv_req):
+            """SGLang's /set_internal_state, which also takes our policy's targets
+            (:data:`POLICY_TARGETS`); a request naming both ours and SGLang's is refused whole."""
+            ours = {k: v for k, v in recv_req.server_args.items() if k.startswith("bullet_")}
+            if not ours:
+                return super().set_internal_state(recv_req)
+            why = ("give bullet's targets apart from SGLang's own state" if len(ours) < len(recv_req.server_args)
+                   else update_policy_targets(policy, ours))
+            if why:
+                logger.warning("bullet_sglang: /set_internal_state refused: %s", why)
+            else:
+                logger.info("bullet_sglang: policy targets now %s", policy_targets(policy))
+            if state_output is None:
+                from sglang.srt.managers.io_struct import SetInternalStateReqOutput as output
+            else:
+                output = state_output
+            return output(updated=not why, server_args=policy_targets(policy))
 
     BulletScheduler.__qualname__ = BulletScheduler.__name__ = f"Bullet{base.__name__}"
     return BulletScheduler
