@@ -344,3 +344,22 @@ def test_a_partition_backend_that_cannot_run_is_refused_before_sglang_starts(mon
         check_partition("tpc", 0, device=h200)
     monkeypatch.setattr(mechanisms, "choose", lambda lib, version: mechanisms.Choice("record", "auto", offset=0x51C))
     check_partition("tpc", 0, device=h200)
+
+
+def test_parsed_arguments_are_refused_like_the_command_line():
+    """check_parsed reads SGLang's parsed ServerArgs (abbreviated options included: --dp 2 parses
+    as dp_size 2); here a namespace with ServerArgs' field names and defaults."""
+    from bullet_sglang.options import check_parsed
+
+    defaults = dict(tp_size=1, pp_size=1, dp_size=1, speculative_algorithm=None, disaggregation_mode="null",
+                    enable_pdmux=False, disable_cuda_graph_padding=False, pdmux_config_path=None,
+                    enable_mixed_chunk=False, grpc_mode=False, use_ray=False)
+    check_parsed(types.SimpleNamespace(**defaults))
+    for change, words in ((dict(dp_size=2), "--dp-size 1 only"), (dict(tp_size=2), "tensor parallel size 1"),
+                          (dict(speculative_algorithm="EAGLE"), "speculative decoding"),
+                          (dict(disaggregation_mode="prefill"), "PD disaggregation"),
+                          (dict(enable_pdmux=True), "give one of them"),
+                          (dict(disable_cuda_graph_padding=True), "padded"),
+                          (dict(use_ray=True), "Ray-managed")):
+        with pytest.raises(UnsupportedSetup, match=words):
+            check_parsed(types.SimpleNamespace(**{**defaults, **change}))

@@ -27,7 +27,8 @@ STARTING = ("--enable-bullet: SGLang {version} with bullet_sglang {ours} (profil
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
     from .hooks import check_hook_points, installed_source_root
-    from .options import ENV, UnsupportedSetup, check_supported, sglang_argv_for_bullet, split_argv, value_of
+    from .options import (ENV, UnsupportedSetup, check_parsed, check_supported, sglang_argv_for_bullet, split_argv,
+                          value_of)
     from .setup import check_partition, resolve
     from .version import UnsupportedSGLang, check_sglang_version
 
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
                                         + "\n  ".join(problems))
             opts = resolve(opts, sglang_argv)
             check_partition(opts.partition, int(value_of(sglang_argv, "--base-gpu-id") or 0))
+            from sglang.srt.server_args import prepare_server_args
+
+            server_args = prepare_server_args(sglang_argv_for_bullet(sglang_argv))
+            check_parsed(server_args)  # what the command-line check cannot see (abbreviated options)
     except (UnsupportedSetup, UnsupportedSGLang) as exc:
         print(f"bullet_sglang: error: {exc}", file=sys.stderr)
         return 2
@@ -58,12 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     print("bullet_sglang: " + STARTING.format(version=version, ours=__version__, profile=opts.profile,
                                               partition=opts.partition, tpot=opts.tpot_slo_ms), file=sys.stderr)
     from sglang.srt.entrypoints.http_server import launch_server
-    from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
     from .child import run_scheduler_process
 
-    server_args = prepare_server_args(sglang_argv_for_bullet(sglang_argv))
     try:
         launch_server(server_args, run_scheduler_process_func=run_scheduler_process)
     finally:

@@ -80,47 +80,67 @@ def value_of(argv: Sequence[str], *names: str) -> str | None:
     return found
 
 
+def _refuse(tp, pp, dp, spec, disagg, pdmux, unpadded, pdmux_config, mixed, grpc, ray) -> None:
+    """The refusals shared by the argv check and the parsed one (each argument as SGLang names it)."""
+    for name, value in (("tensor parallel size", tp), ("--pp-size", pp), ("--dp-size", dp)):
+        if value is not None and str(value) != "1":
+            raise UnsupportedSetup(f"--enable-bullet supports {name} 1 only (one GPU), got {value}")
+    if spec is not None and str(spec).lower() not in ("none", ""):
+        raise UnsupportedSetup(f"--enable-bullet does not support speculative decoding (--speculative-algorithm {spec})")
+    if disagg is not None and disagg != "null":
+        raise UnsupportedSetup(f"--enable-bullet does not support PD disaggregation (--disaggregation-mode {disagg}); "
+                               "it co-locates prefill and decode on one GPU instead")
+    if unpadded:
+        raise UnsupportedSetup("--enable-bullet needs decode graphs padded to their buckets: with "
+                               "--disable-cuda-graph-padding SGLang 0.5.15's per-stream-group graphs are never found "
+                               "(every decode step would run without a graph)")
+    if pdmux_config:
+        raise UnsupportedSetup("--enable-bullet chooses the SM splits itself (our verified lanes and SLO policy); "
+                               "--pdmux-config-path configures SGLang's own PD-multiplexing")
+    if mixed:
+        raise UnsupportedSetup("--enable-bullet runs prefill and decode on their own lanes; --enable-mixed-chunk "
+                               "fuses them into one batch")
+    for flag, what, given in (("--grpc-mode", "SGLang's gRPC server", grpc), ("--use-ray", "Ray-managed scheduler processes", ray)):
+        if given:
+            raise UnsupportedSetup(f"--enable-bullet starts SGLang's HTTP server with its scheduler processes; {flag} "
+                                   f"asks for {what}, which the adapter does not hook")
+    if pdmux:
+        raise UnsupportedSetup("--enable-bullet and --enable-pdmux both partition the GPU between prefill and decode; "
+                               "give one of them")
+
+
 def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
     """Refuse, with the reason, SGLang options the adapter cannot run beside ``--enable-bullet``
-    (nothing to check without it: then SGLang runs unmodified)."""
+    (nothing to check without it: then SGLang runs unmodified). From the command line alone,
+    before SGLang is imported; :func:`check_parsed` repeats it on SGLang's parsed arguments."""
     if not opts.enable:
         return
-    tp = value_of(sglang_argv, "--tp-size", "--tp", "--tensor-parallel-size")
-    if tp is not None and tp != "1":
-        raise UnsupportedSetup(f"--enable-bullet supports tensor parallel size 1 only (one GPU), got {tp}")
-    for flag in ("--pp-size", "--pipeline-parallel-size", "--dp-size", "--data-parallel-size"):
-        value = value_of(sglang_argv, flag)
-        if value is not None and value != "1":
-            raise UnsupportedSetup(f"--enable-bullet supports {flag} 1 only, got {value}")
-    spec = value_of(sglang_argv, "--speculative-algorithm")
-    if spec is not None and spec.lower() not in ("none", ""):
-        raise UnsupportedSetup(f"--enable-bullet does not support speculative decoding (--speculative-algorithm {spec})")
-    mode = value_of(sglang_argv, "--disaggregation-mode")
-    if mode is not None and mode != "null":
-        raise UnsupportedSetup(f"--enable-bullet does not support PD disaggregation (--disaggregation-mode {mode}); "
-                               "it co-locates prefill and decode on one GPU instead")
     chunk = value_of(sglang_argv, "--chunked-prefill-size")
     if chunk is not None and chunk != "-1":
         raise UnsupportedSetup(f"--enable-bullet prefills whole prompts as layer groups on the prefill lane; "
                                f"--chunked-prefill-size {chunk} asks for chunked prefill, which it replaces (give -1 "
                                "or leave it out)")
-    if "--disable-cuda-graph-padding" in sglang_argv:
-        raise UnsupportedSetup("--enable-bullet needs decode graphs padded to their buckets: with "
-                               "--disable-cuda-graph-padding SGLang 0.5.15's per-stream-group graphs are never found "
-                               "(every decode step would run without a graph)")
-    if value_of(sglang_argv, "--pdmux-config-path") is not None:
-        raise UnsupportedSetup("--enable-bullet chooses the SM splits itself (our verified lanes and SLO policy); "
-                               "--pdmux-config-path configures SGLang's own PD-multiplexing")
-    if "--enable-mixed-chunk" in sglang_argv:
-        raise UnsupportedSetup("--enable-bullet runs prefill and decode on their own lanes; --enable-mixed-chunk "
-                               "fuses them into one batch")
-    for flag, what in (("--grpc-mode", "SGLang's gRPC server"), ("--use-ray", "Ray-managed scheduler processes")):
-        if flag in sglang_argv:
-            raise UnsupportedSetup(f"--enable-bullet starts SGLang's HTTP server with its scheduler processes; {flag} "
-                                   f"asks for {what}, which the adapter does not hook")
-    if "--enable-pdmux" in sglang_argv:
-        raise UnsupportedSetup("--enable-bullet and --enable-pdmux both partition the GPU between prefill and decode; "
-                               "give one of them")
+    _refuse(tp=value_of(sglang_argv, "--tp-size", "--tp", "--tensor-parallel-size"),
+            pp=value_of(sglang_argv, "--pp-size", "--pipeline-parallel-size"),
+            dp=value_of(sglang_argv, "--dp-size", "--data-parallel-size"),
+            spec=value_of(sglang_argv, "--speculative-algorithm"),
+            disagg=value_of(sglang_argv, "--disaggregation-mode"),
+            pdmux="--enable-pdmux" in sglang_argv,
+            unpadded="--disable-cuda-graph-padding" in sglang_argv,
+            pdmux_config=value_of(sglang_argv, "--pdmux-config-path") is not None,
+            mixed="--enable-mixed-chunk" in sglang_argv,
+            grpc="--grpc-mode" in sglang_argv, ray="--use-ray" in sglang_argv)
+
+
+def check_parsed(server_args) -> None:
+    """:func:`check_supported`'s refusals on SGLang's parsed ``ServerArgs``: SGLang's parser takes
+    abbreviated options (``--dp 2``, ``--speculative-algo EAGLE``, ``--enable-pd``), which the
+    command-line check cannot see. Parsing takes no GPU memory."""
+    get = lambda name, default=None: getattr(server_args, name, default)  # noqa: E731
+    _refuse(tp=get("tp_size", 1), pp=get("pp_size", 1), dp=get("dp_size", 1), spec=get("speculative_algorithm"),
+            disagg=get("disaggregation_mode", "null"), pdmux=bool(get("enable_pdmux")),
+            unpadded=bool(get("disable_cuda_graph_padding")), pdmux_config=bool(get("pdmux_config_path")),
+            mixed=bool(get("enable_mixed_chunk")), grpc=bool(get("grpc_mode")), ray=bool(get("use_ray")))
 
 
 def sglang_argv_for_bullet(sglang_argv: Sequence[str]) -> list[str]:
