@@ -12,8 +12,9 @@
 #   bash scripts/serving_goodput.sh sglang-bullet-policy TPOT  # the running bullet server's policy target, set
 #       through SGLang's /set_internal_state (no restart: a start captures every stream group's graphs)
 #   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang-tpotTPOT
-#       (sglang-bench measures whichever server the last start left: its label and log are kept in
-#       /tmp/sglang.label and /tmp/sglang.logpath)
+#       (sglang-bench measures the server the last start left, whatever its CHUNK argument says:
+#       label, log and pid are kept in /tmp/sglang.label, .logpath and .pid; a start refuses
+#       while another server answers on the port)
 #   bash scripts/serving_goodput.sh ours MODE [CHUNK]      # bullet serve MODE, measure, stop it
 #   bash scripts/serving_goodput.sh split-bins [MB]        # (here, not on the GPU machine) regroup
 #       the wheel bins into .carry/sglang/part*/ of at most MB each (default 50): a device call
@@ -52,6 +53,12 @@ wait_up() {  # wait_up URL SECONDS [PID]: until URL answers; gives up at once if
     if [ "$t" -ge "$limit" ]; then echo "no answer from $url after $limit s"; return 1; fi
   done
   echo "$url answers after $t s"
+}
+
+port_free() {  # a start refuses while a server still answers on :30000 (the next bench would measure it)
+  if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null; then
+    echo "a server still answers on port 30000 ($(cat /tmp/sglang.label 2>/dev/null)): stop it first (sgstop)"; return 1
+  fi
 }
 
 trace_suffix() {  # runs on another trace than the standard one, or sent by SGLang's benchmark, say so
@@ -100,6 +107,7 @@ PY
     BULLET_OFFLINE=1 bash scripts/install.sh
     for b in "$SG"/bin*; do [ -d "$b" ] && bash "$SG/install.sh" "$b"; done ;;
   sglang-start)
+    port_free || exit 1
     chunk=${2:-2048}
     # pdmux: SGLang's own PD multiplexing (green contexts), which refuses chunked prefill
     mode_args=(--chunked-prefill-size "${chunk%-nooverlap}")
@@ -113,6 +121,7 @@ PY
     echo $! > /tmp/sglang.pid; echo "$label" > /tmp/sglang.label; echo "$OUT/sglang-$chunk.log" > /tmp/sglang.logpath
     echo "SGLang (chunk $chunk${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes about 4.5 minutes" ;;
   sglang-bullet-start)
+    port_free || exit 1
     tpot=${2:-15}
     python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
     PYTHONPATH=/tmp/site setsid python3 -m bullet_sglang.launch_server --model-path "$SG/model" --load-format dummy \
@@ -134,13 +143,16 @@ sys.exit(0 if answer and all(answer) else 1)
 PY
     echo "bullet-in-sglang-tpot$tpot" > /tmp/sglang.label ;;
   sglang-bench)
-    log=$(cat /tmp/sglang.logpath 2>/dev/null)
-    wait_up http://127.0.0.1:30000/health 540 "$(cat /tmp/sglang.pid 2>/dev/null)" || { tail -20 "$log"; exit 1; }
+    log=$(cat /tmp/sglang.logpath 2>/dev/null); label=$(cat /tmp/sglang.label 2>/dev/null)
+    pid=$(cat /tmp/sglang.pid 2>/dev/null)
+    [ -n "$label" ] && [ -n "$pid" ] || { echo "no SGLang server was started (sglang-start or sglang-bullet-start)"; exit 1; }
+    wait_up http://127.0.0.1:30000/health 540 "$pid" || { tail -20 "$log"; exit 1; }
+    kill -0 "$pid" 2>/dev/null || { echo "the server started last (pid $pid, $label) is gone: not measuring another"; exit 1; }
     # The first load after start pays FlashInfer JIT work (a 10 s stall, measured): a short
     # unrecorded pass first.
     bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
       --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
-    label=$(cat /tmp/sglang.label)  # bullet-in-sglang-*: a bullet run in the report (its ratio is against the baselines)
+    # label: bullet-in-sglang-* is a bullet run in the report (its ratio is against the baselines)
     bench http://127.0.0.1:30000 "$label$(trace_suffix)"; rc=$?
     [ -n "${KEEP:-}" ] || { kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server"; }
     exit "$rc" ;;

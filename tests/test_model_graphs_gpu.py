@@ -76,14 +76,14 @@ def test_graph_replay_under_every_split_matches_eager():
         for placement in placements:
             runner.capture(placement)
         other = torch.cuda.Stream()
-        errors = {}
+        errors, argmax_differs = {}, []
         for placement in placements:
-            # Each graph against an eager run on its lane (the same SMs, split-KV counts and
-            # GEMM choices) that reads the same KV cache: the decode step is compared after the
-            # graph prefill wrote the cache, because an eager prefill of the exact 377 tokens and
-            # a graph of the 512-token bucket round K and V differently (other GEMM shapes), and
-            # the decode logits of this random 30-layer model carry that on (1.2% measured on the
-            # H200 at 50405b6 when the eager decode read the eager prefill's cache).
+            # Each graph against an eager run on its lane (the same SMs and split-KV counts) that
+            # reads the same KV cache (written by the graph prefill just before). The decode
+            # graph runs the 8-row bucket where eager runs the 2 rows (other GEMM shapes): 1.16%
+            # apart on every placement at e48b00f, as far as either is from an eager prefill of
+            # the whole sequences (DECODE_REL_TOL). Comparing with an eager run padded to the
+            # bucket would allow a tighter bound: a follow-up.
             with on(parts, placement):
                 lane_pre = eager(runner, pre)
             out = runner.forward(*pre, placement, stream=other)
@@ -96,9 +96,11 @@ def test_graph_replay_under_every_split_matches_eager():
             other.synchronize()
             assert out.shape[0] == 2
             errors[f"{placement} decode"] = rel_err(out, lane_dec)
-            assert torch.equal(out.argmax(-1), lane_dec.argmax(-1)), placement
+            if not torch.equal(out.argmax(-1), lane_dec.argmax(-1)):
+                argmax_differs.append(str(placement))
         # every placement's errors in the message, to see how near the others were
         assert all(e < (DECODE_REL_TOL if k.endswith("decode") else REL_TOL) for k, e in errors.items()), errors
+        assert not argmax_differs, (argmax_differs, errors)
         assert runner.stats == {"graph_steps": 2 * len(placements), "eager_steps": 0, "eager_reasons": {}}
 
         # the split may change between layer groups of one prefill

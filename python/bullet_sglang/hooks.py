@@ -158,6 +158,12 @@ HOOK_POINTS = (
     HookPoint("sglang/srt/managers/io_struct.py", "SetInternalStateReqOutput.server_args", None,
               "our answer to /set_internal_state: the policy's targets now"),
     # -- the parsed settings the launcher refuses or sets (options.check_parsed, child.py) --
+    HookPoint("sglang/srt/server_args.py", "ServerArgs.add_cli_args", ("parser",),
+              "SGLang's own parser for the arguments as given (options.parse_sglang_argv)"),
+    HookPoint("sglang/srt/server_args.py", "ServerArgs.model_path", None, "the model whose profile the policy plans with"),
+    HookPoint("sglang/srt/server_args.py", "ServerArgs.base_gpu_id", None, "the GPU whose partitions are checked"),
+    HookPoint("sglang/srt/server_args.py", "ServerArgs.chunked_prefill_size", None,
+              "chunked prefill is refused; the launcher sets -1 (whole-prompt prefill)"),
     HookPoint("sglang/srt/server_args.py", "ServerArgs.tp_size", None, "the launcher refuses setups from the parsed arguments (abbreviated options included)"),
     HookPoint("sglang/srt/server_args.py", "ServerArgs.pp_size", None, "the launcher refuses setups from the parsed arguments (abbreviated options included)"),
     HookPoint("sglang/srt/server_args.py", "ServerArgs.dp_size", None, "the launcher refuses setups from the parsed arguments (abbreviated options included)"),

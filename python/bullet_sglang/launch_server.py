@@ -1,11 +1,13 @@
 """``python -m bullet_sglang.launch_server <SGLang server args> [--enable-bullet ...]``.
 
-Checks, before SGLang is imported or any GPU memory is taken: our options and the SGLang
-options they cannot run with (:mod:`.options`), the installed SGLang version (:mod:`.version`)
-and, with ``--enable-bullet``, every SGLang extension point the adapter hooks (:mod:`.hooks`)
-and a latency profile for this GPU and model (:mod:`.setup`, GPU name through NVML). Without
-``--enable-bullet`` it starts SGLang unmodified, so the baseline and the adapter are launched
-the same way.
+Checks, before any GPU memory is taken: our options and the SGLang options they cannot run
+with, first on the command line alone (:mod:`.options`), the installed SGLang version
+(:mod:`.version`) and, with ``--enable-bullet``, every SGLang extension point the adapter hooks
+(:mod:`.hooks`, read from SGLang's source), then on SGLang's own parse of the arguments
+(abbreviated options resolved), a latency profile for the parsed model and GPU (:mod:`.setup`,
+GPU name through NVML) and the partition backend on that GPU (a driver query, no context).
+Without ``--enable-bullet`` it starts SGLang unmodified, so the baseline and the adapter are
+launched the same way.
 
 With ``--enable-bullet`` SGLang's HTTP server starts as usual, with our scheduler-process entry
 (:mod:`.child`): the scheduler runs SGLang's split-prefill loop on our verified lanes, the split
@@ -27,8 +29,8 @@ STARTING = ("--enable-bullet: SGLang {version} with bullet_sglang {ours} (profil
 def main(argv: list[str] | None = None) -> int:
     from . import __version__
     from .hooks import check_hook_points, installed_source_root
-    from .options import (ENV, UnsupportedSetup, check_parsed, check_supported, sglang_argv_for_bullet, split_argv,
-                          value_of)
+    from .options import (ENV, UnsupportedSetup, check_parsed, check_supported, parse_sglang_argv,
+                          sglang_argv_for_bullet, split_argv)
     from .setup import check_partition, resolve
     from .version import UnsupportedSGLang, check_sglang_version
 
@@ -42,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
             if problems:
                 raise UnsupportedSGLang("SGLang's extension points differ from what bullet_sglang hooks:\n  "
                                         + "\n  ".join(problems))
-            opts = resolve(opts, sglang_argv)
-            check_partition(opts.partition, int(value_of(sglang_argv, "--base-gpu-id") or 0))
+            # SGLang's parser resolves abbreviated options (--dp 2, --base-gpu 1), which the
+            # command-line check cannot see: check what the user asked for, then what will run.
+            check_parsed(parse_sglang_argv(sglang_argv))
             from sglang.srt.server_args import prepare_server_args
 
             server_args = prepare_server_args(sglang_argv_for_bullet(sglang_argv))
-            check_parsed(server_args)  # what the command-line check cannot see (abbreviated options)
+            check_parsed(server_args)
+            # the profile and lanes for the model and GPU SGLang parsed
+            opts = resolve(opts, ["--model-path", server_args.model_path, "--base-gpu-id", str(server_args.base_gpu_id)])
+            check_partition(opts.partition, server_args.base_gpu_id)
     except (UnsupportedSetup, UnsupportedSGLang) as exc:
         print(f"bullet_sglang: error: {exc}", file=sys.stderr)
         return 2

@@ -132,11 +132,27 @@ def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
             grpc="--grpc-mode" in sglang_argv, ray="--use-ray" in sglang_argv)
 
 
+def parse_sglang_argv(sglang_argv: Sequence[str]):
+    """SGLang's own parser on ``sglang_argv`` as given (an ``argparse.Namespace`` of ServerArgs'
+    fields, before ServerArgs fills in its defaults): what the user asked for, abbreviations
+    resolved. Imports SGLang; takes no GPU memory."""
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog="python -m bullet_sglang.launch_server")
+    ServerArgs.add_cli_args(parser)
+    return parser.parse_args(list(sglang_argv))
+
+
 def check_parsed(server_args) -> None:
-    """:func:`check_supported`'s refusals on SGLang's parsed ``ServerArgs``: SGLang's parser takes
-    abbreviated options (``--dp 2``, ``--speculative-algo EAGLE``, ``--enable-pd``), which the
-    command-line check cannot see. Parsing takes no GPU memory."""
+    """:func:`check_supported`'s refusals on SGLang's parsed arguments (:func:`parse_sglang_argv`,
+    or a ``ServerArgs``): SGLang's parser takes abbreviated options (``--dp 2``,
+    ``--speculative-algo EAGLE``, ``--enable-pd``, ``--chunked-prefill 2048``), which the
+    command-line check cannot see."""
     get = lambda name, default=None: getattr(server_args, name, default)  # noqa: E731
+    chunk = get("chunked_prefill_size")
+    if chunk is not None and chunk != -1:
+        raise UnsupportedSetup(f"--enable-bullet prefills whole prompts on the prefill lane; --chunked-prefill-size "
+                               f"{chunk} asks for chunked prefill, which it replaces (give -1 or leave it out)")
     _refuse(tp=get("tp_size", 1), pp=get("pp_size", 1), dp=get("dp_size", 1), spec=get("speculative_algorithm"),
             disagg=get("disaggregation_mode", "null"), pdmux=bool(get("enable_pdmux")),
             unpadded=bool(get("disable_cuda_graph_padding")), pdmux_config=bool(get("pdmux_config_path")),

@@ -21,6 +21,7 @@ state its graph runner and scheduler read); tests pass a stand-in with the same 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 from .stream_groups import GroupPlan, choose_group, groups_left
@@ -46,7 +47,9 @@ def _from_parallel_state(name: str) -> property:
 
 # The policy's targets SGLang's /set_internal_state may change at serving time (a benchmark runs
 # every target on one server: each start captures every stream group's decode graphs, minutes).
-POLICY_TARGETS = {"bullet_tpot_slo_ms": "tpot_ms", "bullet_ttft_slo_ms": "ttft_ms"}
+# TPOT only: the SLO policy picks splits by TPOT; its TTFT target only marks a decision at risk,
+# which SGLang's loop has no use for (it cannot hold a prefill back), so it is not offered here.
+POLICY_TARGETS = {"bullet_tpot_slo_ms": "tpot_ms"}
 
 
 def update_policy_targets(policy, changes: dict) -> str:
@@ -55,7 +58,7 @@ def update_policy_targets(policy, changes: dict) -> str:
     for key, value in changes.items():
         if key not in POLICY_TARGETS:
             return f"{key} is not one of {', '.join(POLICY_TARGETS)} (bullet's targets are set apart from SGLang's own state)"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             return f"{key} must be a positive number of milliseconds, got {value!r}"
     for key, value in changes.items():
         setattr(policy, POLICY_TARGETS[key], float(value))

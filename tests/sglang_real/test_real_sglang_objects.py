@@ -14,6 +14,7 @@ does both). What is not SGLang's real object here, and why:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import re
@@ -63,9 +64,14 @@ def test_this_is_sglang_0_5_15():
 # -- hook points: the live objects, not only their source --
 
 
+_FIELD = object()  # a dataclass field without a default: declared, but no class attribute
+
+
 def live(point):
     obj = importlib.import_module(point.path[: -len(".py")].replace("/", "."))
     for part in point.qualname.split("."):
+        if not hasattr(obj, part) and dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}:
+            return _FIELD
         obj = getattr(obj, part)
     return obj
 
@@ -179,19 +185,25 @@ def test_setups_we_refuse_are_ones_sglang_itself_accepts(model_dir, flags, words
     (["--speculative-algo", "EAGLE"], "speculative decoding"),
     (["--disaggregation-m", "prefill"], "PD disaggregation"),
     (["--enable-pd"], "give one of them"),
+    (["--chunked-prefill", "2048"], "chunked prefill, which it replaces"),
 ])
 def test_abbreviated_options_pass_the_argv_check_and_are_refused_once_parsed(model_dir, flags, words):
-    """SGLang's parser takes unambiguous abbreviations; the launcher refuses them on the parsed
-    arguments (options.check_parsed), before any GPU memory is taken."""
-    from bullet_sglang.options import check_parsed
+    """SGLang's parser takes unambiguous abbreviations; the launcher refuses them on SGLang's parse
+    of the arguments as given (options.parse_sglang_argv, check_parsed), before any GPU memory."""
+    from bullet_sglang.options import check_parsed, parse_sglang_argv
 
     opts, rest = split_argv(["--model-path", str(model_dir), "--device", "cpu", "--enable-bullet", *flags])
     check_supported(opts, rest)  # the command line alone cannot tell
-    parser = argparse.ArgumentParser()
-    ServerArgs.add_cli_args(parser)
-    parsed = parser.parse_args(sglang_argv_for_bullet(rest))
     with pytest.raises(UnsupportedSetup, match=words):
-        check_parsed(parsed)
+        check_parsed(parse_sglang_argv(rest))
+
+
+def test_the_parsed_model_and_gpu_are_the_ones_the_launcher_plans_for(model_dir):
+    from bullet_sglang.options import check_parsed, parse_sglang_argv
+
+    raw = parse_sglang_argv(["--model-pa", str(model_dir), "--base-gpu", "1", "--device", "cpu"])
+    check_parsed(raw)
+    assert (raw.model_path, raw.base_gpu_id) == (str(model_dir), 1)
 
 
 def test_the_launchers_own_argv_passes_the_parsed_check(launch):
@@ -413,10 +425,11 @@ def test_set_internal_state_takes_real_requests_and_answers_with_sglangs_output(
                                  policy_groups=own.policy_groups)
     s = object.__new__(cls)
     s.ps, s.model_config = parallel_state(gpu_id=0), model_config
-    done = s.set_internal_state(SetInternalStateReq(server_args={"bullet_tpot_slo_ms": 12, "bullet_ttft_slo_ms": 600}))
+    done = s.set_internal_state(SetInternalStateReq(server_args={"bullet_tpot_slo_ms": 12}))
     assert isinstance(done, SetInternalStateReqOutput) and done.updated
-    assert done.server_args == {"bullet_tpot_slo_ms": 12.0, "bullet_ttft_slo_ms": 600.0}
-    assert (own.policy.tpot_ms, own.policy.ttft_ms) == (12.0, 600.0)
+    assert done.server_args == {"bullet_tpot_slo_ms": 12.0} and own.policy.tpot_ms == 12.0
+    ttft = s.set_internal_state(SetInternalStateReq(server_args={"bullet_ttft_slo_ms": 600}))
+    assert not ttft.updated and own.policy.ttft_ms == opts.ttft_slo_ms  # not offered: it steers nothing here
     mixed = s.set_internal_state(SetInternalStateReq(server_args={"bullet_tpot_slo_ms": 9, "log_level": "debug"}))
     assert not mixed.updated and own.policy.tpot_ms == 12.0
     theirs = s.set_internal_state(SetInternalStateReq(server_args={"log_level": "debug"}))
