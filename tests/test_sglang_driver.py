@@ -85,6 +85,26 @@ def test_sglangs_per_request_output_reads_back_as_our_results():
     assert row["send_lag_p99_ms"] is None and row["driver"] == "sglang.bench_serving"
 
 
+def test_requests_sglangs_client_never_timed_are_left_out_of_latency_and_goodput():
+    """A request whose stream carried no text comes back successful with TTFT 0 and no ITLs
+    (SGLang's client starts the clock at the first chunk with text): counted, not timed."""
+    ours = sample_results()
+    record = as_sglang_record(ours, 4.0, 3.0)
+    for key, value in (("input_lens", 90), ("output_lens", 6), ("ttfts", 0.0), ("itls", []), ("errors", ""),
+                       ("generated_texts", "")):
+        record[key] = record[key] + [value, value]
+    back = sglang_driver.results_of(record)
+    assert [sglang_driver.is_untimed(r) for r in back] == [False, False, False, False, True, True]
+    row = sglang_driver.row_of(record, ttft_slo_s=1.0, tpot_slo_s=0.011)
+    assert (row["n"], row["count"], row["ok"], row["failed"], row["untimed"]) == (6, 6, 5, 1, 2)
+    assert row["output_tokens"] == 10 + 8 + 1 + 12 and row["request_throughput"] == pytest.approx(5 / 3.0)
+    assert row["slo_attainment"] == pytest.approx(2 / 4) and len(row["results"]) == 4  # as without them
+    assert row["ttft_p50_ms"] == pytest.approx(metrics.summarize(ours, 3.0)["ttft_p50_ms"])
+    record.update(ttfts=[0.0] * 6, itls=[[]] * 6, errors=[""] * 6, output_lens=[5] * 6)
+    with pytest.raises(ValueError, match="no request of this SGLang bench_serving record was timed"):
+        sglang_driver.row_of(record, ttft_slo_s=1.0, tpot_slo_s=0.011)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda r: r.pop("itls"), "run it with --output-details"),
     (lambda r: r["ttfts"].pop(), "lists differ in length"),

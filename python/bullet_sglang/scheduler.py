@@ -33,7 +33,7 @@ logger = logging.getLogger("bullet_sglang")
 # only when a prefill is admitted or merged, never between its layers, so enqueueing the layers a
 # few at a time buys no decision; it only leaves the prefill lane idle while each turn waits for
 # the decode step. With one policy layer group (4 of 32 layers) a turn, a 1k-token prefill took 8
-# decode steps and P50 TTFT was 130-155 ms against unmodified SGLang's 41-50 ms; the decode lane
+# decode steps and P50 TTFT was 177-246 ms against unmodified SGLang's 51-70 ms; the decode lane
 # ran those 8 steps on 32 SMs.
 PREFILL_LAYERS_PER_TURN: int | None = None
 
