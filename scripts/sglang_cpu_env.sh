@@ -7,7 +7,7 @@
 #   sglang.srt.managers.{scheduler,schedule_batch} and sglang.srt.multiplex.pdmux_context needs.
 # - torch is sglang's pin, 2.11.0. PyPI has no CPU build of it, and the PyTorch CPU index is not
 #   reachable here: the PyPI (CUDA 13) build with its nvidia-* wheels imports and runs on CPU
-#   (about 2.6 GB to download, 4.6 GB installed). The main environment's CPU torch 2.13 is cp311
+#   (about 2.6 GB of the 2.7 GB download; the environment takes 5.1 GB). The main environment's CPU torch 2.13 is cp311
 #   and cannot serve: sglang imports torchvision at start, and the only torchvision for torch 2.13
 #   reachable here is a CUDA build, which needs torch's CUDA libraries.
 # - bullet_kernels and bullet_sglang are installed editable (--no-deps) from this checkout.
@@ -39,7 +39,7 @@ PINS=(
   pydantic==2.14.4 aiohttp==3.14.5 pyzmq==27.3.0 setproctitle==1.3.8 dill==0.4.1
   partial-json-parser==0.2.1.1.post7 msgspec==0.23.0 sentencepiece==0.2.3 einops==0.8.2
   compressed-tensors==0.20.1 gguf==0.19.0 uvloop==0.23.0 jsonschema==4.26.0 soundfile==0.13.1
-  python-multipart==0.0.34 nvidia-ml-py pytest==9.0.3
+  python-multipart==0.0.34 nvidia-ml-py==13.615.71 pytest==9.0.3
 )
 SGLANG=sglang==0.5.15
 STAMP="$VENV/.bullet-sglang-env"
