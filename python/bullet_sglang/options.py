@@ -80,11 +80,15 @@ def value_of(argv: Sequence[str], *names: str) -> str | None:
     return found
 
 
-def _refuse(tp, pp, dp, spec, disagg, pdmux, unpadded, pdmux_config, mixed, grpc, ray) -> None:
+def _refuse(tp, pp, dp, spec, disagg, chunk, pdmux, unpadded, pdmux_config, mixed, grpc, ray) -> None:
     """The refusals shared by the argv check and the parsed one (each argument as SGLang names it)."""
     for name, value in (("tensor parallel size", tp), ("--pp-size", pp), ("--dp-size", dp)):
         if value is not None and str(value) != "1":
             raise UnsupportedSetup(f"--enable-bullet supports {name} 1 only (one GPU), got {value}")
+    if chunk is not None and str(chunk) != "-1":
+        raise UnsupportedSetup(f"--enable-bullet prefills whole prompts as layer groups on the prefill lane; "
+                               f"--chunked-prefill-size {chunk} asks for chunked prefill, which it replaces (give -1 "
+                               "or leave it out)")
     if spec is not None and str(spec).lower() not in ("none", ""):
         raise UnsupportedSetup(f"--enable-bullet does not support speculative decoding (--speculative-algorithm {spec})")
     if disagg is not None and disagg != "null":
@@ -115,16 +119,12 @@ def check_supported(opts: BulletOptions, sglang_argv: Sequence[str]) -> None:
     before SGLang is imported; :func:`check_parsed` repeats it on SGLang's parsed arguments."""
     if not opts.enable:
         return
-    chunk = value_of(sglang_argv, "--chunked-prefill-size")
-    if chunk is not None and chunk != "-1":
-        raise UnsupportedSetup(f"--enable-bullet prefills whole prompts as layer groups on the prefill lane; "
-                               f"--chunked-prefill-size {chunk} asks for chunked prefill, which it replaces (give -1 "
-                               "or leave it out)")
     _refuse(tp=value_of(sglang_argv, "--tp-size", "--tp", "--tensor-parallel-size"),
             pp=value_of(sglang_argv, "--pp-size", "--pipeline-parallel-size"),
             dp=value_of(sglang_argv, "--dp-size", "--data-parallel-size"),
             spec=value_of(sglang_argv, "--speculative-algorithm"),
             disagg=value_of(sglang_argv, "--disaggregation-mode"),
+            chunk=value_of(sglang_argv, "--chunked-prefill-size"),
             pdmux="--enable-pdmux" in sglang_argv,
             unpadded="--disable-cuda-graph-padding" in sglang_argv,
             pdmux_config=value_of(sglang_argv, "--pdmux-config-path") is not None,
@@ -149,12 +149,8 @@ def check_parsed(server_args) -> None:
     ``--speculative-algo EAGLE``, ``--enable-pd``, ``--chunked-prefill 2048``), which the
     command-line check cannot see."""
     get = lambda name, default=None: getattr(server_args, name, default)  # noqa: E731
-    chunk = get("chunked_prefill_size")
-    if chunk is not None and chunk != -1:
-        raise UnsupportedSetup(f"--enable-bullet prefills whole prompts on the prefill lane; --chunked-prefill-size "
-                               f"{chunk} asks for chunked prefill, which it replaces (give -1 or leave it out)")
     _refuse(tp=get("tp_size", 1), pp=get("pp_size", 1), dp=get("dp_size", 1), spec=get("speculative_algorithm"),
-            disagg=get("disaggregation_mode", "null"), pdmux=bool(get("enable_pdmux")),
+            disagg=get("disaggregation_mode", "null"), chunk=get("chunked_prefill_size"), pdmux=bool(get("enable_pdmux")),
             unpadded=bool(get("disable_cuda_graph_padding")), pdmux_config=bool(get("pdmux_config_path")),
             mixed=bool(get("enable_mixed_chunk")), grpc=bool(get("grpc_mode")), ray=bool(get("use_ray")))
 
