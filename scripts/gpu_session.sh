@@ -124,12 +124,7 @@ for s in "$@"; do
                grep -h "^goodput\|answers" "$(ls -t "$OUT/sg-$chunk-$trace${driver:+-$driver}"*.log | head -1)" ;;
     sgbullet:*) stage sgbullet bash scripts/serving_goodput.sh sglang-bullet-start "${s#sgbullet:}" ;;
     sgpolicy:*) stage sgpolicy bash scripts/serving_goodput.sh sglang-bullet-policy "${s#sgpolicy:}" ;;
-    sgstop)    pkill -f "[s]glang.launch_server"  # and wait until the port is free: the next start checks it
-               for _ in $(seq 60); do
-                 python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30000/health', timeout=1)" \
-                   2>/dev/null || break
-                 sleep 1
-               done ;;
+    sgstop)    stage sgstop bash scripts/serving_goodput.sh sglang-stop ;;
     export:*)  if export "${s#export:}"; then echo "=== export ${s#export:} (for the stages after it)"; else failed+=("$s"); fi ;;
     *) echo "unknown stage $s"; failed+=("$s") ;;
   esac

@@ -11,6 +11,7 @@
 #   bash scripts/serving_goodput.sh sglang-bullet-start [TPOT]  # SGLang through bullet_sglang --enable-bullet
 #   bash scripts/serving_goodput.sh sglang-bullet-policy TPOT  # the running bullet server's policy target, set
 #       through SGLang's /set_internal_state (no restart: a start captures every stream group's graphs)
+#   bash scripts/serving_goodput.sh sglang-stop                # stop it, until the port is free
 #   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang-tpotTPOT
 #       (sglang-bench measures the server the last start left, whatever its CHUNK argument says:
 #       label, log and pid are kept in /tmp/sglang.label, .logpath and .pid; a start refuses
@@ -44,9 +45,13 @@ MODEL=${MODEL:-llama-3.1-8b}
 SG=.carry/sglang
 mkdir -p "$OUT"
 
+answers() {  # answers URL: whether it answers within 2 s
+  python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null
+}
+
 wait_up() {  # wait_up URL SECONDS [PID]: until URL answers; gives up at once if process PID has exited
   local url=$1 limit=$2 pid=${3:-} t=0
-  until python3 -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=2)" "$url" 2>/dev/null; do
+  until answers "$url"; do
     # a server that died at start (SGLang's pdmux did, 21 s in) must not hold the call for minutes
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then echo "the server (pid $pid) exited after $t s"; return 1; fi
     sleep 2; t=$((t + 2))
@@ -56,9 +61,16 @@ wait_up() {  # wait_up URL SECONDS [PID]: until URL answers; gives up at once if
 }
 
 port_free() {  # a start refuses while a server still answers on :30000 (the next bench would measure it)
-  if python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null; then
+  if answers http://127.0.0.1:30000/health; then
     echo "a server still answers on port 30000 ($(cat /tmp/sglang.label 2>/dev/null)): stop it first (sgstop)"; return 1
   fi
+}
+
+stop_sglang() {  # every SGLang server (plain or through bullet_sglang), until the port is free (<= 60 s)
+  kill "$(cat /tmp/sglang.pid 2>/dev/null)" 2>/dev/null
+  pkill -f "[s]glang.launch_server"
+  for _ in $(seq 60); do answers http://127.0.0.1:30000/health || return 0; sleep 1; done
+  echo "port 30000 still answers 60 s after the stop"; return 1
 }
 
 trace_suffix() {  # runs on another trace than the standard one, or sent by SGLang's benchmark, say so
@@ -154,8 +166,9 @@ PY
       --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
     # label: bullet-in-sglang-* is a bullet run in the report (its ratio is against the baselines)
     bench http://127.0.0.1:30000 "$label$(trace_suffix)"; rc=$?
-    [ -n "${KEEP:-}" ] || { kill "$(cat /tmp/sglang.pid)" 2>/dev/null; sleep 5; pkill -f "[s]glang.launch_server"; }
+    [ -n "${KEEP:-}" ] || stop_sglang
     exit "$rc" ;;
+  sglang-stop) stop_sglang ;;
   ours)
     mode=${2:?usage: ours MODE [CHUNK]}; chunk=${3:-512}
     setsid bullet serve --model "$MODEL" --mode "$mode" --chunk-size "$chunk" --port 30001 \
