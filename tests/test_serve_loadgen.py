@@ -349,6 +349,14 @@ def test_goodput_report_across_engines(tmp_path):
     assert rows[1]["bullet_vs_best_baseline"] == pytest.approx(27 / 24)
     table = report.markdown(rows)
     assert "| <= 10 ms | 15 | 12 | 10 | 11 | 9 | 11 | 15 | 1.25 |" in table
+    # bullet serving nothing where a baseline serves some load is a ratio of 0, not a blank
+    lost = report.goodput_rows(report.load([doc("bullet", {10: None}), doc("sglang-chunk2048", {10: 12.0})]))
+    assert lost[0]["bullet-best"] is None and lost[0]["bullet_vs_best_baseline"] == 0.0
+    assert "| <= 10 ms | - | 12 | - | - | 0.00 |" in report.markdown(lost)
+    # nothing served on either side, or no bullet run at all: no ratio
+    assert report.goodput_rows(report.load([doc("bullet", {10: None}), doc("sglang-chunk2048", {10: None})]))[0][
+        "bullet_vs_best_baseline"] is None
+    assert report.goodput_rows(report.load([doc("sglang-chunk2048", {10: 12.0})]))[0]["bullet_vs_best_baseline"] is None
 
 
 def test_a_goodput_at_the_top_rate_is_a_lower_bound(tmp_path, capsys):

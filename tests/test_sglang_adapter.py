@@ -28,12 +28,16 @@ def test_our_options_are_split_from_sglangs():
     assert BulletOptions.from_env({"BULLET_SGLANG_CONFIG": opts.to_env()}) == opts
     assert BulletOptions.from_env({}) is None
     assert split_argv(["--model-path", "m"]) == (BulletOptions(), ["--model-path", "m"])
+    assert BulletOptions().step_feedback  # on unless asked otherwise
+    off, _ = split_argv(["--enable-bullet", "--bullet-step-feedback", "off"])
+    assert not off.step_feedback and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": off.to_env()}) == off
 
 
 @pytest.mark.parametrize("argv,words", [
     (["--bullet-tpot-slo-ms", "10"], "needs --enable-bullet"),
     (["--enable-bullet", "--bullet-partition", "mps"], "green, tpc"),
     (["--enable-bullet", "--bullet-ttft-slo-ms", "0"], "must be > 0"),
+    (["--enable-bullet", "--bullet-step-feedback", "yes"], "must be on or off, got 'yes'"),
 ])
 def test_bad_bullet_options_are_refused(argv, words):
     with pytest.raises(UnsupportedSetup, match=words):
@@ -116,12 +120,12 @@ def test_every_hook_point_holds_in_the_real_sglang_0_5_15(tmp_path):
 # -- the co-location inside SGLang: stream groups, the scheduler subclass, the launch-time setup --
 
 
-def h200_policy(tpot_ms=10.0):
+def h200_policy(tpot_ms=10.0, estimator_class=None):
     from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy
     from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
     from bullet_sglang.stream_groups import GroupPlan, candidate_splits
 
-    estimator = Estimator(Profile.load(Path(__file__).resolve().parents[1] / "graphs/h200/llama-3.1-8b.json"))
+    estimator = (estimator_class or Estimator)(Profile.load(Path(__file__).resolve().parents[1] / "graphs/h200/llama-3.1-8b.json"))
     splits = candidate_splits(DEFAULT_SPLITS)
     return GroupPlan(splits, 132), SLOPolicy(estimator, list(splits), tpot_ms=tpot_ms), estimator
 
@@ -219,6 +223,54 @@ def test_the_scheduler_subclass_fills_pdmux_with_our_lanes_and_asks_our_policy()
     assert s.gpu_id == 5 and s.ps.gpu_id == 3
 
 
+def test_measured_decode_steps_correct_the_policy_inside_sglangs_loop():
+    """With step feedback, each decode launch (pdmux's run_batch of the running batch) to the next
+    on one group is a measured step; prefill launches and group switches are not; once SGLang's
+    steps are measured slower than the profile, the policy gives decode more SMs."""
+    from bullet_kernels.orchestrate import FeedbackEstimator
+    from bullet_sglang.scheduler import bullet_scheduler_class
+
+    plan, policy, estimator = h200_policy(tpot_ms=15.0, estimator_class=FeedbackEstimator)
+    launched, now = [], [100.0]
+
+    class SGLangScheduler:
+        def __init__(self):
+            self.ps = types.SimpleNamespace(gpu_id=0, tp_size=1)
+            self.model_config = types.SimpleNamespace(num_hidden_layers=32)
+            self.tp_worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(update_decode_attn_backend=print))
+
+        def run_batch(self, batch):
+            launched.append(batch)
+            return "result"
+
+    cls = bullet_scheduler_class(SGLangScheduler, plan, policy, lambda p, g: [f"group{i}" for i in range(p.size)],
+                                 fake_pdmux(), policy_groups=len(estimator.groups), feedback=estimator.feedback,
+                                 clock=lambda: now[0])
+    s = cls()
+    s.init_pdmux()
+    s.running_batch, s.split_prefill_batch = FakeBatch([1000] * 16), FakeBatch([1024], tokens=1024)
+    first, _ = s.adjust_stream_groups()
+    decode_sms = plan.sm_counts()[first][1]
+    assert first not in (0, plan.decode_alone)
+    profiled = estimator.corun(estimator.profiled_decode_ms(16, 1024, decode_sms), "decode", decode_sms).ms
+    for _ in range(10):  # SGLang's steps take twice the profile's
+        assert s.run_batch(s.running_batch) == "result"
+        assert s.run_batch(s.split_prefill_batch) == "result"  # the prefill's layers: not a decode step
+        now[0] += 2 * profiled / 1e3
+    assert len(launched) == 20 and estimator.feedback.summary() == {decode_sms: {"samples": 9, "factor": 2.0}}
+    again, _ = s.adjust_stream_groups()  # the switch drops the step in progress
+    s.run_batch(s.running_batch)
+    assert estimator.feedback.observed == 9
+    assert plan.sm_counts()[again][1] > decode_sms  # planned with the measured steps: more decode SMs
+    s.split_prefill_batch = None
+    assert s.adjust_stream_groups()[0] == plan.decode_alone
+    now[0] += 1.0
+    s.run_batch(s.running_batch)  # the whole GPU's first step: nothing to compare yet
+    now[0] += 0.009
+    s.run_batch(s.running_batch)
+    assert set(estimator.feedback.summary()) == {decode_sms, 132}
+
+
 def test_set_internal_state_changes_the_policy_targets_and_leaves_sglangs_own_alone():
     from bullet_sglang.scheduler import bullet_scheduler_class
 
@@ -256,6 +308,10 @@ def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
     assert BulletOptions.from_env({"BULLET_SGLANG_CONFIG": opts.to_env()}) == opts  # travels to the children
     setup = build(opts)
     assert setup.plan.size == 6 and setup.policy.tpot_ms == 15.0 and setup.policy_groups >= 1
+    from bullet_kernels.orchestrate import FeedbackEstimator
+    assert isinstance(setup.policy.estimator, FeedbackEstimator) and setup.feedback is setup.policy.estimator.feedback
+    plain = build(BulletOptions(enable=True, profile=opts.profile, step_feedback=False))
+    assert plain.feedback is None and not isinstance(plain.policy.estimator, FeedbackEstimator)
     other = tmp_path / "shallower"
     other.mkdir()
     config = json.loads((model / "config.json").read_text())

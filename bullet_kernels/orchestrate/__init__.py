@@ -11,12 +11,14 @@ Importing this package needs no GPU; only :mod:`.orchestrator`, :mod:`.rig` and
 """
 
 from .estimator import Estimate, EstimateError, Estimator, held_out_errors
+from .feedback import FeedbackEstimator, StepClock, StepFeedback
 from .planner import Launch, MixWork, makespan, plan_mix, sequential_ms, sm_time_bound
 from .policy import Decision, SLOPolicy, StaticPolicy, Work
 from .profile import MissingProfile, Profile, ProfileError, ProfileMismatch, find_profile, profile_path
 
 __all__ = [
-    "Decision", "Estimate", "EstimateError", "Estimator", "Launch", "MissingProfile", "MixWork",
-    "Profile", "ProfileError", "ProfileMismatch", "SLOPolicy", "StaticPolicy", "Work", "find_profile",
-    "held_out_errors", "makespan", "plan_mix", "profile_path", "sequential_ms", "sm_time_bound",
+    "Decision", "Estimate", "EstimateError", "Estimator", "FeedbackEstimator", "find_profile",
+    "held_out_errors", "Launch", "makespan", "MissingProfile", "MixWork", "plan_mix", "Profile", "profile_path",
+    "ProfileError", "ProfileMismatch", "sequential_ms", "SLOPolicy", "sm_time_bound", "StaticPolicy",
+    "StepClock", "StepFeedback", "Work",
 ]

@@ -68,7 +68,9 @@ def goodput_rows(docs: dict[str, dict]) -> list[dict]:
         baseline_label = _best(row, [k for k in docs if not k.startswith(("bullet", "chunked"))]
                                + ([chunked_label] if chunked_label else []), at_top)
         best = row[baseline_label] if baseline_label else None
-        row["bullet_vs_best_baseline"] = (row["bullet-best"] / best) if row["bullet-best"] and best else None
+        # a bullet run that served no load where a baseline served some is a loss (0), not a blank
+        ran_bullet = any(k.startswith("bullet") for k in docs)
+        row["bullet_vs_best_baseline"] = (row["bullet-best"] or 0.0) / best if ran_bullet and best else None
         ours_top, base_top = bullet_label in at_top, baseline_label in at_top
         at_top |= {"chunked-best"} if chunked_label in at_top else set()
         at_top |= {"bullet-best"} if ours_top else set()

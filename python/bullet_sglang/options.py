@@ -29,6 +29,9 @@ class BulletOptions:
     ttft_slo_ms: float = 1000.0
     tpot_slo_ms: float = 20.0
     partition: str = "green"
+    # Correct the profile's decode steps by measured ones (orchestrate.feedback): the profile was
+    # measured with our kernels, SGLang's steps take longer (docs/sglang-adapter.md).
+    step_feedback: bool = True
     # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:
     profile: str = ""  # the latency profile the policy plans with
 
@@ -54,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bullet-ttft-slo-ms", type=float, default=BulletOptions.ttft_slo_ms)
     p.add_argument("--bullet-tpot-slo-ms", type=float, default=BulletOptions.tpot_slo_ms)
     p.add_argument("--bullet-partition", default=BulletOptions.partition)
+    p.add_argument("--bullet-step-feedback", default="on" if BulletOptions.step_feedback else "off")
     return p
 
 
@@ -64,7 +68,10 @@ def split_argv(argv: Sequence[str]) -> tuple[BulletOptions, list[str]]:
     bullet_given = [a for a in argv if a.startswith("--bullet-")]
     if bullet_given and not ours.enable_bullet:
         raise UnsupportedSetup(f"{bullet_given[0].split('=')[0]} needs --enable-bullet")
-    opts = BulletOptions(ours.enable_bullet, ours.bullet_ttft_slo_ms, ours.bullet_tpot_slo_ms, ours.bullet_partition)
+    if ours.bullet_step_feedback not in ("on", "off"):
+        raise UnsupportedSetup(f"--bullet-step-feedback must be on or off, got {ours.bullet_step_feedback!r}")
+    opts = BulletOptions(ours.enable_bullet, ours.bullet_ttft_slo_ms, ours.bullet_tpot_slo_ms, ours.bullet_partition,
+                         ours.bullet_step_feedback == "on")
     return opts, rest
 
 

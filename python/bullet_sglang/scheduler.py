@@ -11,6 +11,9 @@ after its last layers has landed). What it lacks, we override:
   The loop asks only with both streams idle: when a prefill is admitted or merged, or decode ran
   dry, so a split holds for a whole prefill. It also sizes pdmux's per-turn token budget so that
   the turn that admits a prefill enqueues all its layers (:data:`PREFILL_LAYERS_PER_TURN`).
+- ``run_batch``: with step feedback on, times each decode step, launch to the next launch on the
+  same group, against the profile's estimate for it, so the policy plans with SGLang's real step
+  times (:mod:`bullet_kernels.orchestrate.feedback`);
 - ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
   in ``self.ps``; without them pdmux cannot start (its own launch fails that way).
 
@@ -20,11 +23,16 @@ state its graph runner and scheduler read); tests pass a stand-in with the same 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import time
 from typing import Any, Callable
 
-from .stream_groups import GroupPlan, choose_group, groups_left
+from bullet_kernels.orchestrate import StepClock
+from bullet_kernels.orchestrate.policy import round_up_work
+
+from .stream_groups import PREFILL_ALONE, GroupPlan, choose_group, groups_left
 
 logger = logging.getLogger("bullet_sglang")
 
@@ -36,6 +44,30 @@ logger = logging.getLogger("bullet_sglang")
 # decode steps and P50 TTFT was 177-246 ms against unmodified SGLang's 51-70 ms; the decode lane
 # ran those 8 steps on 32 SMs.
 PREFILL_LAYERS_PER_TURN: int | None = None
+
+# With step feedback, the measured/profiled step ratios per decode lane are logged this often
+# (decode steps), so a run's log shows what the policy planned with.
+FEEDBACK_LOG_EVERY = 2000
+
+
+def decode_shape(running) -> tuple[int, int] | None:
+    """(batch, longest context) of the running decode batch, or None when there is none."""
+    if running is None or running.is_empty():
+        return None
+    return running.batch_size(), max(len(r.origin_input_ids) + len(r.output_ids) for r in running.reqs)
+
+
+def profiled_step(policy) -> Callable[[int, int, int, bool], float]:
+    """``step_ms(batch, context, decode SMs, co-running)``: the profile's decode step, uncorrected
+    (what measured steps are compared with), cached on work rounded like the policy's."""
+    est = policy.estimator
+
+    @functools.lru_cache(maxsize=8192)
+    def cached(batch: int, context: int, sms: int, corun: bool) -> float:
+        alone = est.profiled_decode_ms(batch, context, sms)
+        return (est.corun(alone, "decode", sms) if corun else alone).ms
+
+    return lambda batch, context, sms, corun: cached(batch, round_up_work(context), sms, corun)
 
 
 def _from_parallel_state(name: str) -> property:
@@ -70,12 +102,17 @@ def policy_targets(policy) -> dict:
 
 
 def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Callable[[GroupPlan, int], list],
-                           pdmux: Any, policy_groups: int, state_output: Callable[..., Any] | None = None) -> type:
+                           pdmux: Any, policy_groups: int, state_output: Callable[..., Any] | None = None,
+                           feedback=None, clock: Callable[[], float] = time.perf_counter) -> type:
     """A subclass of SGLang's ``Scheduler`` (``base``) running pdmux's loop on ``plan``'s groups.
 
     ``open_groups(plan, gpu_id)`` returns one (prefill stream, decode stream) per group. The TTFT
     target is the policy's (``policy.ttft_ms``). ``state_output`` builds SGLang's
-    ``SetInternalStateReqOutput`` (imported from SGLang when None; tests pass a stand-in)."""
+    ``SetInternalStateReqOutput`` (imported from SGLang when None; tests pass a stand-in).
+    ``feedback``: the ``StepFeedback`` of the policy's ``FeedbackEstimator``, fed from measured
+    decode steps (``clock`` reads seconds), or None to plan with the profile alone."""
+    steps = StepClock(feedback) if feedback is not None else None
+    step_ms = profiled_step(policy) if feedback is not None else None
 
     class BulletScheduler(base):
         gpu_id = _from_parallel_state("gpu_id")
@@ -96,10 +133,9 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
                         plan.size, plan.sm_counts())
 
         def adjust_stream_groups(self):
-            running = self.running_batch
-            decode = None
-            if running is not None and not running.is_empty():
-                decode = (running.batch_size(), max(len(r.origin_input_ids) + len(r.output_ids) for r in running.reqs))
+            if steps is not None:
+                steps.interrupt()  # both lanes were waited for: the step in progress is no lane's
+            decode = decode_shape(self.running_batch)
             prefill, left = None, 0
             if self.split_prefill_batch is not None and not self.split_prefill_batch.is_empty():
                 prefill = self.split_prefill_batch.extend_num_tokens
@@ -115,6 +151,23 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
                             "%d layer groups left", idx, plan.sm_counts()[idx], decode, prefill, left)
                 self.bullet_group = idx
             return idx, self.stream_groups[idx]
+
+        def run_batch(self, batch, *args, **kwargs):
+            if steps is not None and batch is self.running_batch:  # pdmux's loop: the decode step
+                self._bullet_time_decode_step()
+            return super().run_batch(batch, *args, **kwargs)
+
+        def _bullet_time_decode_step(self) -> None:
+            sms = plan.sm_counts()[self.bullet_group][1]
+            shape = decode_shape(self.running_batch)
+            if shape is None or sms == 0:
+                steps.interrupt()
+                return
+            corun = self.bullet_group not in (PREFILL_ALONE, plan.decode_alone)
+            steps.launched(clock(), sms, step_ms(shape[0], shape[1], sms, corun))
+            if feedback.observed - self.__dict__.get("_bullet_logged_at", 0) >= FEEDBACK_LOG_EVERY:
+                self._bullet_logged_at = feedback.observed
+                logger.info("bullet_sglang: measured/profiled decode step by decode SMs: %s", feedback.summary())
 
         def set_internal_state(self, recv_req):
             """SGLang's /set_internal_state, which also takes our policy's targets

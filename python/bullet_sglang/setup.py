@@ -117,16 +117,18 @@ class Setup:
     plan: GroupPlan
     policy: object
     policy_groups: int
+    feedback: object = None  # the StepFeedback correcting the policy's decode steps, or None (off)
 
 
 def build(opts: BulletOptions) -> Setup:
     """The stream-group plan and SLO policy from the resolved options (scheduler process)."""
-    from bullet_kernels.orchestrate import Estimator, Profile, SLOPolicy, Work
+    from bullet_kernels.orchestrate import Estimator, FeedbackEstimator, Profile, SLOPolicy, Work
     from bullet_kernels.orchestrate.profiler import DEFAULT_SPLITS
 
     if not opts.profile:
         raise UnsupportedSetup("the bullet options were not resolved by the launcher (no latency profile)")
-    estimator = Estimator(Profile.load(opts.profile))
+    profile = Profile.load(opts.profile)
+    estimator = FeedbackEstimator(profile) if opts.step_feedback else Estimator(profile)
     splits = candidate_splits(DEFAULT_SPLITS)
     policy = SLOPolicy(estimator, list(splits), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms)
     if not estimator.groups:
@@ -137,4 +139,5 @@ def build(opts: BulletOptions) -> Setup:
     except Exception as exc:
         raise UnsupportedSetup(f"the SLO policy cannot plan with the latency profile {opts.profile}: "
                                f"{type(exc).__name__}: {exc}") from exc
-    return Setup(GroupPlan(splits, estimator.sm_count), policy, len(estimator.groups))
+    return Setup(GroupPlan(splits, estimator.sm_count), policy, len(estimator.groups),
+                 estimator.feedback if opts.step_feedback else None)

@@ -414,6 +414,39 @@ def test_the_subclass_chooses_groups_with_our_policy_on_real_batches(setup, laun
     assert s.adjust_stream_groups()[0] == PREFILL_ALONE and pdmux_context.get_current_stream_idx() == 0
 
 
+def test_decode_steps_of_real_batches_feed_the_policys_estimator(setup, launch, model_config, pdmux_state,
+                                                                 monkeypatch):
+    """Step feedback (on by default) inside the real Scheduler: our run_batch takes SGLang's
+    arguments, hands every batch to SGLang's own, and times only the running (decode) batch."""
+    from bullet_kernels.orchestrate import FeedbackEstimator
+
+    assert isinstance(setup.policy.estimator, FeedbackEstimator) and setup.feedback is setup.policy.estimator.feedback
+    theirs = inspect.signature(sglang_scheduler.Scheduler.run_batch).parameters
+    assert list(theirs) == ["self", "batch", "pp_proxy_tensors"]
+    ran = []
+    monkeypatch.setattr(sglang_scheduler.Scheduler, "run_batch",
+                        lambda self, batch, pp_proxy_tensors=None: ran.append((batch, pp_proxy_tensors)) or "result")
+    now = [0.0]
+    cls = bullet_scheduler_class(sglang_scheduler.Scheduler, setup.plan, setup.policy, groups_opener([]),
+                                 pdmux_context, policy_groups=setup.policy_groups, feedback=setup.feedback,
+                                 clock=lambda: now[0])
+    s = object.__new__(cls)
+    s.server_args, s.ps, s.model_config = launch[2], parallel_state(gpu_id=0), model_config
+    s.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(update_decode_attn_backend=lambda idx: None))
+    s.running_batch = ScheduleBatch(reqs=[], batch_is_full=False)
+    s.init_pdmux()
+    pools = Pools(model_config)
+    s.running_batch, s.split_prefill_batch = pools.running([1000] * 16, generated=3), None
+    assert s.adjust_stream_groups()[0] == setup.plan.decode_alone
+    prefill = pools.split_prefill([512])
+    for _ in range(12):
+        assert s.run_batch(s.running_batch) == "result" and s.run_batch(prefill, pp_proxy_tensors=None) == "result"
+        now[0] += 0.010
+    assert len(ran) == 24 and ran[1] == (prefill, None)
+    profiled = setup.policy.estimator.profiled_decode_ms(16, 1024, 132).ms  # context 1003, rounded like the policy
+    assert setup.feedback.summary() == {132: {"samples": 11, "factor": round(10.0 / profiled, 3)}}
+
+
 def test_set_internal_state_takes_real_requests_and_answers_with_sglangs_output(launch, model_config):
     """Our /set_internal_state override with SGLang's request and output types; anything not ours
     goes to SGLang's own method (here refused by it: not a setting it lets change)."""
