@@ -31,7 +31,9 @@
 # meets the loosest target, up to this; bench-serving --extend-to), PROMPTS (per rate), TRACE (uniform|sglang-random|sharegpt|azure-conversation),
 # DRIVER (sglang: requests sent by SGLang's own bench_serving, with TRACE=sglang-random),
 # SGLANG_ARGS (more SGLang server options for every SGLang start, bullet's included, e.g.
-# --cuda-graph-max-bs 128: bullet captures the decode graphs once per stream group),
+# --cuda-graph-max-bs 128: bullet captures the decode graphs once per stream group), BULLET_ARGS
+# (more --bullet-* options for sglang-bullet-start, e.g. --bullet-step-feedback off) with
+# BULLET_LABEL (appended to its label, e.g. -nofeedback),
 # MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
 # options, e.g. --tpot-slo-ms 10), LABEL (results name; a trace other than uniform is appended,
 # e.g. chunked512-sharegpt), OUT (default /tmp/bullet-out).
@@ -138,10 +140,11 @@ PY
     python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
     PYTHONPATH=/tmp/site setsid python3 -m bullet_sglang.launch_server --model-path "$SG/model" --load-format dummy \
       --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache --mem-fraction-static 0.80 \
-      --port 30000 --enable-bullet --bullet-tpot-slo-ms "$tpot" ${SGLANG_ARGS:-} > "$OUT/sglang-bullet-tpot$tpot.log" 2>&1 &
-    echo $! > /tmp/sglang.pid; echo "bullet-in-sglang-tpot$tpot" > /tmp/sglang.label
-    echo "$OUT/sglang-bullet-tpot$tpot.log" > /tmp/sglang.logpath
-    echo "SGLang with --enable-bullet (policy $tpot ms${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes minutes" ;;
+      --port 30000 --enable-bullet --bullet-tpot-slo-ms "$tpot" ${BULLET_ARGS:-} ${SGLANG_ARGS:-} \
+      > "$OUT/sglang-bullet-tpot$tpot${BULLET_LABEL:-}.log" 2>&1 &
+    echo $! > /tmp/sglang.pid; echo "bullet-in-sglang-tpot$tpot${BULLET_LABEL:-}" > /tmp/sglang.label
+    echo "$OUT/sglang-bullet-tpot$tpot${BULLET_LABEL:-}.log" > /tmp/sglang.logpath
+    echo "SGLang with --enable-bullet (policy $tpot ms${BULLET_ARGS:+, $BULLET_ARGS}${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes minutes" ;;
   sglang-bullet-policy)
     tpot=${2:?usage: sglang-bullet-policy TPOT}
     wait_up http://127.0.0.1:30000/health 540 "$(cat /tmp/sglang.pid 2>/dev/null)" || exit 1
@@ -153,7 +156,7 @@ answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
 print("set_internal_state:", answer)
 sys.exit(0 if answer and all(answer) else 1)
 PY
-    echo "bullet-in-sglang-tpot$tpot" > /tmp/sglang.label ;;
+    echo "bullet-in-sglang-tpot$tpot${BULLET_LABEL:-}" > /tmp/sglang.label ;;
   sglang-bench)
     log=$(cat /tmp/sglang.logpath 2>/dev/null); label=$(cat /tmp/sglang.label 2>/dev/null)
     pid=$(cat /tmp/sglang.pid 2>/dev/null)
