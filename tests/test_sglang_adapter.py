@@ -31,6 +31,8 @@ def test_our_options_are_split_from_sglangs():
     assert BulletOptions().step_feedback  # on unless asked otherwise
     off, _ = split_argv(["--enable-bullet", "--bullet-step-feedback", "off"])
     assert not off.step_feedback and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": off.to_env()}) == off
+    assert not BulletOptions().overlap  # off until measured on the GPU
+    assert split_argv(["--enable-bullet", "--bullet-overlap", "on"])[0].overlap
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -38,6 +40,7 @@ def test_our_options_are_split_from_sglangs():
     (["--enable-bullet", "--bullet-partition", "mps"], "green, tpc"),
     (["--enable-bullet", "--bullet-ttft-slo-ms", "0"], "must be > 0"),
     (["--enable-bullet", "--bullet-step-feedback", "yes"], "must be on or off, got 'yes'"),
+    (["--enable-bullet", "--bullet-overlap=1"], "--bullet-overlap must be on or off, got '1'"),
 ])
 def test_bad_bullet_options_are_refused(argv, words):
     with pytest.raises(UnsupportedSetup, match=words):
@@ -269,6 +272,38 @@ def test_measured_decode_steps_correct_the_policy_inside_sglangs_loop():
     now[0] += 0.009
     s.run_batch(s.running_batch)
     assert set(estimator.feedback.summary()) == {decode_sms, 132}
+
+
+def test_overlap_turns_on_the_result_processors_skip():
+    import dataclasses as dc
+
+    from bullet_sglang.scheduler import bullet_scheduler_class
+
+    @dc.dataclass(frozen=True)
+    class Processor:  # SGLang's is a frozen dataclass; only its enable_overlap flag changes
+        enable_overlap: bool
+        other: str
+
+    ran = []
+
+    class SGLangScheduler:
+        def __init__(self):
+            self.ps = types.SimpleNamespace(gpu_id=0, tp_size=1)
+            self.batch_result_processor = Processor(False, "kept")
+
+        def event_loop_pdmux(self):
+            ran.append("pdmux's")
+
+    plan, policy, estimator = h200_policy()
+    make = lambda **kw: bullet_scheduler_class(SGLangScheduler, plan, policy, lambda p, g: [None] * p.size,  # noqa: E731
+                                               fake_pdmux(), policy_groups=len(estimator.groups), **kw)
+    plain = make()()
+    plain.init_pdmux()
+    plain.event_loop_pdmux()
+    assert plain.batch_result_processor == Processor(False, "kept") and ran == ["pdmux's"]
+    s = make(overlap=True)()
+    s.init_pdmux()
+    assert s.batch_result_processor == Processor(True, "kept")  # its entry into our loop: tests/sglang_real
 
 
 def test_set_internal_state_changes_the_policy_targets_and_leaves_sglangs_own_alone():

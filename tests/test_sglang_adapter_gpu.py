@@ -1,6 +1,6 @@
 """bullet_sglang on the GPU: SGLang 0.5.15 started through our launcher answers /generate with
-the same greedy tokens as unmodified SGLang, with and without --enable-bullet, while prefills run
-beside decodes on a split (the log must show a stream group of a split chosen by our policy).
+the same greedy tokens as unmodified SGLang, with --enable-bullet (pdmux's loop and our overlapped
+one, --bullet-overlap on) and without, while prefills run beside decodes on a split (the log must show a stream group of a split chosen by our policy).
 
 Needs SGLang 0.5.15 importable by the servers: on the offline GPU machine, after
 `.carry/sglang/install.sh` of each wheel part, `BULLET_SGLANG_PYTHONPATH=/tmp/site` (given to the
@@ -150,9 +150,15 @@ def test_enable_bullet_gives_unmodified_sglangs_greedy_tokens(tmp_path):
     bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], logs / "adapter-bullet.log",
                                 then=change_the_policy)
     assert answers == [[True], [False]]
+    # the overlapped loop (--bullet-overlap on): requests finish while their next step is in flight
+    overlapped = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15", "--bullet-overlap", "on"],
+                                    logs / "adapter-bullet-overlap.log")
     plain = serve_and_generate(model, [], logs / "adapter-sglang.log")
     assert all(len(o) == NEW_TOKENS for o in plain)
-    splits = [m.groups() for m in SPLIT_CHOSEN.finditer((logs / "adapter-bullet.log").read_text())]
-    assert any(int(p) and int(d) for _, p, d in splits), f"no split was chosen (groups seen: {splits})"
-    mismatched = [i for i, (a, b) in enumerate(zip(plain, bullet)) if a != b]
-    assert not mismatched, f"greedy outputs differ for prompts {mismatched}"
+    for name in ("adapter-bullet.log", "adapter-bullet-overlap.log"):
+        splits = [m.groups() for m in SPLIT_CHOSEN.finditer((logs / name).read_text())]
+        assert any(int(p) and int(d) for _, p, d in splits), f"{name}: no split was chosen (groups seen: {splits})"
+    assert "decode steps overlapped while no prefill runs" in (logs / "adapter-bullet-overlap.log").read_text()
+    for name, outputs in (("--enable-bullet", bullet), ("--bullet-overlap on", overlapped)):
+        mismatched = [i for i, (a, b) in enumerate(zip(plain, outputs)) if a != b]
+        assert not mismatched, f"{name}: greedy outputs differ for prompts {mismatched}"

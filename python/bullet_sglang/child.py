@@ -62,6 +62,6 @@ def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank,
     server_args.sm_group_num = setup.plan.size
     sglang_scheduler.Scheduler = bullet_scheduler_class(
         sglang_scheduler.Scheduler, setup.plan, setup.policy, open_lane_groups(opts.partition), pdmux_context,
-        policy_groups=setup.policy_groups, feedback=setup.feedback)
+        policy_groups=setup.policy_groups, feedback=setup.feedback, overlap=opts.overlap)
     return sglang_scheduler.run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank,
                                                   moe_dp_rank, moe_ep_rank, pp_rank, dp_rank, pipe_writer)

@@ -32,6 +32,9 @@ class BulletOptions:
     # Correct the profile's decode steps by measured ones (orchestrate.feedback): the profile was
     # measured with our kernels, SGLang's steps take longer (docs/sglang-adapter.md).
     step_feedback: bool = True
+    # Overlap the scheduler's CPU work with decode steps while no prefill runs (overlap.py); off
+    # until measured on the GPU.
+    overlap: bool = False
     # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:
     profile: str = ""  # the latency profile the policy plans with
 
@@ -58,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bullet-tpot-slo-ms", type=float, default=BulletOptions.tpot_slo_ms)
     p.add_argument("--bullet-partition", default=BulletOptions.partition)
     p.add_argument("--bullet-step-feedback", default="on" if BulletOptions.step_feedback else "off")
+    p.add_argument("--bullet-overlap", default="on" if BulletOptions.overlap else "off")
     return p
 
 
@@ -68,10 +72,11 @@ def split_argv(argv: Sequence[str]) -> tuple[BulletOptions, list[str]]:
     bullet_given = [a for a in argv if a.startswith("--bullet-")]
     if bullet_given and not ours.enable_bullet:
         raise UnsupportedSetup(f"{bullet_given[0].split('=')[0]} needs --enable-bullet")
-    if ours.bullet_step_feedback not in ("on", "off"):
-        raise UnsupportedSetup(f"--bullet-step-feedback must be on or off, got {ours.bullet_step_feedback!r}")
+    for flag, value in (("--bullet-step-feedback", ours.bullet_step_feedback), ("--bullet-overlap", ours.bullet_overlap)):
+        if value not in ("on", "off"):
+            raise UnsupportedSetup(f"{flag} must be on or off, got {value!r}")
     opts = BulletOptions(ours.enable_bullet, ours.bullet_ttft_slo_ms, ours.bullet_tpot_slo_ms, ours.bullet_partition,
-                         ours.bullet_step_feedback == "on")
+                         ours.bullet_step_feedback == "on", ours.bullet_overlap == "on")
     return opts, rest
 
 

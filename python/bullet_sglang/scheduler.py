@@ -14,6 +14,8 @@ after its last layers has landed). What it lacks, we override:
 - ``run_batch``: with step feedback on, times each decode step, launch to the next launch on the
   same group, against the profile's estimate for it, so the policy plans with SGLang's real step
   times (:mod:`bullet_kernels.orchestrate.feedback`);
+- ``event_loop_pdmux``: with ``--bullet-overlap on``, our version of pdmux's loop that overlaps
+  the CPU's work with decode steps while no prefill is in flight (:mod:`.overlap`);
 - ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
   in ``self.ps``; without them pdmux cannot start (its own launch fails that way).
 
@@ -23,6 +25,7 @@ state its graph runner and scheduler read); tests pass a stand-in with the same 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -32,6 +35,8 @@ from typing import Any, Callable
 from bullet_kernels.orchestrate import StepClock
 from bullet_kernels.orchestrate.policy import round_up_work
 
+from .overlap import Lanes
+from .overlap import run as overlapped_loop
 from .stream_groups import PREFILL_ALONE, GroupPlan, choose_group, groups_left
 
 logger = logging.getLogger("bullet_sglang")
@@ -103,14 +108,16 @@ def policy_targets(policy) -> dict:
 
 def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Callable[[GroupPlan, int], list],
                            pdmux: Any, policy_groups: int, state_output: Callable[..., Any] | None = None,
-                           feedback=None, clock: Callable[[], float] = time.perf_counter) -> type:
+                           feedback=None, clock: Callable[[], float] = time.perf_counter,
+                           overlap: bool = False) -> type:
     """A subclass of SGLang's ``Scheduler`` (``base``) running pdmux's loop on ``plan``'s groups.
 
     ``open_groups(plan, gpu_id)`` returns one (prefill stream, decode stream) per group. The TTFT
     target is the policy's (``policy.ttft_ms``). ``state_output`` builds SGLang's
     ``SetInternalStateReqOutput`` (imported from SGLang when None; tests pass a stand-in).
     ``feedback``: the ``StepFeedback`` of the policy's ``FeedbackEstimator``, fed from measured
-    decode steps (``clock`` reads seconds), or None to plan with the profile alone."""
+    decode steps (``clock`` reads seconds), or None to plan with the profile alone. ``overlap``:
+    run :mod:`.overlap`'s loop instead of pdmux's."""
     steps = StepClock(feedback) if feedback is not None else None
     step_ms = profiled_step(policy) if feedback is not None else None
 
@@ -129,8 +136,19 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             pdmux.set_current_stream_idx(0)
             self.stream_groups, self.sm_counts, self.real_sm_group_num = groups, pdmux.SM_COUNTS, plan.size
             self.bullet_group = 0
-            logger.info("bullet_sglang: %d stream groups, (prefill, decode) SMs %s; splits from the SLO policy",
-                        plan.size, plan.sm_counts())
+            if overlap:  # skip requests that finished while their next step was in flight (overlap.py)
+                self.batch_result_processor = dataclasses.replace(self.batch_result_processor, enable_overlap=True)
+            logger.info("bullet_sglang: %d stream groups, (prefill, decode) SMs %s; splits from the SLO policy%s",
+                        plan.size, plan.sm_counts(), "; decode steps overlapped while no prefill runs" if overlap else "")
+
+        def event_loop_pdmux(self):
+            if not overlap:
+                return super().event_loop_pdmux()
+            import torch
+            from sglang.srt.distributed.parallel_state import set_pdmux_status
+
+            with torch.inference_mode():
+                overlapped_loop(self, Lanes(set_pdmux_status))
 
         def adjust_stream_groups(self):
             if steps is not None:

@@ -447,6 +447,46 @@ def test_decode_steps_of_real_batches_feed_the_policys_estimator(setup, launch, 
     assert setup.feedback.summary() == {132: {"samples": 11, "factor": round(10.0 / profiled, 3)}}
 
 
+def test_what_the_overlapped_loop_relies_on_holds_in_real_sglang(model_config):
+    """overlap.py's assumptions, on SGLang's own code and objects: the result processor is a
+    dataclass whose enable_overlap turns on the skip of requests finished while their next step
+    ran; the copy stream exists without overlap; a running batch marked enable_overlap prepares the
+    next step in new tensors, so the snapshot of the step in flight keeps its sequence lengths."""
+    from sglang.srt.managers.scheduler_components.batch_result_processor import SchedulerBatchResultProcessor
+
+    assert dataclasses.is_dataclass(SchedulerBatchResultProcessor)
+    assert "enable_overlap" in {f.name for f in dataclasses.fields(SchedulerBatchResultProcessor)}
+    decode = inspect.getsource(SchedulerBatchResultProcessor.process_batch_result_decode)
+    assert decode.index("copy_done.synchronize()") < decode.index("self.enable_overlap")
+    assert re.search(r"self\.enable_overlap.*\n.*req\.finished\(\) or req\.is_retracted", decode)
+    init = inspect.getsource(sglang_scheduler.Scheduler.init_overlap)
+    assert init.index("self.copy_stream_ctx") < init.index("if not self.enable_overlap")
+    pools = Pools(model_config)
+    running = pools.running([900, 1200], generated=5)
+    running.enable_overlap = True
+    launched = running.copy()
+    before = launched.seq_lens_cpu.tolist()
+    running.prepare_for_decode()  # step k+1 prepared while step k is unprocessed
+    assert launched.seq_lens_cpu.tolist() == before and running.seq_lens_cpu.tolist() == [b + 1 for b in before]
+    assert launched.reqs == running.reqs and launched.reqs is not running.reqs
+
+
+def test_the_overlap_option_runs_our_loop_with_sglangs_pdmux_flag(setup, monkeypatch):
+    ran = []
+    monkeypatch.setattr(bullet_scheduler, "overlapped_loop",
+                        lambda s, lanes: ran.append((s, lanes.set_pdmux_status, torch.is_inference_mode_enabled())))
+    make = lambda overlap: bullet_scheduler_class(  # noqa: E731
+        sglang_scheduler.Scheduler, setup.plan, setup.policy, groups_opener([]), pdmux_context,
+        policy_groups=setup.policy_groups, overlap=overlap)
+    s = object.__new__(make(True))
+    s.event_loop_pdmux()
+    from sglang.srt.distributed.parallel_state import set_pdmux_status
+    assert ran == [(s, set_pdmux_status, True)]  # under inference mode, as pdmux's own loop runs
+    monkeypatch.setattr(SchedulerMultiplexMixin, "event_loop_pdmux", lambda self: ran.append("pdmux's"))
+    object.__new__(make(False)).event_loop_pdmux()  # off: SGLang's own loop
+    assert ran[1:] == ["pdmux's"]
+
+
 def test_set_internal_state_takes_real_requests_and_answers_with_sglangs_output(launch, model_config):
     """Our /set_internal_state override with SGLang's request and output types; anything not ours
     goes to SGLang's own method (here refused by it: not a setting it lets change)."""

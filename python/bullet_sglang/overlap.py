@@ -1,0 +1,158 @@
+"""pdmux's loop with SGLang's CPU/GPU overlap for decode steps while no prefill is in flight
+(``--bullet-overlap on``; off by default until measured on the GPU).
+
+Why: SGLang's PD-multiplexing loop waits for every decode step before it processes the result
+and prepares the next, so the scheduler's CPU work per step (about 2 ms at batch 10-20 on the
+H200) is added to every token; SGLang's own overlap scheduler hides it (decode steps 6.9 ms with
+it, 8.8 ms without, docs/sglang-adapter.md). pdmux cannot use that scheduler: SGLang refuses the
+two together, its overlap branch of ``run_batch`` would take split prefills down the wrong path,
+and it runs every forward on one plain stream, outside our lanes.
+
+What this loop does instead, in SGLang 0.5.15's terms:
+- SGLang's ``enable_overlap`` stays off, so ``run_batch`` keeps its split-prefill and non-overlap
+  decode paths, which already pass the sampled tokens to the next step on the GPU (SGLang's
+  ``FutureMap``): step k+1 never needs step k's tokens on the CPU.
+- The decode lane's stream does the scheduling and the forward, so step k+1's preparation queues
+  behind step k on that stream.
+- While no prefill is in flight, each decode step's result is copied to pinned host memory on
+  SGLang's copy stream with a ``copy_done`` event (what its overlap branch does), and step k is
+  processed after step k+1 is launched: the CPU waits only for step k's copy, with k+1 queued.
+- Requests that finished (or were retracted) at step k already ran in step k+1; SGLang's result
+  processor skips them when its ``enable_overlap`` is set, which the scheduler sets (its
+  ``batch_result_processor`` is replaced with that flag on), and the running batch is marked
+  ``enable_overlap`` so ``prepare_for_decode`` makes new sequence-length tensors instead of
+  changing the ones an unprocessed step's snapshot holds.
+- Before a prefill can be admitted (requests waiting) the step in flight is processed (drained):
+  no unprocessed decode step ever runs beside prefill-stream work that could reuse its KV slots,
+  request rows or allocator blocks. While a prefill is in flight the turn is pdmux's (each decode
+  step processed at once), and so is everything at a group switch (both lanes idle, the step in
+  flight processed first). Grammar batches are never overlapped (their vocabulary mask needs the
+  previous token).
+
+Tensor parallel size is 1 (the adapter refuses more), so a landed prefill needs no all-reduce of
+its event flag as pdmux's loop does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+
+class Lanes:
+    """The GPU side of the loop, replaced by stand-ins in CPU tests."""
+
+    def __init__(self, set_pdmux_status: Callable[[bool], None]):
+        self.set_pdmux_status = set_pdmux_status
+
+    @contextlib.contextmanager
+    def on(self, stream, prefill: bool):
+        """Work issued inside runs on ``stream``, with SGLang's prefill-or-decode flag set."""
+        import torch
+
+        with torch.cuda.stream(stream):
+            self.set_pdmux_status(prefill)
+            yield
+
+    def event(self):
+        import torch
+
+        return torch.cuda.Event()
+
+
+def run(s, lanes: Lanes) -> None:
+    """The loop, on scheduler ``s`` (our subclass of SGLang's Scheduler); never returns."""
+    pending = None  # (snapshot, result) of the decode step launched last and not yet processed
+    prefill_result = prefill_event = None
+    prefill_enqueued = False  # all its layers are on the prefill lane; merged once they have run
+    adjust = False
+    prefill_stream, decode_stream = s.stream_groups[s.bullet_group]
+
+    def drain():
+        nonlocal pending
+        if pending is not None:
+            with lanes.on(decode_stream, False):
+                s.process_batch_result(*pending)  # waits for that step's copy only
+            pending = None
+
+    while True:
+        with lanes.on(decode_stream, False):
+            s.process_input_requests(s.request_receiver.recv_requests())
+        if s.split_prefill_batch is None and s.waiting_queue:
+            drain()  # a prefill may be admitted next: nothing in flight may share memory with it
+
+        with lanes.on(prefill_stream, True):
+            if not prefill_enqueued:
+                adjust = s.update_split_prefill_batch(s.sm_counts[s.bullet_group][0]) or adjust
+
+        with lanes.on(decode_stream, False):
+            if s.running_batch is not None:
+                s.running_batch.enable_overlap = True  # new seq-len tensors: snapshots stay as launched
+            s.running_batch = s.update_running_batch(s.running_batch)
+            adjust = adjust or (s.bullet_group > 0 and s.running_batch.is_empty())
+            if s.running_batch.is_empty() and s.split_prefill_batch is None and pending is None:
+                s.on_idle()
+
+        if adjust:  # a group switch waits for both lanes, as pdmux's does
+            drain()
+            prefill_stream.synchronize()
+            decode_stream.synchronize()
+            _, (prefill_stream, decode_stream) = s.adjust_stream_groups()
+            adjust = False
+
+        decode = s.running_batch if s.running_batch is not None and not s.running_batch.is_empty() else None
+        overlap = decode is not None and s.split_prefill_batch is None and not decode.has_grammar
+        if not overlap:
+            drain()
+        launched = decode_result = None
+        if decode is not None:
+            with lanes.on(decode_stream, False):
+                decode_result = s.run_batch(decode)
+                if overlap:  # the result's copy to the host, off the lane, with an event to wait on
+                    decode_result.copy_done = lanes.event()
+                    s.copy_stream.wait_stream(decode_stream)
+                    with s.copy_stream_ctx:
+                        decode_result.copy_to_cpu(return_logprob=decode.return_logprob,
+                                                  return_hidden_states=decode.return_hidden_states)
+                    launched = (decode.copy(), decode_result)
+
+        prefill_ran = False
+        with lanes.on(prefill_stream, True):
+            batch = s.split_prefill_batch
+            if batch is not None and not batch.is_empty() and not prefill_enqueued:
+                layers = s.model_config.num_hidden_layers
+                per_turn = (max(1, s.pdmux_config.split_forward_token_budget // batch.extend_num_tokens)
+                            if batch.extend_num_tokens > 0 else layers)
+                upto = min(batch.split_index + per_turn, layers)
+                batch.split_forward_count = upto - batch.split_index
+                prefill_result = s.run_batch(batch)
+                if upto == layers:
+                    batch.split_prefill_finished = True
+                    prefill_event = prefill_stream.record_event()
+                batch.split_index = upto
+                prefill_ran = True
+            elif prefill_enqueued:
+                prefill_ran = True
+
+        with lanes.on(decode_stream, False):
+            if overlap:
+                if pending is not None:
+                    s.process_batch_result(*pending)  # step k, while step k+1 runs
+                pending = launched
+            elif decode is not None:
+                decode_stream.synchronize()
+                s.process_batch_result(decode, decode_result)
+
+        with lanes.on(prefill_stream, True):
+            batch = s.split_prefill_batch
+            if prefill_ran and batch.split_prefill_finished:
+                prefill_enqueued = True
+                if prefill_event.query():
+                    s.process_batch_result(batch, prefill_result)
+                    if s.running_batch is not None and not s.running_batch.is_empty():
+                        s.running_batch.merge_batch(batch)
+                    else:
+                        s.running_batch = batch
+                    s.split_prefill_batch = None
+                    prefill_enqueued = False
+                    adjust = True
