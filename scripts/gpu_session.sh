@@ -12,7 +12,8 @@
 # greenconn, greenfade: green_cause.py connections (GREENCONN_ARGS, default 2 repeats) and fade; greentest:N: the green cross-lane
 # GPU test with BULLET_GREEN_SETTLE_PROBES=N, 0 for off; greenvariants: green_variants.py (GREENVARIANTS,
 # default all); interference:
-# interference_variants.py), and the serving goodput runs of
+# interference_variants.py; attnmerge: decode_attention_merge.py, fused vs separate split merge,
+# ATTNMERGE_ARGS e.g. --quick), and the serving goodput runs of
 # scripts/serving_goodput.sh:
 #   serve:LABEL:MODE:CHUNK:TRACE:RATES[:SERVE_ARGS]  `bullet serve` measured (RATES comma-separated)
 #   sgpart:PART          install one part of the SGLang wheel set (.carry/sglang/PART) into /tmp/site
@@ -113,6 +114,7 @@ for s in "$@"; do
     greentest:*) stage "greentest-settle${s#greentest:}" env BULLET_GREEN_SETTLE_PROBES="${s#greentest:}" \
                    python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_green_cross_lane_gpu.py ;;
     interference) stage interference python3 bench/investigations/interference_variants.py ;;
+    attnmerge) stage attnmerge python3 bench/investigations/decode_attention_merge.py ${ATTNMERGE_ARGS:-} ;;  # JSON in $OUT
     serve:*)   IFS=: read -r _ label mode chunk trace rates sargs <<< "$s"
                RATES=${rates//,/ } TRACE=$trace LABEL=$label SERVE_ARGS=${sargs:-} \
                  stage "run-$label-$trace" bash scripts/serving_goodput.sh ours "$mode" "$chunk"

@@ -269,27 +269,76 @@ DECODE_CASES = [
     (torch.bfloat16, 8, 1, 128, 16, [1, 200, 0, 64], None),  # GQA 8, head_dim 128, auto splits
     (torch.bfloat16, 8, 2, 64, 32, [250, 3], 5),  # more splits than some rows can use
     (torch.float16, 4, 1, 64, 16, [77, 18], 2),
+    (torch.float32, 4, 4, 64, 16, [37, 0, 5], 9),  # MHA split: more splits than any row has tiles
+    (torch.bfloat16, 16, 2, 64, 16, [100, 0, 250], 6),  # GQA 8 split, padding row
 ]
+MERGES = ["separate", "fused"]
 
 
+def decode_problem(dtype, hq, hkv, d, page_size, lens, seed=0):
+    """``(q, k_cache, v_cache, page_table, seq_lens)`` of a decode batch on scattered pages."""
+    width = max(-(-max(lens) // page_size), 1) + 1
+    pages = sum(-(-n // page_size) for n in lens) + 3
+    kc, vc = paged_cache(pages, page_size, hkv, d, dtype, seed=seed)
+    table = page_table_for(lens, page_size, pages, width, seed=seed)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    return q, kc, vc, table, seq_lens
+
+
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize("offs64", [False, True], ids=["int32-offsets", "int64-offsets"])
 @pytest.mark.parametrize("block_n", [16, 32])
 @pytest.mark.parametrize("dtype,hq,hkv,d,page_size,lens,splits", DECODE_CASES)
-def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, block_n, offs64, monkeypatch):
+def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, block_n, offs64, merge, monkeypatch):
     if offs64:  # the path for caches past 2**31 elements, forced on a small one
         monkeypatch.setattr(decode_attention, "OFFS64_FROM", 0)
-    width = max(-(-max(lens) // page_size), 1) + 1
-    pages = sum(-(-n // page_size) for n in lens) + 3
-    kc, vc = paged_cache(pages, page_size, hkv, d, dtype)
-    table = page_table_for(lens, page_size, pages, width)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    q = torch.randn(len(lens), hq, d).to(dtype)
+    # Each variant its own data: a merge that read the wrong partials could otherwise find the
+    # right numbers, left in freed memory by the previous variant of the same case.
+    seed = block_n + 2 * offs64 + 4 * MERGES.index(merge)
+    q, kc, vc, table, seq_lens = decode_problem(dtype, hq, hkv, d, page_size, lens, seed=seed)
     with sizing.sm_budget(8):
         out = decode_attention.paged_decode_attention(
-            q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q), num_splits=splits, block_n=block_n)
+            q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q), num_splits=splits, block_n=block_n, merge=merge)
     ref = R.paged_decode_attention(q.float(), kc.float(), vc.float(), table, seq_lens, d**-0.5)
     assert rel_err(out, ref) < TOL[dtype]
     assert torch.all(out[seq_lens == 0] == 0)
+
+
+def test_decode_attention_merge_modes_are_checked():
+    assert decode_attention.check_merge(None) == decode_attention.DEFAULT_MERGE in decode_attention.MERGES
+    q, kc, vc, table, seq_lens = decode_problem(torch.float32, 4, 2, 64, 16, [40, 7])
+    with pytest.raises(ValueError, match="merge must be one of separate, fused .*got 'fuse'"):
+        decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.1, num_splits=1, merge="fuse")
+    with pytest.raises(ValueError, match="merge_counters is for merge='fused'"):
+        decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.1, num_splits=2, merge="separate",
+                                                merge_counters=torch.zeros(4, dtype=torch.int32))
+    for bad in (torch.zeros(4, dtype=torch.int64), torch.zeros(3, dtype=torch.int32)):  # 2 sequences x 2 KV heads
+        with pytest.raises(ValueError, match="merge_counters must be a contiguous int32 tensor .* at least 4"):
+            decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.1, num_splits=2, merge="fused",
+                                                    merge_counters=bad)
+
+
+def test_fused_merge_is_done_by_the_last_split_and_leaves_counters_zeroed():
+    """A caller's counter buffer is zero again after each call (reusable), and a group is written
+    only by the program whose arrival is the last: a counter that cannot reach it (started at -1)
+    leaves its group's rows unwritten, while the other groups are still right."""
+    dtype, hq, hkv, d, splits = torch.float32, 8, 2, 64, 3
+    q, kc, vc, table, seq_lens = decode_problem(dtype, hq, hkv, d, 16, [90, 0, 45])
+    ref = R.paged_decode_attention(q.float(), kc.float(), vc.float(), table, seq_lens, d**-0.5)
+    counters = torch.zeros(3 * hkv + 5, dtype=torch.int32)  # more than needed is fine
+    for _ in range(2):
+        out = decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q),
+                                                      num_splits=splits, merge="fused", merge_counters=counters)
+        assert rel_err(out, ref) < TOL[dtype]
+        assert torch.all(counters == 0)
+    counters[2 * hkv + 1] = -1  # sequence 2, KV head 1: its arrivals count -1, 0, 1, never splits - 1
+    out = decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q),
+                                                  num_splits=splits, merge="fused", merge_counters=counters)
+    group = hq // hkv
+    assert torch.isnan(out[2, group:]).all()
+    assert rel_err(out[:2], ref[:2]) < TOL[dtype] and rel_err(out[2, :group], ref[2, :group]) < TOL[dtype]
+    assert counters[2 * hkv + 1] == splits - 1  # untouched by a merge: no program saw itself last
 
 
 def ragged_batch(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, seed):
@@ -306,8 +355,9 @@ def ragged_batch(dtype, hq, hkv, d, page_size, q_lens, prefix, pad, seed):
     return q, kc, vc, table, cu, seq_lens
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_decode_attention_on_ragged_rows_writes_only_one_token_sequences(splits):
+@pytest.mark.parametrize("merge", MERGES)
+@pytest.mark.parametrize("splits", [1, 3, 8])  # 8: more splits than the shorter contexts have tiles
+def test_decode_attention_on_ragged_rows_writes_only_one_token_sequences(splits, merge):
     """The decode rows of a chunked-prefill step: sequence b's query is row cu[b]; sequences
     with more (or no) new tokens are the prefill kernel's and their rows stay untouched."""
     dtype, hq, hkv, d, page_size = torch.bfloat16, 8, 2, 64, 16
@@ -316,9 +366,9 @@ def test_decode_attention_on_ragged_rows_writes_only_one_token_sequences(splits)
     # kernel masks that load too; the interpreter does not check bounds, compute-sanitizer would).
     q_lens = [1, 5, 1, 0, 1, 0, 0]
     q, kc, vc, table, cu, seq_lens = ragged_batch(dtype, hq, hkv, d, page_size, q_lens, [40, 3, 0, 0, 90, 0, 0], 0,
-                                                  seed=2)
+                                                  seed=2 + splits + 10 * MERGES.index(merge))
     out = decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, d**-0.5, out=nan_like(q),
-                                                  num_splits=splits, cu_seqlens_q=cu)
+                                                  num_splits=splits, cu_seqlens_q=cu, merge=merge)
     ref = R.paged_prefill_attention(q.float(), kc.float(), vc.float(), table, cu, seq_lens, d**-0.5)
     single = [int(cu[b]) for b, n in enumerate(q_lens) if n == 1]
     assert rel_err(out[single], ref[single]) < TOL[dtype]

@@ -103,6 +103,104 @@ def test_decode_attention_cuda_graph_replays_new_lengths():
     assert rel_err(out, ref) < 1e-2
 
 
+MERGE_REPEATS = 30  # a race between the last split's merge and another split's partials is intermittent
+
+
+def llama_decode_batch(batch, ctx, seed=0):
+    """Llama-3.1-8B decode attention inputs (8 KV heads, head dim 128, 16-token pages): ragged
+    lengths up to ``ctx``, the second row a padding row (length 0) where there is one."""
+    lens = [max(1, ctx - (97 * i) % 700) for i in range(batch)]
+    if batch > 1:
+        lens[1] = 0
+    return make_paged(lens, 16, 8, 128, BF16, seed=seed)
+
+
+def merged_both_ways(q, kc, vc, table, seq, splits, out=None):
+    sep = decode_attention.paged_decode_attention(q, kc, vc, table, seq, 128**-0.5, num_splits=splits,
+                                                  merge="separate")
+    fused = decode_attention.paged_decode_attention(q, kc, vc, table, seq, 128**-0.5, num_splits=splits,
+                                                    merge="fused", out=nan_like(q) if out is None else out)
+    return sep, fused
+
+
+@pytest.mark.parametrize("ctx", [1024, 4096])
+@pytest.mark.parametrize("batch", [1, 16, 128])
+def test_decode_attention_fused_merge_matches_separate(batch, ctx):
+    """The fused merge (last program of each KV-head group) against the merge kernel, many times
+    with new queries each time: a program that merged before every split's partials were visible
+    would read stale ones (the previous repeat's, in the same freed memory) and differ. Split
+    counts: the sizing's for 16 and 132 SMs and 4x the latter (short splits, many arrivals)."""
+    kc, vc, table, seq = llama_decode_batch(batch, ctx)
+    max_ctx = table.shape[1] * 16
+    counts = {max(2, sizing.decode_kv_splits(batch, 8, 4, max_ctx, sms=n)) for n in (16, 132)}
+    counts.add(min(sizing.MAX_SPLITS, 4 * max(counts)))
+    for splits in sorted(counts):
+        for rep in range(MERGE_REPEATS):
+            q = torch.randn(batch, 32, 128, device=DEV).to(BF16)
+            sep, fused = merged_both_ways(q, kc, vc, table, seq, splits)
+            # fp32 merges in another order, then one bf16 rounding: equal or one bf16 step apart
+            torch.testing.assert_close(fused, sep, msg=lambda m: f"{splits} splits, repeat {rep}: {m}")
+        ref = R.paged_decode_attention(q.float(), kc.float(), vc.float(), table, seq, 128**-0.5)
+        assert rel_err(fused, ref) < 1e-2
+        assert torch.all(fused[seq == 0] == 0)
+
+
+def test_decode_attention_fused_merge_in_graphs_replayed_on_two_streams_at_once():
+    """Two graphs of ten fused calls each (their own counters and partials in each graph's pool),
+    replayed at the same time on two streams, five times with new queries; then the same eagerly
+    on two streams. Every output must match the separate merge of the same inputs."""
+    splits, calls = 8, 10
+    problems = [llama_decode_batch(16, 1024, seed=1), llama_decode_batch(128, 4096, seed=2)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    qs = [torch.randn(seq.shape[0], 32, 128, device=DEV).to(BF16) for _, _, _, seq in problems]
+    graphs, outs = [], []
+    for (kc, vc, table, seq), q, stream in zip(problems, qs, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            decode_attention.paged_decode_attention(q, kc, vc, table, seq, 128**-0.5, num_splits=splits,
+                                                    merge="fused")  # compile outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                outs.append([decode_attention.paged_decode_attention(q, kc, vc, table, seq, 128**-0.5,
+                                                                     num_splits=splits, merge="fused")
+                             for _ in range(calls)])
+        graphs.append(graph)
+    torch.cuda.synchronize()
+    for replay in range(5):
+        for q in qs:
+            q.copy_(torch.randn_like(q))
+        for graph, stream, graph_outs in zip(graphs, streams, outs):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for out in graph_outs:
+                    out.fill_(float("nan"))  # a call that leaves an element unwritten shows
+                graph.replay()
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+        for (kc, vc, table, seq), q, graph_outs in zip(problems, qs, outs):
+            sep = decode_attention.paged_decode_attention(q, kc, vc, table, seq, 128**-0.5, num_splits=splits,
+                                                          merge="separate")
+            for i, out in enumerate(graph_outs):
+                torch.testing.assert_close(out, sep, msg=lambda m: f"replay {replay}, call {i}: {m}")
+    for rep in range(MERGE_REPEATS):
+        for q in qs:
+            q.copy_(torch.randn_like(q))
+        eager = []
+        for (kc, vc, table, seq), q, stream in zip(problems, qs, streams):
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                eager.append([decode_attention.paged_decode_attention(q, kc, vc, table, seq, 128**-0.5,
+                                                                      num_splits=splits, merge="fused",
+                                                                      out=nan_like(q)) for _ in range(3)])
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+        for (kc, vc, table, seq), q, outs_eager in zip(problems, qs, eager):
+            sep = decode_attention.paged_decode_attention(q, kc, vc, table, seq, 128**-0.5, num_splits=splits,
+                                                          merge="separate")
+            for out in outs_eager:
+                torch.testing.assert_close(out, sep, msg=lambda m: f"eager repeat {rep}: {m}")
+
+
 @pytest.mark.parametrize("hq,hkv", [(32, 8), (32, 32), (32, 4)])
 def test_prefill_attention_real_sizes_and_graph(hq, hkv):
     q_lens, prefix = [1, 300, 0, 1024, 77], [0, 512, 40, 1000, 3]

@@ -5,9 +5,13 @@ all ``Hq/Hkv`` query heads ride in the rows of one ``tl.dot``, so each K/V tile 
 HBM once per group.
 Each sequence is cut into ``splits`` equal chunks of *its own* length (read on device), so
 short and long rows cost the same number of programs and the grid depends only on shapes and
-the budget: graph-safe. With more than one split a second tiny kernel merges the partial
-outputs by their log-sum-exp. The split count is a runtime argument, so every batch bucket and
-SM budget shares one compiled kernel (only "split or not" is compiled in).
+the budget: graph-safe. With more than one split the partial outputs are merged by their
+log-sum-exp, either by a second tiny kernel (``merge="separate"``) or, in the same launch, by
+the program of each KV-head group that finishes last (``merge="fused"``: no merge kernel, its
+launch and ramp gone where the work is short; the arrival counters it needs are zeroed by a small
+fill kernel before, unless the caller keeps them). The split count is a runtime argument, so every
+batch bucket and SM budget shares one compiled kernel (only "split or not" and the merge mode
+are compiled in).
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from .common import INTERPRET, dot_flags, mma
 from .sizing import decode_kv_splits
 
 LOG2E = 1.4426950408889634
+MERGES = ("separate", "fused")
+# Separate until the fused merge is measured on the GPU (bench/investigations/
+# decode_attention_merge.py on the H200's lanes): flip it once it is shown to win there.
+DEFAULT_MERGE = "separate"
 # K/V offsets are int32 (fewer address instructions) unless a cache view could overflow them.
 OFFS64_FROM = 2**31 - 1
 
@@ -113,16 +121,75 @@ def _decode_row(b, lens_ptr, cu_ptr, ROWS_FROM_CU: tl.constexpr):
 
 
 @triton.jit
+def _merge_group_if_last(part_ptr, lse_ptr, cnt_ptr, out_ptr, row, mine, part0, head0, num_splits,
+                         stride_ob, stride_oh, GROUP: tl.constexpr, G_PAD: tl.constexpr, SPLITS_AT_ONCE: tl.constexpr,
+                         HEAD_DIM: tl.constexpr):
+    """Count this split in at ``cnt_ptr`` (its KV-head group's counter); the program that counts
+    in last merges the group's partials (``GROUP`` query heads from partial row ``part0``) into
+    ``out`` row ``row``, as :func:`_decode_merge_kernel` would, and zeroes the counter again.
+
+    Ordering (PTX memory model; the pattern of CUTLASS's split-K semaphore): every thread's
+    partial stores come before the CTA barrier, and the counter's release (Triton lets one
+    thread do a scalar atomic) is cumulative over what that barrier ordered before it, so all
+    of them are visible at GPU scope before the increment is. The last program's acquire on the
+    same counter then orders its reads after every other program's stores; the barrier after it
+    carries that to the threads that did not do the atomic (Triton broadcasts a scalar atomic's
+    result with its own barrier or shuffle; ours does not rely on it). No program waits for
+    another, so nothing needs the group's programs to be resident at once.
+
+    Triton's interpreter (CPU tests) runs all of it: programs one after another, the atomic on
+    host memory, the barrier as a no-op, the cache modifier ignored; no INTERPRET guard.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:  # uniform over the program: every thread takes this branch or none
+        tl.debug_barrier()
+        h = tl.arange(0, G_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        j = tl.arange(0, SPLITS_AT_ONCE)
+        h_ok = h < GROUP
+        rows = part0 + h * num_splits  # partial row of (head, split 0)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        den = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+        # Online log-sum-exp (base 2) over the splits, SPLITS_AT_ONCE of them per load: one
+        # round trip to L2 per step, in a tile no larger than the attention's [BLOCK_H, D].
+        for s0 in range(0, num_splits, SPLITS_AT_ONCE):
+            at = rows[None, :] + (s0 + j)[:, None]  # [splits, heads]
+            ok = ((s0 + j) < num_splits)[:, None] & h_ok[None, :]
+            # The acquire already orders these loads (PTX calls cache operators hints). ".cg"
+            # also keeps them out of this SM's L1, which is not coherent with the other SMs'
+            # stores and may hold these addresses from an earlier launch (a graph's memory pool
+            # hands every layer the same partial buffers): a stale line cannot be read even if
+            # an acquire ever failed to invalidate L1.
+            lse = tl.load(lse_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(part_ptr + at[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing yet: every weight is 0, not NaN
+            alpha = tl.exp2(m - ref)
+            w = tl.exp2(lse - ref[None, :])  # an empty split (lse -inf) and a split past the end weigh 0
+            den = den * alpha + tl.sum(w, 0)
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 0)
+            m = m_new
+        res = acc / tl.where(den > 0, den, 1.0)[:, None]  # all splits empty (padding rows): 0
+        dst = out_ptr + row * stride_ob + (head0 + h)[:, None] * stride_oh + d[None, :]
+        tl.store(dst, res.to(out_ptr.dtype.element_ty), mask=(h < GROUP * mine)[:, None])
+        tl.store(cnt_ptr, 0)  # every split has counted in: a reused counter buffer is zero again
+
+
+@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, cu_ptr, out_ptr, part_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, cu_ptr, out_ptr, part_ptr, lse_ptr, cnt_ptr,
     qk_scale, num_splits,  # qk_scale = softmax scale * log2(e): we work in base 2
     stride_qb, stride_qh,
     stride_kp, stride_kt, stride_kh,
     stride_vp, stride_vt, stride_vh,
     stride_pt, stride_ob, stride_oh,
-    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, OFFS64: tl.constexpr,
     PAGE_ASM: tl.constexpr, DOT_PREC: tl.constexpr, DOT_UPCAST: tl.constexpr, ROWS_FROM_CU: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -167,6 +234,10 @@ def _decode_split_kernel(
         part = (b * num_q_heads + head) * num_splits + split  # partials are [B, Hq, splits, (D)]
         tl.store(part_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=h_ok[:, None])
         tl.store(lse_ptr + part, tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf")), mask=h_ok)
+        if FUSED_MERGE:
+            _merge_group_if_last(part_ptr, lse_ptr, cnt_ptr + b * tl.num_programs(1) + kvh, out_ptr, row, mine,
+                                 (b * num_q_heads + kvh * GROUP) * num_splits, kvh * GROUP, num_splits,
+                                 stride_ob, stride_oh, GROUP, G_PAD, BLOCK_H // G_PAD, HEAD_DIM)
 
 
 @triton.jit
@@ -216,6 +287,33 @@ def _check(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens_q=None):
     return B, Hq, D, page_size, Hkv
 
 
+def check_merge(merge: str | None) -> str:
+    """The merge mode to use: ``merge``, or :data:`DEFAULT_MERGE` for None."""
+    merge = DEFAULT_MERGE if merge is None else merge
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {', '.join(MERGES)} (or None for the default, "
+                         f"{DEFAULT_MERGE}), got {merge!r}")
+    return merge
+
+
+def _merge_counters(counters: torch.Tensor | None, groups: int, device: torch.device) -> torch.Tensor:
+    """One arrival counter per (sequence, KV head), zero on entry.
+
+    Fresh by default: the decode lane and the prefill lane's ragged path run this kernel at the
+    same time, and a buffer kept by this module would be shared by their launches. Inside a CUDA
+    graph capture the zeros come from the graph's private pool and their fill is a node of the
+    graph (a small fill kernel: torch zeroes CUDA memory with a kernel, not a memset).
+    """
+    if counters is None:
+        return torch.zeros(groups, dtype=torch.int32, device=device)
+    if counters.dtype != torch.int32 or counters.device != device or not counters.is_contiguous() \
+            or counters.numel() < groups:
+        raise ValueError(f"merge_counters must be a contiguous int32 tensor on {device} with at least "
+                         f"{groups} (sequences x KV heads) elements, got {counters.dtype} {tuple(counters.shape)} "
+                         f"on {counters.device}")
+    return counters
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -231,6 +329,8 @@ def paged_decode_attention(
     num_stages: int = 3,
     maxnreg: int | None = None,
     cu_seqlens_q: torch.Tensor | None = None,
+    merge: str | None = None,
+    merge_counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contract: :func:`reference.paged_decode_attention`. ``num_splits`` overrides the sizing.
 
@@ -239,6 +339,14 @@ def paged_decode_attention(
     with exactly one new token are attended and written; the other rows of ``out`` are left
     as they are (:func:`.prefill_attention.paged_prefill_attention` writes them).
 
+    ``merge`` (one of :data:`MERGES`; None: :data:`DEFAULT_MERGE`) says how more than one
+    split is merged: ``"separate"``, a second kernel; ``"fused"``, the last program of each
+    KV-head group to finish, in the same launch. With one split there is nothing to merge and
+    both are the same launch. ``merge_counters`` (fused only): the caller's int32 buffer of at
+    least B x KV-heads zeros for the arrival counters, left zeroed again, instead of fresh
+    zeros each call (which cost a fill kernel); it must never be shared by launches that can
+    run at the same time (two lanes, two streams).
+
     Launch defaults from the tuning sweep (in git history, bench/tune_decode_attention.py) on the H100 (Triton 3.6; 16-132 SMs,
     b128 x 4k and b16 x 32k contexts; tune-decode-attention-h100-20261126.json): one warp
     per program, 32-token tiles, 3 stages. A 16-row dot leaves little for more warps to
@@ -246,6 +354,9 @@ def paged_decode_attention(
     and ~6 programs fit on an SM, each with 2 tiles in flight: 85-97% of a partition-sized
     copy on 16-40 SMs, against 65-85% for 4-warp programs with 64-token tiles.
     """
+    merge = check_merge(merge)
+    if merge_counters is not None and merge != "fused":
+        raise ValueError(f"merge_counters is for merge='fused' (the arrival counters), got merge={merge!r}")
     B, Hq, D, page_size, Hkv = _check(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens_q)
     q = q if q.stride(2) == 1 else q.contiguous()
     out = torch.empty_like(q) if out is None else out
@@ -254,24 +365,26 @@ def paged_decode_attention(
     group = Hq // Hkv
     max_ctx = page_table.shape[1] * page_size
     splits = num_splits or decode_kv_splits(B, Hkv, group, max_ctx)
+    fused = splits > 1 and merge == "fused"
     if splits > 1:
         part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
         lse = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
     else:
         part = lse = out  # unused
+    counters = _merge_counters(merge_counters, B * Hkv, q.device) if fused else lse  # unused unless fused
     _decode_split_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, page_table, seq_lens, seq_lens if cu_seqlens_q is None else cu_seqlens_q,
-        out, part, lse, scale * LOG2E, splits,
+        out, part, lse, counters, scale * LOG2E, splits,
         q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         page_table.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+        GROUP=group, G_PAD=triton.next_power_of_2(group), BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         PAGE_SIZE=page_size, BLOCK_N=block_n, SPLIT=splits > 1,
         OFFS64=max(_extent(k_cache), _extent(v_cache)) >= OFFS64_FROM, PAGE_ASM=not INTERPRET,
-        **dot_flags(k_cache.dtype), ROWS_FROM_CU=cu_seqlens_q is not None,
+        **dot_flags(k_cache.dtype), ROWS_FROM_CU=cu_seqlens_q is not None, FUSED_MERGE=fused,
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
-    if splits > 1:
+    if splits > 1 and not fused:
         _decode_merge_kernel[(B, Hq)](
             part, lse, seq_lens, seq_lens if cu_seqlens_q is None else cu_seqlens_q, out, splits,
             out.stride(0), out.stride(1), HEAD_DIM=D, SPLITS_P2=triton.next_power_of_2(splits),
