@@ -60,8 +60,9 @@ class Req:
 
 
 class Batch:
-    def __init__(self, reqs, prefill=False, grammar=False):
+    def __init__(self, reqs, prefill=False, grammar=False, penalties=False):
         self.reqs, self.prefill, self.has_grammar = list(reqs), prefill, grammar
+        self.sampling_info = types.SimpleNamespace(penalizer_orchestrator=types.SimpleNamespace(is_required=penalties))
         self.return_logprob = self.return_hidden_states = False
         self.enable_overlap = False
         self.extend_num_tokens = 512 * len(self.reqs) if prefill else 0
@@ -88,9 +89,9 @@ class Result:
 class Scheduler:
     """The SGLang Scheduler surface the loop uses, with SGLang's overlap-relevant behaviour."""
 
-    def __init__(self, arrivals, iterations, grammar=False):
+    def __init__(self, arrivals, iterations, grammar=False, penalties=False):
         self.log, self.lanes = [], None
-        self.arrivals, self.iterations, self.grammar = dict(arrivals), iterations, grammar
+        self.arrivals, self.iterations, self.grammar, self.penalties = dict(arrivals), iterations, grammar, penalties
         self.turn, self.steps = 0, 0
         self.groups = [(Stream(f"P{i}", self.log), Stream(f"D{i}", self.log)) for i in range(3)]
         self.stream_groups, self.bullet_group = self.groups, 0
@@ -122,7 +123,9 @@ class Scheduler:
 
     def update_running_batch(self, batch):
         assert batch.enable_overlap  # the loop marks it before SGLang prepares the next step
-        return Batch([r for r in batch.reqs if not r.finished()], grammar=self.grammar) if batch.reqs else batch
+        if not batch.reqs:
+            return batch
+        return Batch([r for r in batch.reqs if not r.finished()], grammar=self.grammar, penalties=self.penalties)
 
     def adjust_stream_groups(self):
         self.bullet_group = 1 if self.split_prefill_batch is not None else (2 if not self.running_batch.is_empty() else 0)
@@ -188,15 +191,19 @@ def test_decode_alone_launches_step_k_plus_1_before_processing_step_k():
     assert log[-1] == ("idle",) and ("idle",) not in log[:log.index(("process", 6, "copy_done"))]
 
 
-def test_a_prefill_is_admitted_only_after_the_step_in_flight_is_processed():
+def test_a_prefill_admitted_with_a_step_in_flight_runs_only_after_it():
     s = Scheduler({1: [("a", 20)], 6: [("c", 4)]}, iterations=16)
     log = run(s)
     admit_c = log.index(("admit", ["c"]))
-    launched_before = [e[1] for e in events(log[:admit_c], "launch")]
-    processed_before = [e[1] for e in events(log[:admit_c], "process")]
-    assert launched_before and launched_before == processed_before  # drained: nothing in flight at admission
+    launched_before = {e[1] for e in events(log[:admit_c], "launch")}
+    in_flight = launched_before - {e[1] for e in events(log[:admit_c], "process")}
+    assert len(in_flight) == 1  # overlapped until then: the admission itself does not wait on the CPU
+    assert log[admit_c - 1] == ("wait", "P2", "D2")  # its prefill-lane work waits for that step on the GPU
+    forward = log.index(("prefill", "P1", 32), admit_c)
+    assert in_flight <= {e[1] for e in events(log[:forward], "process")}  # processed before the prefill's forward
+    assert log[admit_c + 1:admit_c + 5] == [("process", max(in_flight), "copy_done"), ("sync", "P2"), ("sync", "D2"),
+                                            ("switch", 1)]
     # while c's prefill runs, decode is on the split and processed at once (pdmux's turn)
-    assert ("switch", 1) in log[admit_c:]
     split = log.index(("switch", 1), admit_c)
     step = next(e for e in log[split:] if e[0] == "launch")
     assert step[2] == "D1"
@@ -218,9 +225,17 @@ def test_group_switches_drain_and_wait_for_both_lanes():
             assert not inflight  # nothing launched and unprocessed across a switch
 
 
-def test_grammar_batches_are_never_overlapped():
-    s = Scheduler({1: [("a", 5)]}, iterations=10, grammar=True)
+@pytest.mark.parametrize("kind", ["grammar", "penalties"])
+def test_grammar_and_penalty_batches_are_never_overlapped(kind):
+    s = Scheduler({1: [("a", 5)]}, iterations=10, **{kind: True})
     log = run(s)
     for e in events(log, "process"):
         assert e[2] is None  # processed right after the lane's sync, no copy event
     assert not events(log, "copy") and s.reqs["a"].got == 5
+    assert s.bullet_overlapped_steps == 0 and s.bullet_decode_steps == 4
+
+
+def test_the_loop_counts_overlapped_steps():
+    s = Scheduler({1: [("a", 6), ("b", 3)]}, iterations=14)
+    run(s)
+    assert (s.bullet_overlapped_steps, s.bullet_decode_steps) == (6, 6)

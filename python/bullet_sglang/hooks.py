@@ -176,6 +176,8 @@ HOOK_POINTS = (
               "prepares step k+1 while step k is unprocessed"),
     HookPoint("sglang/srt/managers/schedule_batch.py", "ScheduleBatch.has_grammar", None,
               "grammar batches are never overlapped (their mask needs the previous token)"),
+    HookPoint("sglang/srt/managers/schedule_batch.py", "ScheduleBatch.sampling_info", None,
+              "batches with penalties are never overlapped (prepare_for_decode counts the last token)"),
     HookPoint("sglang/srt/managers/schedule_batch.py", "ScheduleBatch.split_prefill_finished", None,
               "a split prefill whose last layers are enqueued"),
     HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.init_overlap", ("self",),

@@ -22,12 +22,19 @@ What this loop does instead, in SGLang 0.5.15's terms:
   ``batch_result_processor`` is replaced with that flag on), and the running batch is marked
   ``enable_overlap`` so ``prepare_for_decode`` makes new sequence-length tensors instead of
   changing the ones an unprocessed step's snapshot holds.
-- Before a prefill can be admitted (requests waiting) the step in flight is processed (drained):
-  no unprocessed decode step ever runs beside prefill-stream work that could reuse its KV slots,
-  request rows or allocator blocks. While a prefill is in flight the turn is pdmux's (each decode
-  step processed at once), and so is everything at a group switch (both lanes idle, the step in
-  flight processed first). Grammar batches are never overlapped (their vocabulary mask needs the
-  previous token).
+- Before anything is issued on the prefill lane while a step is in flight, that lane waits on
+  the GPU for the decode lane (``wait_stream``): a prefill admitted then (its KV slots and request
+  rows may be ones a finished request's last step still writes) runs its first GPU work after
+  that step. Admitting a prefill switches stream groups, and a switch processes the step in flight
+  and waits for both lanes, so no unprocessed decode step ever runs beside a prefill's forward.
+  (A CPU drain whenever requests wait would also stop the overlap under saturation, when waiting
+  requests cannot be admitted, and SGLang moves grammar-ready requests into its queue inside the
+  admission itself, after any check here.)
+- While a prefill is in flight the turn is pdmux's (each decode step processed at once).
+- Not overlapped: grammar batches (their vocabulary mask needs the previous token) and batches
+  with penalties (``prepare_for_decode`` counts each request's last processed token into the
+  penalizers; at every change between overlapped and processed-at-once steps one token would be
+  counted twice and another never, where SGLang's own overlap is consistently one step late).
 
 Tensor parallel size is 1 (the adapter refuses more), so a landed prefill needs no all-reduce of
 its event flag as pdmux's loop does.
@@ -60,8 +67,16 @@ class Lanes:
         return torch.cuda.Event()
 
 
+def overlappable(batch) -> bool:
+    """Whether decode steps of ``batch`` may be processed one step late (see the module's notes)."""
+    return not batch.has_grammar and not batch.sampling_info.penalizer_orchestrator.is_required
+
+
 def run(s, lanes: Lanes) -> None:
-    """The loop, on scheduler ``s`` (our subclass of SGLang's Scheduler); never returns."""
+    """The loop, on scheduler ``s`` (our subclass of SGLang's Scheduler); never returns. Counts the
+    decode steps it ran and how many were overlapped in ``s.bullet_decode_steps`` and
+    ``s.bullet_overlapped_steps`` (logged at group switches)."""
+    s.bullet_decode_steps = s.bullet_overlapped_steps = 0
     pending = None  # (snapshot, result) of the decode step launched last and not yet processed
     prefill_result = prefill_event = None
     prefill_enqueued = False  # all its layers are on the prefill lane; merged once they have run
@@ -78,11 +93,11 @@ def run(s, lanes: Lanes) -> None:
     while True:
         with lanes.on(decode_stream, False):
             s.process_input_requests(s.request_receiver.recv_requests())
-        if s.split_prefill_batch is None and s.waiting_queue:
-            drain()  # a prefill may be admitted next: nothing in flight may share memory with it
 
         with lanes.on(prefill_stream, True):
             if not prefill_enqueued:
+                if pending is not None:  # whatever the admission issues runs after the step in flight
+                    prefill_stream.wait_stream(decode_stream)
                 adjust = s.update_split_prefill_batch(s.sm_counts[s.bullet_group][0]) or adjust
 
         with lanes.on(decode_stream, False):
@@ -101,11 +116,13 @@ def run(s, lanes: Lanes) -> None:
             adjust = False
 
         decode = s.running_batch if s.running_batch is not None and not s.running_batch.is_empty() else None
-        overlap = decode is not None and s.split_prefill_batch is None and not decode.has_grammar
+        overlap = decode is not None and s.split_prefill_batch is None and overlappable(decode)
         if not overlap:
             drain()
         launched = decode_result = None
         if decode is not None:
+            s.bullet_decode_steps += 1
+            s.bullet_overlapped_steps += overlap
             with lanes.on(decode_stream, False):
                 decode_result = s.run_batch(decode)
                 if overlap:  # the result's copy to the host, off the lane, with an event to wait on

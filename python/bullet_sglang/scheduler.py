@@ -50,7 +50,7 @@ logger = logging.getLogger("bullet_sglang")
 # ran those 8 steps on 32 SMs.
 PREFILL_LAYERS_PER_TURN: int | None = None
 
-# With step feedback, the measured/profiled step ratios per decode lane are logged this often
+# With step feedback, the measured-minus-profiled step times per decode lane are logged this often
 # (decode steps), so a run's log shows what the policy planned with.
 FEEDBACK_LOG_EVERY = 2000
 
@@ -165,8 +165,10 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             pdmux.set_current_stream_idx(idx)
             self.tp_worker.model_runner.update_decode_attn_backend(idx)
             if idx != self.bullet_group:
+                overlapped = (f"; decode steps overlapped {self.bullet_overlapped_steps} of {self.bullet_decode_steps}"
+                              if hasattr(self, "bullet_decode_steps") else "")
                 logger.info("bullet_sglang: stream group %d, (prefill, decode) SMs %s; decode %s, prefill %s tokens, "
-                            "%d layer groups left", idx, plan.sm_counts()[idx], decode, prefill, left)
+                            "%d layer groups left%s", idx, plan.sm_counts()[idx], decode, prefill, left, overlapped)
                 self.bullet_group = idx
             return idx, self.stream_groups[idx]
 
@@ -176,7 +178,7 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             return super().run_batch(batch, *args, **kwargs)
 
         def _bullet_time_decode_step(self) -> None:
-            sms = plan.sm_counts()[self.bullet_group][1]
+            sms = self.sm_counts[self.bullet_group][1]
             shape = decode_shape(self.running_batch)
             if shape is None or sms == 0:
                 steps.interrupt()
@@ -185,7 +187,7 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             steps.launched(clock(), sms, step_ms(shape[0], shape[1], sms, corun))
             if feedback.observed - self.__dict__.get("_bullet_logged_at", 0) >= FEEDBACK_LOG_EVERY:
                 self._bullet_logged_at = feedback.observed
-                logger.info("bullet_sglang: measured/profiled decode step by decode SMs: %s", feedback.summary())
+                logger.info("bullet_sglang: decode steps measured minus profiled (ms) by decode SMs: %s", feedback.summary())
 
         def set_internal_state(self, recv_req):
             """SGLang's /set_internal_state, which also takes our policy's targets

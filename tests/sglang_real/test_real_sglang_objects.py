@@ -152,7 +152,8 @@ def test_every_sglang_option_we_read_or_refuse_is_one_of_sglangs():
     import bullet_sglang.options as options
     import bullet_sglang.setup as setup
 
-    ours = {"--enable-bullet", "--bullet-ttft-slo-ms", "--bullet-tpot-slo-ms", "--bullet-partition"}
+    ours = set(options._parser()._option_string_actions)  # every option of our launcher's own parser
+    assert {"--enable-bullet", "--bullet-tpot-slo-ms", "--bullet-overlap"} <= ours
     source = inspect.getsource(options) + inspect.getsource(setup)
     named = set(re.findall(r"[\"'](--[a-z][a-z0-9-]*[a-z0-9])[\"'=]", source)) - ours
     missing = named - sglang_options()
@@ -444,7 +445,7 @@ def test_decode_steps_of_real_batches_feed_the_policys_estimator(setup, launch, 
         now[0] += 0.010
     assert len(ran) == 24 and ran[1] == (prefill, None)
     profiled = setup.policy.estimator.profiled_decode_ms(16, 1024, 132).ms  # context 1003, rounded like the policy
-    assert setup.feedback.summary() == {132: {"samples": 11, "factor": round(10.0 / profiled, 3)}}
+    assert setup.feedback.summary() == {132: {"samples": 11, "offset_ms": round(10.0 - profiled, 3)}}
 
 
 def test_what_the_overlapped_loop_relies_on_holds_in_real_sglang(model_config):
@@ -463,6 +464,10 @@ def test_what_the_overlapped_loop_relies_on_holds_in_real_sglang(model_config):
     assert init.index("self.copy_stream_ctx") < init.index("if not self.enable_overlap")
     pools = Pools(model_config)
     running = pools.running([900, 1200], generated=5)
+    from bullet_sglang.overlap import overlappable
+    assert overlappable(running)  # greedy, no grammar, no penalties: what overlap.py decides from
+    decode_source = inspect.getsource(ScheduleBatch.prepare_for_decode)
+    assert "penalizer_orchestrator.is_required" in decode_source and "cumulate_penalty_output_tokens" in decode_source
     running.enable_overlap = True
     launched = running.copy()
     before = launched.seq_lens_cpu.tolist()
