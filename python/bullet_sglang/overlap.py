@@ -50,21 +50,19 @@ class Lanes:
     """The GPU side of the loop, replaced by stand-ins in CPU tests."""
 
     def __init__(self, set_pdmux_status: Callable[[bool], None]):
-        self.set_pdmux_status = set_pdmux_status
+        import torch  # here, not at import: the adapter's CPU tests import this module without CUDA work
+
+        self.set_pdmux_status, self.cuda = set_pdmux_status, torch.cuda
 
     @contextlib.contextmanager
     def on(self, stream, prefill: bool):
         """Work issued inside runs on ``stream``, with SGLang's prefill-or-decode flag set."""
-        import torch
-
-        with torch.cuda.stream(stream):
+        with self.cuda.stream(stream):
             self.set_pdmux_status(prefill)
             yield
 
     def event(self):
-        import torch
-
-        return torch.cuda.Event()
+        return self.cuda.Event()
 
 
 def overlappable(batch) -> bool:
