@@ -28,6 +28,9 @@ BULLET_LINEAR                   the GEMM, one of ``cublas``, ``triton`` or ``cub
                                 (cuBLASLt told the SM budget), for both phases or per phase:
                                 ``decode=cublaslt-target,prefill=cublas`` (the default)
                                 (kernel_settings)
+BULLET_DECODE_MERGE             ``separate`` (default) or ``fused``: how decode attention merges
+                                its KV splits, a second kernel or the last split program
+                                (kernel_settings)
 BULLET_TPC_MECHANISM            auto, record or hook (read by bullet_kernels.partition.tpc)
 BULLET_TPC_STREAM_OFFSET        byte offset of the driver's stream mask, e.g. ``0x51c``
                                 (read by bullet_kernels.partition.tpc)
@@ -55,6 +58,11 @@ from typing import Any, Callable
 
 KERNEL_CHOICES = ("triton", "reference")
 LINEAR_CHOICES = ("cublas", "triton", "cublaslt-target")
+# Decode attention's split merge (kernels.decode_attention). Separate until the fused merge is
+# measured on the GPU (bench/investigations/decode_attention_merge.py on the H200's lanes): flip
+# the default once it is shown to win there.
+DECODE_MERGES = ("separate", "fused")
+DEFAULT_DECODE_MERGE = "separate"
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -213,6 +221,7 @@ class KernelSettings:
     kernels: str  # "triton" or "reference"
     linear_decode: str = DEFAULT_LINEAR["decode"]  # one of LINEAR_CHOICES, for decode steps' GEMMs
     linear_prefill: str = DEFAULT_LINEAR["prefill"]  # and for prefill (and fused prefill+decode) GEMMs
+    decode_merge: str = DEFAULT_DECODE_MERGE  # one of DECODE_MERGES
 
     def linear(self, phase: str) -> str:
         """The GEMM of ``phase`` (``decode`` or ``prefill``)."""
@@ -222,17 +231,23 @@ class KernelSettings:
 
 
 def kernel_settings() -> KernelSettings:
-    """``BULLET_KERNELS`` and ``BULLET_LINEAR`` as validated settings (see the module table)."""
-    return _parse_kernel_settings(os.environ.get("BULLET_KERNELS", ""), os.environ.get("BULLET_LINEAR", ""))
+    """``BULLET_KERNELS``, ``BULLET_LINEAR`` and ``BULLET_DECODE_MERGE`` as validated settings (see
+    the module table)."""
+    return _parse_kernel_settings(os.environ.get("BULLET_KERNELS", ""), os.environ.get("BULLET_LINEAR", ""),
+                                  os.environ.get("BULLET_DECODE_MERGE", ""))
 
 
 @functools.lru_cache(maxsize=8)
-def _parse_kernel_settings(kernels: str, linear: str) -> KernelSettings:
+def _parse_kernel_settings(kernels: str, linear: str, merge: str = "") -> KernelSettings:
     # Validated once per distinct value: the kernel dispatcher calls this on every launch.
     kernels = kernels.strip().lower() or "triton"
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"BULLET_KERNELS={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
-    return KernelSettings(kernels, **{f"linear_{p}": choice for p, choice in parse_linear(linear).items()})
+    merge = merge.strip().lower() or DEFAULT_DECODE_MERGE
+    if merge not in DECODE_MERGES:
+        raise ValueError(f"BULLET_DECODE_MERGE={merge!r} is not one of {', '.join(DECODE_MERGES)}")
+    return KernelSettings(kernels, **{f"linear_{p}": choice for p, choice in parse_linear(linear).items()},
+                          decode_merge=merge)
 
 
 def parse_linear(text: str) -> dict[str, str]:

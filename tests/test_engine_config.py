@@ -82,8 +82,15 @@ def test_from_env_names_the_variable_behind_a_bad_value(monkeypatch):
 def test_kernel_settings_validate_and_follow_the_environment(monkeypatch):
     monkeypatch.delenv("BULLET_KERNELS", raising=False)
     monkeypatch.delenv("BULLET_LINEAR", raising=False)
+    monkeypatch.delenv("BULLET_DECODE_MERGE", raising=False)
     default = kernel_settings()
-    assert default == KernelSettings("triton", "cublaslt-target", "cublas")  # measured per phase (config.py)
+    assert default == KernelSettings("triton", "cublaslt-target", "cublas", "separate")  # measured (config.py)
+    monkeypatch.setenv("BULLET_DECODE_MERGE", " Fused")
+    assert kernel_settings().decode_merge == "fused"
+    monkeypatch.setenv("BULLET_DECODE_MERGE", "atomic")
+    with pytest.raises(ValueError, match="BULLET_DECODE_MERGE='atomic' is not one of separate, fused"):
+        kernel_settings()
+    monkeypatch.delenv("BULLET_DECODE_MERGE")
     assert (default.linear("decode"), default.linear("prefill")) == ("cublaslt-target", "cublas")
     monkeypatch.setenv("BULLET_KERNELS", "reference")
     monkeypatch.setenv("BULLET_LINEAR", "Triton")
@@ -104,7 +111,7 @@ def test_kernel_settings_validate_and_follow_the_environment(monkeypatch):
 
 
 def test_engine_variables_are_read_only_in_config_py():
-    engine_variables = {v for v, _ in ENV_FIELDS.values()} | {"BULLET_KERNELS", "BULLET_LINEAR"}
+    engine_variables = {v for v, _ in ENV_FIELDS.values()} | {"BULLET_KERNELS", "BULLET_LINEAR", "BULLET_DECODE_MERGE"}
     package = Path(bullet_kernels.__file__).parent
     readers = {}
     for path in package.rglob("*.py"):

@@ -305,8 +305,12 @@ def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, bloc
     assert torch.all(out[seq_lens == 0] == 0)
 
 
-def test_decode_attention_merge_modes_are_checked():
+def test_decode_attention_merge_modes_are_checked(monkeypatch):
+    monkeypatch.delenv("BULLET_DECODE_MERGE", raising=False)
     assert decode_attention.check_merge(None) == decode_attention.DEFAULT_MERGE in decode_attention.MERGES
+    monkeypatch.setenv("BULLET_DECODE_MERGE", "fused")  # one setting flips every caller that passes None
+    assert decode_attention.check_merge(None) == "fused" and decode_attention.check_merge("separate") == "separate"
+    monkeypatch.delenv("BULLET_DECODE_MERGE")
     q, kc, vc, table, seq_lens = decode_problem(torch.float32, 4, 2, 64, 16, [40, 7])
     with pytest.raises(ValueError, match="merge must be one of separate, fused .*got 'fuse'"):
         decode_attention.paged_decode_attention(q, kc, vc, table, seq_lens, 0.1, num_splits=1, merge="fuse")

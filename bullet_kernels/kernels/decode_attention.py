@@ -20,14 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import DECODE_MERGES, DEFAULT_DECODE_MERGE, kernel_settings
 from .common import INTERPRET, dot_flags, mma
 from .sizing import decode_kv_splits
 
 LOG2E = 1.4426950408889634
-MERGES = ("separate", "fused")
-# Separate until the fused merge is measured on the GPU (bench/investigations/
-# decode_attention_merge.py on the H200's lanes): flip it once it is shown to win there.
-DEFAULT_MERGE = "separate"
+MERGES, DEFAULT_MERGE = DECODE_MERGES, DEFAULT_DECODE_MERGE  # the choice and its reason: config.py
 # K/V offsets are int32 (fewer address instructions) unless a cache view could overflow them.
 OFFS64_FROM = 2**31 - 1
 
@@ -288,8 +286,10 @@ def _check(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens_q=None):
 
 
 def check_merge(merge: str | None) -> str:
-    """The merge mode to use: ``merge``, or :data:`DEFAULT_MERGE` for None."""
-    merge = DEFAULT_MERGE if merge is None else merge
+    """The merge mode to use: ``merge``, or for None the configured one (``BULLET_DECODE_MERGE``,
+    default :data:`DEFAULT_MERGE`), so one setting flips every caller, the prefill kernel's
+    decode rows included."""
+    merge = kernel_settings().decode_merge if merge is None else merge
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {', '.join(MERGES)} (or None for the default, "
                          f"{DEFAULT_MERGE}), got {merge!r}")
@@ -339,7 +339,8 @@ def paged_decode_attention(
     with exactly one new token are attended and written; the other rows of ``out`` are left
     as they are (:func:`.prefill_attention.paged_prefill_attention` writes them).
 
-    ``merge`` (one of :data:`MERGES`; None: :data:`DEFAULT_MERGE`) says how more than one
+    ``merge`` (one of :data:`MERGES`; None: ``BULLET_DECODE_MERGE``, default
+    :data:`DEFAULT_MERGE`) says how more than one
     split is merged: ``"separate"``, a second kernel; ``"fused"``, the last program of each
     KV-head group to finish, in the same launch. With one split there is nothing to merge and
     both are the same launch. ``merge_counters`` (fused only): the caller's int32 buffer of at
