@@ -307,7 +307,9 @@ def test_paged_decode_attention(dtype, hq, hkv, d, page_size, lens, splits, bloc
 
 def test_decode_attention_merge_modes_are_checked(monkeypatch):
     monkeypatch.delenv("BULLET_DECODE_MERGE", raising=False)
-    assert decode_attention.check_merge(None) == decode_attention.DEFAULT_MERGE in decode_attention.MERGES
+    from bullet_kernels.config import DECODE_MERGES, DEFAULT_DECODE_MERGE
+
+    assert decode_attention.check_merge(None) == DEFAULT_DECODE_MERGE in DECODE_MERGES
     monkeypatch.setenv("BULLET_DECODE_MERGE", "fused")  # one setting flips every caller that passes None
     assert decode_attention.check_merge(None) == "fused" and decode_attention.check_merge("separate") == "separate"
     monkeypatch.delenv("BULLET_DECODE_MERGE")

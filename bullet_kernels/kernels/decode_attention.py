@@ -25,7 +25,6 @@ from .common import INTERPRET, dot_flags, mma
 from .sizing import decode_kv_splits
 
 LOG2E = 1.4426950408889634
-MERGES, DEFAULT_MERGE = DECODE_MERGES, DEFAULT_DECODE_MERGE  # the choice and its reason: config.py
 # K/V offsets are int32 (fewer address instructions) unless a cache view could overflow them.
 OFFS64_FROM = 2**31 - 1
 
@@ -287,12 +286,12 @@ def _check(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens_q=None):
 
 def check_merge(merge: str | None) -> str:
     """The merge mode to use: ``merge``, or for None the configured one (``BULLET_DECODE_MERGE``,
-    default :data:`DEFAULT_MERGE`), so one setting flips every caller, the prefill kernel's
+    default ``config.DEFAULT_DECODE_MERGE``, where the choice and its reason live), so one setting flips every caller, the prefill kernel's
     decode rows included."""
     merge = kernel_settings().decode_merge if merge is None else merge
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {', '.join(MERGES)} (or None for the default, "
-                         f"{DEFAULT_MERGE}), got {merge!r}")
+    if merge not in DECODE_MERGES:
+        raise ValueError(f"merge must be one of {', '.join(DECODE_MERGES)} (or None for the default, "
+                         f"{DEFAULT_DECODE_MERGE}), got {merge!r}")
     return merge
 
 
@@ -339,8 +338,8 @@ def paged_decode_attention(
     with exactly one new token are attended and written; the other rows of ``out`` are left
     as they are (:func:`.prefill_attention.paged_prefill_attention` writes them).
 
-    ``merge`` (one of :data:`MERGES`; None: ``BULLET_DECODE_MERGE``, default
-    :data:`DEFAULT_MERGE`) says how more than one
+    ``merge`` (one of ``config.DECODE_MERGES``; None: ``BULLET_DECODE_MERGE``, default
+    ``config.DEFAULT_DECODE_MERGE``) says how more than one
     split is merged: ``"separate"``, a second kernel; ``"fused"``, the last program of each
     KV-head group to finish, in the same launch. With one split there is nothing to merge and
     both are the same launch. ``merge_counters`` (fused only): the caller's int32 buffer of at
