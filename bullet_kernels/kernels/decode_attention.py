@@ -286,8 +286,8 @@ def _check(q, k_cache, v_cache, page_table, seq_lens, cu_seqlens_q=None):
 
 def check_merge(merge: str | None) -> str:
     """The merge mode to use: ``merge``, or for None the configured one (``BULLET_DECODE_MERGE``,
-    default ``config.DEFAULT_DECODE_MERGE``, where the choice and its reason live), so one setting flips every caller, the prefill kernel's
-    decode rows included."""
+    default ``config.DEFAULT_DECODE_MERGE``, where the choice and its reason live), so one
+    setting flips every caller, the prefill kernel's decode rows included."""
     merge = kernel_settings().decode_merge if merge is None else merge
     if merge not in DECODE_MERGES:
         raise ValueError(f"merge must be one of {', '.join(DECODE_MERGES)} (or None for the default, "
