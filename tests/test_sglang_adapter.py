@@ -288,8 +288,12 @@ def test_overlap_turns_on_the_result_processors_skip():
     ran = []
 
     class SGLangScheduler:
-        def __init__(self):
+        def __init__(self):  # in SGLang 0.5.15's order: pdmux set up before the result processor
             self.ps = types.SimpleNamespace(gpu_id=0, tp_size=1)
+            self.init_pdmux()
+            self.init_batch_result_processor()
+
+        def init_batch_result_processor(self):
             self.batch_result_processor = Processor(False, "kept")
 
         def event_loop_pdmux(self):
@@ -299,11 +303,9 @@ def test_overlap_turns_on_the_result_processors_skip():
     make = lambda **kw: bullet_scheduler_class(SGLangScheduler, plan, policy, lambda p, g: [None] * p.size,  # noqa: E731
                                                fake_pdmux(), policy_groups=len(estimator.groups), **kw)
     plain = make()()
-    plain.init_pdmux()
     plain.event_loop_pdmux()
     assert plain.batch_result_processor == Processor(False, "kept") and ran == ["pdmux's"]
     s = make(overlap=True)()
-    s.init_pdmux()
     assert s.batch_result_processor == Processor(True, "kept")  # its entry into our loop: tests/sglang_real
 
 

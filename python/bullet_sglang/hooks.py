@@ -158,6 +158,8 @@ HOOK_POINTS = (
     HookPoint("sglang/srt/managers/io_struct.py", "SetInternalStateReqOutput.server_args", None,
               "our answer to /set_internal_state: the policy's targets now"),
     # -- the overlapped loop (overlap.py, --bullet-overlap on) --
+    HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.init_batch_result_processor", ("self",),
+              "overridden: the result processor SGLang builds (after init_pdmux) gets enable_overlap on"),
     HookPoint("sglang/srt/managers/scheduler_components/batch_result_processor.py",
               "SchedulerBatchResultProcessor.enable_overlap", None,
               "set on (dataclasses.replace): results of requests finished while their next step ran are skipped"),

@@ -136,10 +136,14 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             pdmux.set_current_stream_idx(0)
             self.stream_groups, self.sm_counts, self.real_sm_group_num = groups, pdmux.SM_COUNTS, plan.size
             self.bullet_group = 0
-            if overlap:  # skip requests that finished while their next step was in flight (overlap.py)
-                self.batch_result_processor = dataclasses.replace(self.batch_result_processor, enable_overlap=True)
             logger.info("bullet_sglang: %d stream groups, (prefill, decode) SMs %s; splits from the SLO policy%s",
                         plan.size, plan.sm_counts(), "; decode steps overlapped while no prefill runs" if overlap else "")
+
+        def init_batch_result_processor(self) -> None:
+            # SGLang builds its result processor after init_pdmux, so the flag is set here
+            super().init_batch_result_processor()
+            if overlap:  # skip requests that finished while their next step was in flight (overlap.py)
+                self.batch_result_processor = dataclasses.replace(self.batch_result_processor, enable_overlap=True)
 
         def event_loop_pdmux(self):
             if not overlap:

@@ -460,6 +460,8 @@ def test_what_the_overlapped_loop_relies_on_holds_in_real_sglang(model_config):
     decode = inspect.getsource(SchedulerBatchResultProcessor.process_batch_result_decode)
     assert decode.index("copy_done.synchronize()") < decode.index("self.enable_overlap")
     assert re.search(r"self\.enable_overlap.*\n.*req\.finished\(\) or req\.is_retracted", decode)
+    builds = inspect.getsource(sglang_scheduler.Scheduler.init_batch_result_processor)
+    assert "self.batch_result_processor = SchedulerBatchResultProcessor(" in builds  # what our override replaces
     init = inspect.getsource(sglang_scheduler.Scheduler.init_overlap)
     assert init.index("self.copy_stream_ctx") < init.index("if not self.enable_overlap")
     pools = Pools(model_config)
