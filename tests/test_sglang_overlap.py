@@ -19,9 +19,21 @@ class Stop(Exception):
     pass
 
 
+class Event:
+    """A GPU event whose work ends after ``passes_after`` queries (None: never, within the test)."""
+
+    def __init__(self, name, log, passes_after):
+        self.name, self.log, self.passes_after, self.queries = name, log, passes_after, 0
+
+    def query(self):
+        self.queries += 1
+        self.log.append(("query", self.name))
+        return self.passes_after is not None and self.queries >= self.passes_after
+
+
 class Stream:
-    def __init__(self, name, log):
-        self.name, self.log = name, log
+    def __init__(self, name, log, sched):
+        self.name, self.log, self.sched = name, log, sched
 
     def synchronize(self):
         self.log.append(("sync", self.name))
@@ -30,12 +42,13 @@ class Stream:
         self.log.append(("wait", self.name, other.name))
 
     def record_event(self):
-        return types.SimpleNamespace(query=lambda: True)
+        passes = 1 if self.name.startswith("P") else self.sched.step_ends_after  # prefills: done when asked
+        return Event(f"{self.name}-event", self.log, passes)
 
 
 class Lanes:
-    def __init__(self, log):
-        self.log, self.current = log, None
+    def __init__(self, sched):
+        self.sched, self.current = sched, None
 
     @contextlib.contextmanager
     def on(self, stream, prefill):
@@ -46,7 +59,7 @@ class Lanes:
             self.current = before
 
     def event(self):
-        return "copy_done"
+        return Event("copy_done", self.sched.log, self.sched.step_ends_after)
 
 
 @dataclasses.dataclass
@@ -89,17 +102,17 @@ class Result:
 class Scheduler:
     """The SGLang Scheduler surface the loop uses, with SGLang's overlap-relevant behaviour."""
 
-    def __init__(self, arrivals, iterations, grammar=False, penalties=False):
+    def __init__(self, arrivals, iterations, grammar=False, penalties=False, step_ends_after=1):
         self.log, self.lanes = [], None
         self.arrivals, self.iterations, self.grammar, self.penalties = dict(arrivals), iterations, grammar, penalties
+        self.step_ends_after = step_ends_after  # queries until a decode step's event passes
         self.turn, self.steps = 0, 0
-        self.groups = [(Stream(f"P{i}", self.log), Stream(f"D{i}", self.log)) for i in range(3)]
+        self.groups = [(Stream(f"P{i}", self.log, self), Stream(f"D{i}", self.log, self)) for i in range(3)]
         self.stream_groups, self.bullet_group = self.groups, 0
         self.sm_counts = [(132, 0), (100, 32), (0, 132)]
         self.split_prefill_batch, self.running_batch, self.waiting_queue = None, Batch([]), []
         self.model_config = types.SimpleNamespace(num_hidden_layers=32)
-        self.pdmux_config = types.SimpleNamespace(split_forward_token_budget=10**9)  # whole prefills a turn
-        self.copy_stream, self.copy_stream_ctx = Stream("copy", self.log), contextlib.nullcontext()
+        self.copy_stream, self.copy_stream_ctx = Stream("copy", self.log, self), contextlib.nullcontext()
         self.request_receiver = types.SimpleNamespace(recv_requests=self.recv)
         self.reqs: dict[str, Req] = {}
 
@@ -134,19 +147,21 @@ class Scheduler:
 
     def run_batch(self, batch):
         if batch.prefill:
-            self.log.append(("prefill", self.lanes.current, batch.split_forward_count))
-            return "prefill-result"
+            self.log.append(("prefill", self.lanes.current, batch.split_index, batch.split_forward_count))
+            assert not batch.split_prefill_finished  # SGLang's contract: set after the last layers' run
+            return f"prefill-result-{batch.split_index + batch.split_forward_count}"
         self.steps += 1
         self.log.append(("launch", self.steps, self.lanes.current, [r.rid for r in batch.reqs]))
         return Result(self.log, self.steps)
 
     def process_batch_result(self, batch, result):
         if batch.prefill:
+            assert result == "prefill-result-32"  # the last launch's result, with the logits
             self.log.append(("processed-prefill",))
             for r in batch.reqs:
                 r.got += 1  # the first token
             return
-        self.log.append(("process", result.step, result.copy_done))
+        self.log.append(("process", result.step, result.copy_done and result.copy_done.name))
         for r in batch.reqs:
             if r.finished():  # SGLang's result processor with enable_overlap: ran one step too many
                 continue
@@ -157,7 +172,7 @@ class Scheduler:
 
 
 def run(sched):
-    sched.lanes = Lanes(sched.log)
+    sched.lanes = Lanes(sched)
     with pytest.raises(Stop):
         overlap.run(sched, sched.lanes)
     return sched.log
@@ -167,72 +182,109 @@ def events(log, *kinds):
     return [e for e in log if e[0] in kinds]
 
 
+
+def in_flight_at(log, i):
+    """Decode steps launched and not yet processed before ``log[i]``."""
+    return {e[1] for e in events(log[:i], "launch")} - {e[1] for e in events(log[:i], "process")}
+
+
+def prefill_launches(log):
+    return [e[2:] for e in events(log, "prefill")]
+
+
+def assert_overlapped(log, s, first_step=1):
+    """From ``first_step`` on, step k is processed only after k+1 was launched (or k was the
+    last), having waited on its copy's event, never on a lane."""
+    flow = events(log, "launch", "process")
+    for i, e in enumerate(flow):
+        if e[0] == "process" and e[1] >= first_step:
+            assert e[1] == s.steps or ("launch", e[1] + 1) in [x[:2] for x in flow[:i]]
+            assert e[2] == "copy_done"
+
+
 def test_decode_alone_launches_step_k_plus_1_before_processing_step_k():
     s = Scheduler({1: [("a", 6), ("b", 3)]}, iterations=14)
     log = run(s)
     assert log[0] == ("admit", ["a", "b"])
+    assert prefill_launches(log) == [(0, 32)]  # no decode step waiting: the whole prefill at once
     assert [r.got for r in s.reqs.values()] == [6, 3]  # exactly what was asked: the extra steps' tokens skipped
-    flow = events(log, "launch", "process")
-    first_overlapped = next(e[1] for e in flow if e[0] == "launch" and e[2] == "D2")
-    for i, e in enumerate(flow):
-        if e[0] == "process" and e[1] >= first_overlapped:
-            assert ("launch", e[1] + 1) in [x[:2] for x in flow[:i]] or e[1] == s.steps  # k+1 launched first
-            assert e[2] == "copy_done"  # waited on its copy, not the lane
-    assert ("copy", first_overlapped) in log and ("wait", "copy", "D2") in log
-    # in steady state (until decode runs dry and the group switches) the CPU never waits for the lane
-    start = log.index(("switch", 2))
-    end = log.index(("switch", 0), start)
-    assert log[end - 2:end] == [("sync", "P2"), ("sync", "D2")]  # the switch's own wait for both lanes
-    steady = log[start + 1:end - 2]
-    assert ("sync", "D2") not in steady and len(events(steady, "launch")) == 6
+    assert_overlapped(log, s)
+    assert ("copy", 1) in log and ("wait", "copy", "D2") in log
+    assert not events(log, "sync")  # the CPU waited only for step copies, never for a lane
     # b finished at its 2nd decode step but was in the 3rd, whose token was skipped; then filtered out
-    launches = events(log, "launch")
-    assert [e[3] for e in launches] == [["a", "b"]] * 3 + [["a"]] * 3  # a: 5 steps and one too many
+    assert [e[3] for e in events(log, "launch")] == [["a", "b"]] * 3 + [["a"]] * 3  # a: 5 steps and one too many
     assert log[-1] == ("idle",) and ("idle",) not in log[:log.index(("process", 6, "copy_done"))]
 
 
-def test_a_prefill_admitted_with_a_step_in_flight_runs_only_after_it():
-    s = Scheduler({1: [("a", 20)], 6: [("c", 4)]}, iterations=16)
+def test_group_switches_make_the_new_lanes_wait_for_both_old_ones_on_the_gpu():
+    s = Scheduler({1: [("a", 10)], 4: [("c", 3)]}, iterations=16)
+    log = run(s)
+    switches = [i for i, e in enumerate(log) if e[0] == "switch"]
+    # a finishes during c's prefill: the policy is asked again and keeps group 1
+    assert [log[i][1] for i in switches] == [1, 2, 1, 1, 2, 0]
+    lanes = {0: ("P0", "D0"), 1: ("P1", "D1"), 2: ("P2", "D2")}
+    before = lanes[0]
+    for i in switches:
+        after = lanes[log[i][1]]
+        if after == before:  # kept: the two lanes go on side by side, nothing waits
+            assert log[i + 1][0] != "wait"
+        else:
+            assert log[i + 1:i + 5] == [("wait", new, old) for new in after for old in before]
+        before = after
+    assert not events(log, "sync")
+
+
+def test_a_prefill_admitted_with_a_step_in_flight_runs_after_it_beside_overlapped_steps():
+    s = Scheduler({1: [("a", 20)], 6: [("c", 4)]}, iterations=16, step_ends_after=3)
     log = run(s)
     admit_c = log.index(("admit", ["c"]))
-    launched_before = {e[1] for e in events(log[:admit_c], "launch")}
-    in_flight = launched_before - {e[1] for e in events(log[:admit_c], "process")}
-    assert len(in_flight) == 1  # overlapped until then: the admission itself does not wait on the CPU
-    assert log[admit_c - 1] == ("wait", "P2", "D2")  # its prefill-lane work waits for that step on the GPU
-    forward = log.index(("prefill", "P1", 32), admit_c)
-    assert in_flight <= {e[1] for e in events(log[:forward], "process")}  # processed before the prefill's forward
-    assert log[admit_c + 1:admit_c + 5] == [("process", max(in_flight), "copy_done"), ("sync", "P2"), ("sync", "D2"),
-                                            ("switch", 1)]
-    # while c's prefill runs, decode is on the split and processed at once (pdmux's turn)
-    split = log.index(("switch", 1), admit_c)
-    step = next(e for e in log[split:] if e[0] == "launch")
-    assert step[2] == "D1"
-    i = log.index(step)
-    assert log[i + 1:i + 4] == [("prefill", "P1", 32), ("sync", "D1"), ("process", step[1], None)]
-    # merged, back on the whole GPU, overlapped again; every request got exactly its tokens
-    assert ("processed-prefill",) in log and log.count(("switch", 2)) == 2
+    assert len(in_flight_at(log, admit_c)) == 1  # the admission does not wait on the CPU ...
+    assert log[admit_c - 1] == ("wait", "P2", "D2")  # ... its prefill-lane work waits for that step on the GPU
+    assert log[admit_c + 1] == ("switch", 1) and ("wait", "P1", "D2") in log[admit_c + 2:admit_c + 6]
+    # while c's prefill runs, decode goes on overlapped on the split's decode lane
+    landed = log.index(("processed-prefill",), admit_c)
+    during = [e for e in events(log[admit_c:landed], "launch")]
+    assert len(during) >= 5 and {e[2] for e in during} == {"D1"}
+    assert_overlapped(log, s)
+    assert not events(log, "sync")
+    # its layers in launches of LAYERS_PER_LAUNCH, 3 a turn (the step the CPU waits for ends at
+    # the 3rd query), in order, all 32 exactly once
+    launches = prefill_launches(log)[1:]
+    assert [c for _, c in launches] == [overlap.LAYERS_PER_LAUNCH] * 16
+    assert [i for i, _ in launches] == list(range(0, 32, 2))
+    turns = [[e for e in events(log[a:b], "prefill")] for a, b in zip(
+        [i for i, e in enumerate(log) if e[0] == "launch" and admit_c < i < landed],
+        [i for i, e in enumerate(log) if e[0] == "launch" and admit_c < i < landed][1:] + [landed])]
+    assert [len(t) for t in turns if t][:5] == [3] * 5
     assert s.reqs["c"].got == 4  # its first token from the prefill, 3 decode steps (the 4th skipped)
     assert s.reqs["a"].got == 1 + len(events(log, "process")) < 20  # one per processed step, none lost
 
 
-def test_group_switches_drain_and_wait_for_both_lanes():
-    s = Scheduler({1: [("a", 10)]}, iterations=6)
+@pytest.mark.parametrize("ends_after, per_turn", [(1, 1), (3, 3), (None, 16)])
+def test_prefill_layers_go_out_until_the_decode_step_the_cpu_waits_for_ends(ends_after, per_turn):
+    s = Scheduler({1: [("a", 30)], 3: [("c", 2)]}, iterations=40, step_ends_after=ends_after)
     log = run(s)
-    for i, e in enumerate(log):
-        if e[0] == "switch" and i >= 2:
-            assert log[i - 2][0] == "sync" and log[i - 1][0] == "sync"
-            inflight = {x[1] for x in events(log[:i], "launch")} - {x[1] for x in events(log[:i], "process")}
-            assert not inflight  # nothing launched and unprocessed across a switch
+    admit_c = log.index(("admit", ["c"]))
+    first = next(i for i, e in enumerate(log) if e[0] == "launch" and i > admit_c)
+    second = next(i for i, e in enumerate(log) if e[0] == "launch" and i > first)
+    assert len(events(log[first:second], "prefill")) == per_turn  # at least one launch a turn
+    assert [i for i, _ in prefill_launches(log)[1:]] == list(range(0, 32, 2))
+    assert s.reqs["c"].got == 2
 
 
 @pytest.mark.parametrize("kind", ["grammar", "penalties"])
 def test_grammar_and_penalty_batches_are_never_overlapped(kind):
-    s = Scheduler({1: [("a", 5)]}, iterations=10, **{kind: True})
+    s = Scheduler({1: [("a", 5)], 2: [("c", 2)]}, iterations=12, step_ends_after=2, **{kind: True})
     log = run(s)
     for e in events(log, "process"):
         assert e[2] is None  # processed right after the lane's sync, no copy event
-    assert not events(log, "copy") and s.reqs["a"].got == 5
-    assert s.bullet_overlapped_steps == 0 and s.bullet_decode_steps == 4
+        assert log[log.index(e) - 1][0] == "sync"
+    assert not events(log, "copy") and s.reqs["a"].got == 5 and s.reqs["c"].got == 2
+    assert s.bullet_overlapped_steps == 0 and s.bullet_decode_steps == 5
+    # c's layers still go out while a's step runs (its own event gates them), 2 launches a turn
+    first = log.index(("prefill", "P1", 0, 2))
+    assert log[first - 1][0] == "launch" and log[first + 1:first + 4] == [
+        ("query", "D1-event"), ("prefill", "P1", 2, 2), ("query", "D1-event")]
 
 
 def test_the_loop_counts_overlapped_steps():

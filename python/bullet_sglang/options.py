@@ -32,7 +32,7 @@ class BulletOptions:
     # Correct the profile's decode steps by measured ones (orchestrate.feedback): the profile was
     # measured with our kernels, SGLang's steps take longer (docs/sglang-adapter.md).
     step_feedback: bool = True
-    # Overlap the scheduler's CPU work with decode steps while no prefill runs (overlap.py); off
+    # Overlap the scheduler's CPU work with decode steps, prefills issued in its slack (overlap.py); off
     # until measured on the GPU.
     overlap: bool = False
     # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:

@@ -1,12 +1,16 @@
-"""pdmux's loop with SGLang's CPU/GPU overlap for decode steps while no prefill is in flight
-(``--bullet-overlap on``; off by default until measured on the GPU).
+"""pdmux's loop with SGLang's CPU/GPU overlap for decode steps, a prefill's layers issued in the
+CPU's slack, and group switches as GPU waits (``--bullet-overlap on``; off by default until
+measured on the GPU).
 
 Why: SGLang's PD-multiplexing loop waits for every decode step before it processes the result
 and prepares the next, so the scheduler's CPU work per step (about 2 ms at batch 10-20 on the
 H200) is added to every token; SGLang's own overlap scheduler hides it (decode steps 6.9 ms with
 it, 8.8 ms without, docs/sglang-adapter.md). pdmux cannot use that scheduler: SGLang refuses the
 two together, its overlap branch of ``run_batch`` would take split prefills down the wrong path,
-and it runs every forward on one plain stream, outside our lanes.
+and it runs every forward on one plain stream, outside our lanes. Overlapping only while no
+prefill ran (this loop's first version) brought the steps at batch 0-9 from 7.2 to 5.2 ms, but
+each prefill issued whole in one turn held the CPU 10-25 ms, that much added to the decode step
+beside it (H200, 9182cc2).
 
 What this loop does instead, in SGLang 0.5.15's terms:
 - SGLang's ``enable_overlap`` stays off, so ``run_batch`` keeps its split-prefill and non-overlap
@@ -14,27 +18,35 @@ What this loop does instead, in SGLang 0.5.15's terms:
   ``FutureMap``): step k+1 never needs step k's tokens on the CPU.
 - The decode lane's stream does the scheduling and the forward, so step k+1's preparation queues
   behind step k on that stream.
-- While no prefill is in flight, each decode step's result is copied to pinned host memory on
-  SGLang's copy stream with a ``copy_done`` event (what its overlap branch does), and step k is
-  processed after step k+1 is launched: the CPU waits only for step k's copy, with k+1 queued.
+- Each decode step's result is copied to pinned host memory on SGLang's copy stream with a
+  ``copy_done`` event (what its overlap branch does), and step k is processed after step k+1 is
+  launched: the CPU waits only for step k's copy, with k+1 queued. This holds with or without a
+  prefill in flight.
 - Requests that finished (or were retracted) at step k already ran in step k+1; SGLang's result
   processor skips them when its ``enable_overlap`` is set, which the scheduler sets (its
   ``batch_result_processor`` is replaced with that flag on), and the running batch is marked
   ``enable_overlap`` so ``prepare_for_decode`` makes new sequence-length tensors instead of
   changing the ones an unprocessed step's snapshot holds.
-- Before anything is issued on the prefill lane while a step is in flight, that lane waits on
-  the GPU for the decode lane (``wait_stream``): a prefill admitted then (its KV slots and request
+- A prefill's layers are issued between launching step k+1 and processing step k, a few at a
+  time until step k has ended (its event), at least a few each turn, so the CPU's slack feeds the
+  prefill lane and the decode lane never waits for a whole prefill's launch (:func:`launch_prefill`).
+  With no decode running, the whole prefill goes at once.
+- While a step is in flight and no prefill is, the prefill lane waits on the GPU for the decode
+  lane (``wait_stream``) before the admission: a prefill admitted then (its KV slots and request
   rows may be ones a finished request's last step still writes) runs its first GPU work after
-  that step. Admitting a prefill switches stream groups, and a switch processes the step in flight
-  and waits for both lanes, so no unprocessed decode step ever runs beside a prefill's forward.
-  (A CPU drain whenever requests wait would also stop the overlap under saturation, when waiting
-  requests cannot be admitted, and SGLang moves grammar-ready requests into its queue inside the
-  admission itself, after any check here.)
-- While a prefill is in flight the turn is pdmux's (each decode step processed at once).
+  that step. (A CPU drain whenever requests wait would also stop the overlap under saturation,
+  when waiting requests cannot be admitted, and SGLang moves grammar-ready requests into its queue
+  inside the admission itself, after any check here.)
+- A group switch (an admission, a landed prefill, decode running dry) makes the new group's two
+  streams wait on the GPU for both of the old group's (:func:`switch_groups`): no two groups'
+  kernels share SMs, and the CPU goes on; pdmux synchronizes both lanes there. A landed prefill
+  is merged while the step in flight stays unprocessed, as SGLang's overlap merges its last
+  prefill (the step's snapshot does not hold the new requests).
 - Not overlapped: grammar batches (their vocabulary mask needs the previous token) and batches
   with penalties (``prepare_for_decode`` counts each request's last processed token into the
   penalizers; at every change between overlapped and processed-at-once steps one token would be
   counted twice and another never, where SGLang's own overlap is consistently one step late).
+  Their steps are processed at once; a prefill's layers are still issued while they run.
 
 Tensor parallel size is 1 (the adapter refuses more), so a landed prefill needs no all-reduce of
 its event flag as pdmux's loop does.
@@ -70,6 +82,49 @@ def overlappable(batch) -> bool:
     return not batch.has_grammar and not batch.sampling_info.penalizer_orchestrator.is_required
 
 
+#: Layers per prefill launch while a decode step waits to be processed: small, so the CPU turns
+#: back to the decode lane within about one launch of the step it waits for (a layer's eager
+#: forward is some tens of kernels, well under a millisecond of CPU).
+LAYERS_PER_LAUNCH = 2
+
+
+def launch_prefill(s, batch, gate) -> object:
+    """Issue the split prefill's next layers on the current (prefill) stream; returns the last
+    ``run_batch`` result, which is the prefill's result once all layers are issued.
+
+    With no decode step waiting (``gate`` None) all its layers go at once. Otherwise they go
+    :data:`LAYERS_PER_LAUNCH` at a time until ``gate`` (the event of the decode step whose end the
+    CPU must answer: processing it and launching the next) has passed, at least one launch a turn:
+    issuing a whole prefill (a thousand tokens, 32 layers, eager) holds the CPU for 10-25 ms on
+    the H200, which was measured as that much added to the decode step beside it."""
+    layers = s.model_config.num_hidden_layers
+    result = None
+    while batch.split_index < layers:
+        upto = layers if gate is None else min(batch.split_index + LAYERS_PER_LAUNCH, layers)
+        batch.split_forward_count = upto - batch.split_index
+        result = s.run_batch(batch)
+        if upto == layers:
+            batch.split_prefill_finished = True  # SGLang's contract: set after the last layers' run
+        batch.split_index = upto
+        if gate is not None and gate.query():
+            break
+    return result
+
+
+def switch_groups(s, lanes_now):
+    """The policy's group for what runs now; the new group's streams wait on the GPU for both of
+    the old group's, so no two groups' work shares SMs and the CPU does not wait (pdmux's loop
+    synchronizes both lanes here). The group kept: no wait (the lanes go on side by side)."""
+    _, lanes_next = s.adjust_stream_groups()
+    if tuple(lanes_next) == tuple(lanes_now):
+        return lanes_now
+    for stream in lanes_next:
+        for before in lanes_now:
+            if stream is not before:
+                stream.wait_stream(before)
+    return lanes_next
+
+
 def run(s, lanes: Lanes) -> None:
     """The loop, on scheduler ``s`` (our subclass of SGLang's Scheduler); never returns. Counts the
     decode steps it ran and how many were overlapped in ``s.bullet_decode_steps`` and
@@ -93,7 +148,7 @@ def run(s, lanes: Lanes) -> None:
             s.process_input_requests(s.request_receiver.recv_requests())
 
         with lanes.on(prefill_stream, True):
-            if not prefill_enqueued:
+            if s.split_prefill_batch is None:  # an admission may happen (SGLang admits one at a time)
                 if pending is not None:  # whatever the admission issues runs after the step in flight
                     prefill_stream.wait_stream(decode_stream)
                 adjust = s.update_split_prefill_batch(s.sm_counts[s.bullet_group][0]) or adjust
@@ -106,18 +161,15 @@ def run(s, lanes: Lanes) -> None:
             if s.running_batch.is_empty() and s.split_prefill_batch is None and pending is None:
                 s.on_idle()
 
-        if adjust:  # a group switch waits for both lanes, as pdmux's does
-            drain()
-            prefill_stream.synchronize()
-            decode_stream.synchronize()
-            _, (prefill_stream, decode_stream) = s.adjust_stream_groups()
+        if adjust:
+            prefill_stream, decode_stream = switch_groups(s, (prefill_stream, decode_stream))
             adjust = False
 
         decode = s.running_batch if s.running_batch is not None and not s.running_batch.is_empty() else None
-        overlap = decode is not None and s.split_prefill_batch is None and overlappable(decode)
+        overlap = decode is not None and overlappable(decode)
         if not overlap:
             drain()
-        launched = decode_result = None
+        launched = decode_result = gate = None
         if decode is not None:
             s.bullet_decode_steps += 1
             s.bullet_overlapped_steps += overlap
@@ -130,21 +182,18 @@ def run(s, lanes: Lanes) -> None:
                         decode_result.copy_to_cpu(return_logprob=decode.return_logprob,
                                                   return_hidden_states=decode.return_hidden_states)
                     launched = (decode.copy(), decode_result)
+                    # the CPU is next needed when the step before this one ends (this one then runs)
+                    gate = (pending or launched)[1].copy_done
+                else:
+                    gate = decode_stream.record_event()
 
         prefill_ran = False
         with lanes.on(prefill_stream, True):
             batch = s.split_prefill_batch
             if batch is not None and not batch.is_empty() and not prefill_enqueued:
-                layers = s.model_config.num_hidden_layers
-                per_turn = (max(1, s.pdmux_config.split_forward_token_budget // batch.extend_num_tokens)
-                            if batch.extend_num_tokens > 0 else layers)
-                upto = min(batch.split_index + per_turn, layers)
-                batch.split_forward_count = upto - batch.split_index
-                prefill_result = s.run_batch(batch)
-                if upto == layers:
-                    batch.split_prefill_finished = True
+                prefill_result = launch_prefill(s, batch, gate)
+                if batch.split_prefill_finished:
                     prefill_event = prefill_stream.record_event()
-                batch.split_index = upto
                 prefill_ran = True
             elif prefill_enqueued:
                 prefill_ran = True
