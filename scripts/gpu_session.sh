@@ -46,7 +46,13 @@ pack_all() {  # one archive (in 15 MiB pieces if larger: a file over 16 MiB does
   local archive
   archive="session-$(date -u +%H%M%S).tgz"
   tar czf "/tmp/$archive" $(new_results) -C "$OUT" $(cd "$OUT" && ls | grep -v '^session-') 2>/dev/null
-  (cd "$OUT" && ls | grep -v '^session-' | xargs -r rm -rf)
+  # a server still running keeps its log (packed whole again by the next call): removed, it would
+  # write on into an unlinked file and the next call would lose what it logs
+  local live=//none//
+  if [ -e /tmp/sglang.pid ] && kill -0 "$(cat /tmp/sglang.pid)" 2>/dev/null; then
+    live=$(basename "$(cat /tmp/sglang.logpath 2>/dev/null)")
+  fi
+  (cd "$OUT" && ls | grep -v '^session-' | grep -vxF "$live" | xargs -r rm -rf)
   if [ ! -e "/tmp/$archive" ]; then
     echo "nothing to pack"
   elif [ "$(stat -c %s "/tmp/$archive")" -gt $((15 << 20)) ]; then
