@@ -59,6 +59,8 @@ class Lanes:
             self.current = before
 
     def event(self):
+        if self.current.startswith("P"):  # a prefill's copy: done by the time the loop asks
+            return Event("prefill-copy_done", self.sched.log, 1)
         return Event("copy_done", self.sched.log, self.sched.step_ends_after)
 
 
@@ -99,6 +101,14 @@ class Result:
         self.log.append(("copy", self.step))
 
 
+class PrefillResult:
+    def __init__(self, sched, layers_done):
+        self.sched, self.layers_done, self.copy_done = sched, layers_done, None
+
+    def copy_to_cpu(self, return_logprob, return_hidden_states):
+        self.sched.log.append(("copy-prefill", self.sched.lanes.current, self.layers_done))
+
+
 class Scheduler:
     """The SGLang Scheduler surface the loop uses, with SGLang's overlap-relevant behaviour."""
 
@@ -130,7 +140,7 @@ class Scheduler:
     def update_split_prefill_batch(self, sm_count):
         if self.split_prefill_batch is not None or not self.waiting_queue:
             return False
-        self.log.append(("admit", [r.rid for r in self.waiting_queue]))
+        self.log.append(("admit", [r.rid for r in self.waiting_queue], self.lanes.current))
         self.split_prefill_batch, self.waiting_queue = Batch(self.waiting_queue, prefill=True), []
         return True
 
@@ -149,15 +159,15 @@ class Scheduler:
         if batch.prefill:
             self.log.append(("prefill", self.lanes.current, batch.split_index, batch.split_forward_count))
             assert not batch.split_prefill_finished  # SGLang's contract: set after the last layers' run
-            return f"prefill-result-{batch.split_index + batch.split_forward_count}"
+            return PrefillResult(self, batch.split_index + batch.split_forward_count)
         self.steps += 1
         self.log.append(("launch", self.steps, self.lanes.current, [r.rid for r in batch.reqs]))
         return Result(self.log, self.steps)
 
     def process_batch_result(self, batch, result):
         if batch.prefill:
-            assert result == "prefill-result-32"  # the last launch's result, with the logits
-            self.log.append(("processed-prefill",))
+            assert result.layers_done == 32 and result.copy_done.query()  # the last launch's, copied
+            self.log.append(("processed-prefill", self.lanes.current))
             for r in batch.reqs:
                 r.got += 1  # the first token
             return
@@ -205,7 +215,7 @@ def assert_overlapped(log, s, first_step=1):
 def test_decode_alone_launches_step_k_plus_1_before_processing_step_k():
     s = Scheduler({1: [("a", 6), ("b", 3)]}, iterations=14)
     log = run(s)
-    assert log[0] == ("admit", ["a", "b"])
+    assert log[0] == ("admit", ["a", "b"], "D0")
     assert prefill_launches(log) == [(0, 32)]  # no decode step waiting: the whole prefill at once
     assert [r.got for r in s.reqs.values()] == [6, 3]  # exactly what was asked: the extra steps' tokens skipped
     assert_overlapped(log, s)
@@ -237,12 +247,17 @@ def test_group_switches_make_the_new_lanes_wait_for_both_old_ones_on_the_gpu():
 def test_a_prefill_admitted_with_a_step_in_flight_runs_after_it_beside_overlapped_steps():
     s = Scheduler({1: [("a", 20)], 6: [("c", 4)]}, iterations=16, step_ends_after=3)
     log = run(s)
-    admit_c = log.index(("admit", ["c"]))
+    admit_c = log.index(("admit", ["c"], "D2"))  # made on the decode lane, like all scheduler state
     assert len(in_flight_at(log, admit_c)) == 1  # the admission does not wait on the CPU ...
-    assert log[admit_c - 1] == ("wait", "P2", "D2")  # ... its prefill-lane work waits for that step on the GPU
-    assert log[admit_c + 1] == ("switch", 1) and ("wait", "P1", "D2") in log[admit_c + 2:admit_c + 6]
+    assert log[admit_c + 1] == ("wait", "P2", "D2")  # ... the prefill lane waits for it and that step on the GPU
+    assert log[admit_c + 2] == ("switch", 1) and ("wait", "P1", "D2") in log[admit_c + 3:admit_c + 7]
     # while c's prefill runs, decode goes on overlapped on the split's decode lane
-    landed = log.index(("processed-prefill",), admit_c)
+    landed = log.index(("processed-prefill", "D1"), admit_c)
+    # its result copied on its own lane behind its last layers; processed and merged on the decode
+    # lane once that copy's event has passed, the decode lane waiting for the prefill lane first
+    copied = log.index(("copy-prefill", "P1", 32), admit_c)
+    assert log[copied - 2] == ("prefill", "P1", 30, 2)
+    assert ("wait", "D1", "P1") in log[copied:landed] and len(in_flight_at(log, landed)) == 1
     during = [e for e in events(log[admit_c:landed], "launch")]
     assert len(during) >= 5 and {e[2] for e in during} == {"D1"}
     assert_overlapped(log, s)
@@ -264,7 +279,7 @@ def test_a_prefill_admitted_with_a_step_in_flight_runs_after_it_beside_overlappe
 def test_prefill_layers_go_out_until_the_decode_step_the_cpu_waits_for_ends(ends_after, per_turn):
     s = Scheduler({1: [("a", 30)], 3: [("c", 2)]}, iterations=40, step_ends_after=ends_after)
     log = run(s)
-    admit_c = log.index(("admit", ["c"]))
+    admit_c = log.index(("admit", ["c"], "D2"))
     first = next(i for i, e in enumerate(log) if e[0] == "launch" and i > admit_c)
     second = next(i for i, e in enumerate(log) if e[0] == "launch" and i > first)
     assert len(events(log[first:second], "prefill")) == per_turn  # at least one launch a turn
@@ -291,3 +306,23 @@ def test_the_loop_counts_overlapped_steps():
     s = Scheduler({1: [("a", 6), ("b", 3)]}, iterations=14)
     run(s)
     assert (s.bullet_overlapped_steps, s.bullet_decode_steps) == (6, 6)
+
+
+def test_scheduler_state_is_made_and_freed_on_the_decode_lane_only():
+    """What the admission and a landed prefill's processing allocate (and free) is the decode
+    lane's: a block of the prefill lane's, freed while a queued decode step still reads it, could
+    be handed at once to the prefill's next allocation (the caching allocator's rule). Each
+    admission is followed by the prefill lane's GPU wait for it, each landing preceded by the
+    decode lane's wait for the prefill."""
+    s = Scheduler({1: [("a", 30)], 3: [("b", 4)], 8: [("c", 5)], 20: [("d", 3)]}, iterations=40, step_ends_after=2)
+    log = run(s)
+    admits = [i for i, e in enumerate(log) if e[0] == "admit"]
+    landings = [i for i, e in enumerate(log) if e[0] == "processed-prefill"]
+    assert len(admits) == len(landings) == 4
+    for i in admits:
+        lane = log[i][2]
+        assert lane.startswith("D") and log[i + 1] == ("wait", "P" + lane[1:], lane)
+    for i in landings:
+        lane = log[i][1]
+        assert lane.startswith("D") and ("wait", lane, "P" + lane[1:]) in log[i - 3:i]
+    assert {r.rid: r.got for r in s.reqs.values()} == {"a": s.reqs["a"].got, "b": 4, "c": 5, "d": 3}

@@ -31,17 +31,31 @@ What this loop does instead, in SGLang 0.5.15's terms:
   time until step k has ended (its event), at least a few each turn, so the CPU's slack feeds the
   prefill lane and the decode lane never waits for a whole prefill's launch (:func:`launch_prefill`).
   With no decode running, the whole prefill goes at once.
-- While a step is in flight and no prefill is, the prefill lane waits on the GPU for the decode
-  lane (``wait_stream``) before the admission: a prefill admitted then (its KV slots and request
-  rows may be ones a finished request's last step still writes) runs its first GPU work after
-  that step. (A CPU drain whenever requests wait would also stop the overlap under saturation,
-  when waiting requests cannot be admitted, and SGLang moves grammar-ready requests into its queue
-  inside the admission itself, after any check here.)
+- All scheduler state is made (and freed) on the decode lane's stream: the admission, a landed
+  prefill's result processing and its merge run there; the prefill lane allocates only what its
+  forward uses. Why: PyTorch's caching allocator hands a freed block to the next allocation on
+  the stream that allocated it, with no wait for other streams' queued reads. A prefill-lane
+  tensor that became decode state (a batch admitted on that lane, the sampling parameters its
+  merge concatenates) and was then replaced while a queued decode step still read it could be
+  overwritten by the prefill's next allocation. (Pipelining decode beside a prefill made this
+  reachable; found by review before the GPU run.)
+- After an admission the prefill lane waits on the GPU for the decode lane (``wait_stream``):
+  the prefill's forward runs after the admission's copies and after the step in flight (its KV
+  slots and request rows may be ones a finished request's last step still writes). (A CPU drain
+  whenever requests wait would also stop the overlap under saturation, when waiting requests
+  cannot be admitted, and SGLang moves grammar-ready requests into its queue inside the admission
+  itself, after any check here.)
+- A prefill's result is copied to the host on its own lane behind its last layers, with a
+  ``copy_done`` event; once that event has passed, the decode lane waits for the prefill lane on
+  the GPU (its first tokens were relayed there) and processes and merges it without blocking on
+  the decode step in flight (SGLang's prefill processing waits on ``copy_done`` when one is set).
 - A group switch (an admission, a landed prefill, decode running dry) makes the new group's two
   streams wait on the GPU for both of the old group's (:func:`switch_groups`): no two groups'
   kernels share SMs, and the CPU goes on; pdmux synchronizes both lanes there. A landed prefill
   is merged while the step in flight stays unprocessed, as SGLang's overlap merges its last
   prefill (the step's snapshot does not hold the new requests).
+- Each split ``run_batch`` also gathers the batch's input ids from SGLang's ``FutureMap`` (only
+  the first call's are used): a few tiny kernels per launch, which pdmux's own loop pays too.
 - Not overlapped: grammar batches (their vocabulary mask needs the previous token) and batches
   with penalties (``prepare_for_decode`` counts each request's last processed token into the
   penalizers; at every change between overlapped and processed-at-once steps one token would be
@@ -131,8 +145,8 @@ def run(s, lanes: Lanes) -> None:
     ``s.bullet_overlapped_steps`` (logged at group switches)."""
     s.bullet_decode_steps = s.bullet_overlapped_steps = 0
     pending = None  # (snapshot, result) of the decode step launched last and not yet processed
-    prefill_result = prefill_event = None
-    prefill_enqueued = False  # all its layers are on the prefill lane; merged once they have run
+    prefill_result = None
+    prefill_enqueued = False  # all its layers and its result's copy are on the prefill lane
     adjust = False
     prefill_stream, decode_stream = s.stream_groups[s.bullet_group]
 
@@ -147,11 +161,12 @@ def run(s, lanes: Lanes) -> None:
         with lanes.on(decode_stream, False):
             s.process_input_requests(s.request_receiver.recv_requests())
 
-        with lanes.on(prefill_stream, True):
-            if s.split_prefill_batch is None:  # an admission may happen (SGLang admits one at a time)
-                if pending is not None:  # whatever the admission issues runs after the step in flight
-                    prefill_stream.wait_stream(decode_stream)
-                adjust = s.update_split_prefill_batch(s.sm_counts[s.bullet_group][0]) or adjust
+        if s.split_prefill_batch is None:  # SGLang admits one prefill at a time
+            with lanes.on(decode_stream, True):  # scheduler state is made on the decode lane only
+                admitted = s.update_split_prefill_batch(s.sm_counts[s.bullet_group][0])
+            if admitted:  # its forward after the admission's copies and the step in flight
+                prefill_stream.wait_stream(decode_stream)
+                adjust = True
 
         with lanes.on(decode_stream, False):
             if s.running_batch is not None:
@@ -187,16 +202,15 @@ def run(s, lanes: Lanes) -> None:
                 else:
                     gate = decode_stream.record_event()
 
-        prefill_ran = False
-        with lanes.on(prefill_stream, True):
-            batch = s.split_prefill_batch
-            if batch is not None and not batch.is_empty() and not prefill_enqueued:
+        batch = s.split_prefill_batch
+        if batch is not None and not batch.is_empty() and not prefill_enqueued:
+            with lanes.on(prefill_stream, True):
                 prefill_result = launch_prefill(s, batch, gate)
-                if batch.split_prefill_finished:
-                    prefill_event = prefill_stream.record_event()
-                prefill_ran = True
-            elif prefill_enqueued:
-                prefill_ran = True
+                if batch.split_prefill_finished:  # its result to the host on this lane, behind its forward
+                    prefill_result.copy_done = lanes.event()
+                    prefill_result.copy_to_cpu(return_logprob=batch.return_logprob,
+                                               return_hidden_states=batch.return_hidden_states)
+                    prefill_enqueued = True
 
         with lanes.on(decode_stream, False):
             if overlap:
@@ -207,16 +221,15 @@ def run(s, lanes: Lanes) -> None:
                 decode_stream.synchronize()
                 s.process_batch_result(decode, decode_result)
 
-        with lanes.on(prefill_stream, True):
-            batch = s.split_prefill_batch
-            if prefill_ran and batch.split_prefill_finished:
-                prefill_enqueued = True
-                if prefill_event.query():
-                    s.process_batch_result(batch, prefill_result)
-                    if s.running_batch is not None and not s.running_batch.is_empty():
-                        s.running_batch.merge_batch(batch)
-                    else:
-                        s.running_batch = batch
-                    s.split_prefill_batch = None
-                    prefill_enqueued = False
-                    adjust = True
+        if prefill_enqueued and prefill_result.copy_done.query():
+            # processed and merged on the decode lane, behind the prefill's GPU work (its tokens
+            # relayed on the GPU): what this makes, and what it frees, stays that lane's
+            decode_stream.wait_stream(prefill_stream)
+            with lanes.on(decode_stream, True):
+                s.process_batch_result(batch, prefill_result)  # its copy has landed: no wait
+                if s.running_batch is not None and not s.running_batch.is_empty():
+                    s.running_batch.merge_batch(batch)
+                else:
+                    s.running_batch = batch
+            s.split_prefill_batch, prefill_result, prefill_enqueued = None, None, False
+            adjust = True

@@ -460,6 +460,13 @@ def test_what_the_overlapped_loop_relies_on_holds_in_real_sglang(model_config):
     decode = inspect.getsource(SchedulerBatchResultProcessor.process_batch_result_decode)
     assert decode.index("copy_done.synchronize()") < decode.index("self.enable_overlap")
     assert re.search(r"self\.enable_overlap.*\n.*req\.finished\(\) or req\.is_retracted", decode)
+    # a landed prefill's result is copied on its lane with copy_done (which copy_to_cpu records on
+    # the current stream), so processing it on the decode lane waits for that event, not the lane
+    prefill = inspect.getsource(SchedulerBatchResultProcessor.process_batch_result_prefill)
+    assert re.search(r"if result\.copy_done is not None:\s*\n\s*result\.copy_done\.synchronize\(\)", prefill)
+    assert prefill.index("copy_done.synchronize()") < prefill.index("next_token_ids.tolist()")
+    from sglang.srt.managers.utils import GenerationBatchResult
+    assert "self.copy_done.record()" in inspect.getsource(GenerationBatchResult.copy_to_cpu)
     builds = inspect.getsource(sglang_scheduler.Scheduler.init_batch_result_processor)
     assert "self.batch_result_processor = SchedulerBatchResultProcessor(" in builds  # what our override replaces
     init = inspect.getsource(sglang_scheduler.Scheduler.init_overlap)
