@@ -1,5 +1,5 @@
 """bullet_sglang on the GPU: SGLang 0.5.15 started through our launcher answers /generate with
-the same greedy tokens as unmodified SGLang, with --enable-bullet (pdmux's loop and our overlapped
+the same tokens as unmodified SGLang (greedy, and sampled with a seed per request), with --enable-bullet (pdmux's loop and our overlapped
 one, --bullet-overlap on) and without, while prefills run beside decodes on a split (the log must show a stream group of a split chosen by our policy).
 
 Needs SGLang 0.5.15 importable by the servers: on the offline GPU machine, after
@@ -12,8 +12,12 @@ capture; later starts reuse the JIT cache): run this file alone in a device call
 Both servers run with the settings --enable-bullet needs (whole-prompt prefill, no overlap
 thread), prefill without graphs (bullet prefills eagerly, in layer groups), decode graphs up to
 batch 16, deterministic inference and the same random weights (`--load-format dummy`, fixed
-seed), so their greedy outputs must match token for token. Requests are sent from threads, one
-every STAGGER_S, so new prompts arrive while earlier ones decode.
+seed), so their outputs must match token for token: greedy ones, and sampled ones, since SGLang's
+seeded sampling (``sampling_seed``) draws from the logits, the seed and the position only. Every
+other request samples (temperature, top-p, top-k), so the decode batches carry sampling
+parameters whose corruption greedy decoding would not show (the overlapped loop makes and frees
+them while steps are in flight). Requests are sent from threads, one every STAGGER_S, so new
+prompts arrive while earlier ones decode.
 """
 
 from __future__ import annotations
@@ -66,9 +70,16 @@ COMMON = ["--load-format", "dummy", "--random-seed", "0", "--enable-deterministi
 SPLIT_CHOSEN = re.compile(r"bullet_sglang: stream group (\d+), \(prefill, decode\) SMs \((\d+), (\d+)\)")
 
 
-def generate(url: str, ids: list[int]) -> list[int]:
-    body = json.dumps({"input_ids": ids, "sampling_params": {"max_new_tokens": NEW_TOKENS, "temperature": 0,
-                                                              "ignore_eos": True}}).encode()
+def sampling(i: int) -> dict:
+    """Greedy for even prompts, seeded sampling for odd ones."""
+    if i % 2 == 0:
+        return {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    return {"max_new_tokens": NEW_TOKENS, "temperature": 0.8, "top_p": 0.9, "top_k": 50,
+            "sampling_seed": 1000 + i, "ignore_eos": True}
+
+
+def generate(url: str, i: int) -> list[int]:
+    body = json.dumps({"input_ids": PROMPTS[i], "sampling_params": sampling(i)}).encode()
     req = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read())["output_ids"]
@@ -77,8 +88,8 @@ def generate(url: str, ids: list[int]) -> list[int]:
 def generate_all(url: str) -> list[list[int]]:
     with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
         futures = []
-        for ids in PROMPTS:
-            futures.append(pool.submit(generate, url, ids))
+        for i in range(len(PROMPTS)):
+            futures.append(pool.submit(generate, url, i))
             time.sleep(STAGGER_S)
         return [f.result() for f in futures]
 
@@ -109,7 +120,7 @@ def set_policy_target(url: str, **targets) -> list:
 
 
 def serve_and_generate(model_dir, extra: list[str], log_path: Path, then=None) -> list[list[int]]:
-    """The greedy outputs of a server started with ``extra``; ``then(url)`` runs before it stops."""
+    """The outputs of a server started with ``extra``; ``then(url)`` runs before it stops."""
     cmd = [sys.executable, "-m", "bullet_sglang.launch_server", "--model-path", str(model_dir),
            "--port", str(PORT), *COMMON, *extra]
     env = server_env()
@@ -134,7 +145,7 @@ def serve_and_generate(model_dir, extra: list[str], log_path: Path, then=None) -
             stop(proc)
 
 
-def test_enable_bullet_gives_unmodified_sglangs_greedy_tokens(tmp_path):
+def test_enable_bullet_gives_unmodified_sglangs_tokens(tmp_path):
     from bullet_kernels.models.presets import write_model_dir
 
     model = write_model_dir("llama-3.1-8b", tmp_path / "model")
@@ -159,9 +170,11 @@ def test_enable_bullet_gives_unmodified_sglangs_greedy_tokens(tmp_path):
         splits = [m.groups() for m in SPLIT_CHOSEN.finditer((logs / name).read_text())]
         assert any(int(p) and int(d) for _, p, d in splits), f"{name}: no split was chosen (groups seen: {splits})"
     overlap_log = (logs / "adapter-bullet-overlap.log").read_text()
-    assert "decode steps overlapped while no prefill runs" in overlap_log
+    assert "decode steps overlapped, prefills issued in the CPU's slack" in overlap_log
     counts = [tuple(map(int, m)) for m in re.findall(r"decode steps overlapped (\d+) of (\d+)", overlap_log)]
-    assert counts and max(n for n, _ in counts) > 0, f"no decode step was overlapped ({counts})"
+    # no grammar, no penalties: every decode step overlapped, beside prefills too
+    assert counts and counts[-1][0] == counts[-1][1] > 0, f"not every decode step was overlapped ({counts})"
     for name, outputs in (("--enable-bullet", bullet), ("--bullet-overlap on", overlapped)):
-        mismatched = [i for i, (a, b) in enumerate(zip(plain, outputs)) if a != b]
-        assert not mismatched, f"{name}: greedy outputs differ for prompts {mismatched}"
+        mismatched = [(i, "greedy" if i % 2 == 0 else "sampled") for i, (a, b) in enumerate(zip(plain, outputs))
+                      if a != b]
+        assert not mismatched, f"{name}: outputs differ from unmodified SGLang's for prompts {mismatched}"

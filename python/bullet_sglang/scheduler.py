@@ -137,7 +137,7 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             self.stream_groups, self.sm_counts, self.real_sm_group_num = groups, pdmux.SM_COUNTS, plan.size
             self.bullet_group = 0
             logger.info("bullet_sglang: %d stream groups, (prefill, decode) SMs %s; splits from the SLO policy%s",
-                        plan.size, plan.sm_counts(), "; decode steps overlapped while no prefill runs" if overlap else "")
+                        plan.size, plan.sm_counts(), "; decode steps overlapped, prefills issued in the CPU's slack" if overlap else "")
 
         def init_batch_result_processor(self) -> None:
             # SGLang builds its result processor after init_pdmux, so the flag is set here
