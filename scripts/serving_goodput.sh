@@ -163,10 +163,16 @@ PY
     [ -n "$label" ] && [ -n "$pid" ] || { echo "no SGLang server was started (sglang-start or sglang-bullet-start)"; exit 1; }
     wait_up http://127.0.0.1:30000/health 540 "$pid" || { tail -20 "$log"; exit 1; }
     kill -0 "$pid" 2>/dev/null || { echo "the server started last (pid $pid, $label) is gone: not measuring another"; exit 1; }
-    # The first load after start pays FlashInfer JIT work (a 10 s stall, measured): a short
-    # unrecorded pass first.
-    bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates 10 \
-      --num-prompts 40 --out /tmp/bullet-warmup > /dev/null 2>&1
+    # The first load after start pays FlashInfer JIT work (a 10 s stall, measured): unrecorded
+    # passes first, one paced, one a burst. The burst is what SGLang's first prefill batch of
+    # several requests (a full 2,048-token chunk) needs: at 9182cc2 SGLang chunked 2048 froze 10 s
+    # at the first such batch in every lease (13 or 16 req/s), after a paced warm-up that never
+    # made one.
+    for warm in "10 40" "200 64"; do
+      read -r warm_rate warm_prompts <<< "$warm"
+      bullet bench-serving --url http://127.0.0.1:30000 --label warmup --trace "$TRACE" --rates "$warm_rate" \
+        --num-prompts "$warm_prompts" --out /tmp/bullet-warmup > /dev/null 2>&1
+    done
     # label: bullet-in-sglang-* is a bullet run in the report (its ratio is against the baselines)
     bench http://127.0.0.1:30000 "$label$(trace_suffix)"; rc=$?
     [ -n "${KEEP:-}" ] || stop_sglang
