@@ -457,3 +457,23 @@ def test_parsed_arguments_are_refused_like_the_command_line():
                           (dict(use_ray=True), "Ray-managed")):
         with pytest.raises(UnsupportedSetup, match=words):
             check_parsed(types.SimpleNamespace(**{**defaults, **change}))
+
+
+def test_the_scheduler_is_not_idle_while_a_split_prefill_or_an_overlapped_step_is_in_flight():
+    from bullet_sglang.scheduler import bullet_scheduler_class
+
+    class SGLangScheduler:
+        def __init__(self):
+            self.split_prefill_batch = None
+
+        def is_fully_idle(self, for_health_check=False):  # SGLang's own answer: its queues are empty
+            return True
+
+    plan, policy, estimator = h200_policy()
+    s = bullet_scheduler_class(SGLangScheduler, plan, policy, lambda p, g: [None] * p.size, fake_pdmux(),
+                               policy_groups=len(estimator.groups))()
+    assert s.is_fully_idle() and s.is_fully_idle(for_health_check=True)
+    s.split_prefill_batch = object()
+    assert not s.is_fully_idle()
+    s.split_prefill_batch, s.bullet_step_in_flight = None, True
+    assert not s.is_fully_idle(for_health_check=True)

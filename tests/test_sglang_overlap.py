@@ -45,6 +45,12 @@ class Stream:
         passes = 1 if self.name.startswith("P") else self.sched.step_ends_after  # prefills: done when asked
         return Event(f"{self.name}-event", self.log, passes)
 
+    def query(self):  # everything issued on it has run (the prefill lane: after lane_idle_after asks)
+        self.sched.lane_queries += 1
+        idle = self.sched.lane_queries >= self.sched.lane_idle_after
+        self.log.append(("lane-idle?", self.name, idle))
+        return idle
+
 
 class Lanes:
     def __init__(self, sched):
@@ -75,10 +81,14 @@ class Req:
 
 
 class Batch:
-    def __init__(self, reqs, prefill=False, grammar=False, penalties=False):
+    def __init__(self, reqs, prefill=False, grammar=False, penalties=False, custom=False, input_top_logprobs=0):
         self.reqs, self.prefill, self.has_grammar = list(reqs), prefill, grammar
-        self.sampling_info = types.SimpleNamespace(penalizer_orchestrator=types.SimpleNamespace(is_required=penalties))
-        self.return_logprob = self.return_hidden_states = False
+        self.sampling_info = types.SimpleNamespace(penalizer_orchestrator=types.SimpleNamespace(is_required=penalties),
+                                                   has_custom_logit_processor=custom)
+        self.return_logprob, self.return_hidden_states = bool(input_top_logprobs), False
+        self.top_logprobs_nums = [input_top_logprobs] * len(self.reqs) if input_top_logprobs else None
+        self.token_ids_logprobs = [None] * len(self.reqs) if input_top_logprobs else None
+        self.split_forward_batch = None
         self.enable_overlap = False
         self.extend_num_tokens = 512 * len(self.reqs) if prefill else 0
         self.split_index, self.split_forward_count, self.split_prefill_finished = 0, 0, False
@@ -112,10 +122,13 @@ class PrefillResult:
 class Scheduler:
     """The SGLang Scheduler surface the loop uses, with SGLang's overlap-relevant behaviour."""
 
-    def __init__(self, arrivals, iterations, grammar=False, penalties=False, step_ends_after=1):
+    def __init__(self, arrivals, iterations, grammar=False, penalties=False, custom=False, step_ends_after=1,
+                 input_top_logprobs=0, lane_idle_after=1):
         self.log, self.lanes = [], None
         self.arrivals, self.iterations, self.grammar, self.penalties = dict(arrivals), iterations, grammar, penalties
+        self.custom, self.input_top_logprobs = custom, input_top_logprobs
         self.step_ends_after = step_ends_after  # queries until a decode step's event passes
+        self.lane_idle_after, self.lane_queries = lane_idle_after, 0  # queries until the prefill lane is idle
         self.turn, self.steps = 0, 0
         self.groups = [(Stream(f"P{i}", self.log, self), Stream(f"D{i}", self.log, self)) for i in range(3)]
         self.stream_groups, self.bullet_group = self.groups, 0
@@ -125,6 +138,7 @@ class Scheduler:
         self.copy_stream, self.copy_stream_ctx = Stream("copy", self.log, self), contextlib.nullcontext()
         self.request_receiver = types.SimpleNamespace(recv_requests=self.recv)
         self.reqs: dict[str, Req] = {}
+        self.landed: list[Batch] = []  # prefill batches whose results were processed
 
     def recv(self):
         if self.turn == self.iterations:
@@ -141,14 +155,16 @@ class Scheduler:
         if self.split_prefill_batch is not None or not self.waiting_queue:
             return False
         self.log.append(("admit", [r.rid for r in self.waiting_queue], self.lanes.current))
-        self.split_prefill_batch, self.waiting_queue = Batch(self.waiting_queue, prefill=True), []
+        self.split_prefill_batch = Batch(self.waiting_queue, prefill=True, input_top_logprobs=self.input_top_logprobs)
+        self.waiting_queue = []
         return True
 
     def update_running_batch(self, batch):
         assert batch.enable_overlap  # the loop marks it before SGLang prepares the next step
         if not batch.reqs:
             return batch
-        return Batch([r for r in batch.reqs if not r.finished()], grammar=self.grammar, penalties=self.penalties)
+        return Batch([r for r in batch.reqs if not r.finished()], grammar=self.grammar, penalties=self.penalties,
+                     custom=self.custom)
 
     def adjust_stream_groups(self):
         self.bullet_group = 1 if self.split_prefill_batch is not None else (2 if not self.running_batch.is_empty() else 0)
@@ -158,6 +174,7 @@ class Scheduler:
     def run_batch(self, batch):
         if batch.prefill:
             self.log.append(("prefill", self.lanes.current, batch.split_index, batch.split_forward_count))
+            batch.split_forward_batch = "activations"
             assert not batch.split_prefill_finished  # SGLang's contract: set after the last layers' run
             return PrefillResult(self, batch.split_index + batch.split_forward_count)
         self.steps += 1
@@ -167,6 +184,8 @@ class Scheduler:
     def process_batch_result(self, batch, result):
         if batch.prefill:
             assert result.layers_done == 32 and result.copy_done.query()  # the last launch's, copied
+            assert batch.split_forward_batch == "activations"
+            self.landed.append(batch)
             self.log.append(("processed-prefill", self.lanes.current))
             for r in batch.reqs:
                 r.got += 1  # the first token
@@ -287,8 +306,8 @@ def test_prefill_layers_go_out_until_the_decode_step_the_cpu_waits_for_ends(ends
     assert s.reqs["c"].got == 2
 
 
-@pytest.mark.parametrize("kind", ["grammar", "penalties"])
-def test_grammar_and_penalty_batches_are_never_overlapped(kind):
+@pytest.mark.parametrize("kind", ["grammar", "penalties", "custom"])
+def test_grammar_penalty_and_custom_logit_processor_batches_are_never_overlapped(kind):
     s = Scheduler({1: [("a", 5)], 2: [("c", 2)]}, iterations=12, step_ends_after=2, **{kind: True})
     log = run(s)
     for e in events(log, "process"):
@@ -326,3 +345,30 @@ def test_scheduler_state_is_made_and_freed_on_the_decode_lane_only():
         lane = log[i][1]
         assert lane.startswith("D") and ("wait", lane, "P" + lane[1:]) in log[i - 3:i]
     assert {r.rid: r.got for r in s.reqs.values()} == {"a": s.reqs["a"].got, "b": 4, "c": 5, "d": 3}
+
+
+def test_a_prefill_reading_input_logprobs_on_the_host_issues_its_last_layers_once_its_lane_is_idle():
+    """Input top-k logprobs make SGLang's last prefill run wait on the host for the prefill lane:
+    issued with the whole prefill still queued, that wait would hold the decode lane up to a
+    whole prefill's time."""
+    s = Scheduler({1: [("a", 30)], 3: [("c", 2)]}, iterations=40, step_ends_after=None, input_top_logprobs=5,
+                  lane_idle_after=3)
+    log = run(s)
+    last = log.index(("prefill", "P1", 30, 2))
+    asked = [e for e in log[:last] if e[0] == "lane-idle?"]
+    assert [e[2] for e in asked] == [False, False, True]  # postponed twice, issued once the lane was idle
+    assert prefill_launches(log)[1:] == [(i, 2) for i in range(0, 32, 2)]
+    assert s.reqs["c"].got == 2
+    # without input logprobs nobody asks
+    plain = Scheduler({1: [("a", 30)], 3: [("c", 2)]}, iterations=40, step_ends_after=None)
+    assert not events(run(plain), "lane-idle?")
+
+
+def test_a_landed_prefill_drops_its_forward_state_and_the_loop_reports_a_step_in_flight():
+    s = Scheduler({1: [("a", 30)], 3: [("c", 2)]}, iterations=20)
+    log = run(s)
+    assert len(s.landed) == 2 and all(b.split_forward_batch is None for b in s.landed)
+    assert s.bullet_step_in_flight and in_flight_at(log, len(log))  # stopped with a step launched, unprocessed
+    done = Scheduler({1: [("a", 3)]}, iterations=12)
+    log = run(done)
+    assert not done.bullet_step_in_flight and not in_flight_at(log, len(log)) and log[-1] == ("idle",)

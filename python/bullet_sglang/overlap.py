@@ -60,7 +60,15 @@ What this loop does instead, in SGLang 0.5.15's terms:
   with penalties (``prepare_for_decode`` counts each request's last processed token into the
   penalizers; at every change between overlapped and processed-at-once steps one token would be
   counted twice and another never, where SGLang's own overlap is consistently one step late).
-  Their steps are processed at once; a prefill's layers are still issued while they run.
+  Their steps are processed at once; a prefill's layers are still issued while they run. Nor
+  batches with custom logit processors (SGLang's ``filter_batch`` reads their mask on the host,
+  a wait for the step in flight every step).
+- A prefill asking for input top-k or token-id logprobs reads them to the host in its last run;
+  that run is issued only once the prefill lane is idle, so the CPU waits for two layers, not a
+  whole prefill. A landed prefill's forward state (``split_forward_batch``: its activations) is
+  dropped; the batch would otherwise keep it for as long as it is the running batch.
+- The scheduler is not idle (``is_fully_idle``, which ``/flush_cache`` asks) while a split
+  prefill or an unprocessed step is in flight.
 
 Tensor parallel size is 1 (the adapter refuses more), so a landed prefill needs no all-reduce of
 its event flag as pdmux's loop does.
@@ -92,8 +100,20 @@ class Lanes:
 
 
 def overlappable(batch) -> bool:
-    """Whether decode steps of ``batch`` may be processed one step late (see the module's notes)."""
-    return not batch.has_grammar and not batch.sampling_info.penalizer_orchestrator.is_required
+    """Whether decode steps of ``batch`` may be processed one step late (see the module's notes;
+    custom logit processors: SGLang's ``filter_batch`` reads their mask on the host, a wait for
+    the step in flight every step)."""
+    info = batch.sampling_info
+    return not batch.has_grammar and not info.penalizer_orchestrator.is_required and not info.has_custom_logit_processor
+
+
+def syncs_on_last_layers(batch) -> bool:
+    """Whether the prefill's last run waits on the host for its lane: SGLang reads input top-k and
+    token-id logprobs to the host there (``.tolist()`` in its logits processor)."""
+    if not batch.return_logprob:
+        return False
+    return (any(n > 0 for n in batch.top_logprobs_nums or ())
+            or any(ids is not None for ids in batch.token_ids_logprobs or ()))
 
 
 #: Layers per prefill launch while a decode step waits to be processed: small, so the CPU turns
@@ -102,19 +122,23 @@ def overlappable(batch) -> bool:
 LAYERS_PER_LAUNCH = 2
 
 
-def launch_prefill(s, batch, gate) -> object:
-    """Issue the split prefill's next layers on the current (prefill) stream; returns the last
-    ``run_batch`` result, which is the prefill's result once all layers are issued.
+def launch_prefill(s, batch, gate, stream) -> object:
+    """Issue the split prefill's next layers on ``stream``, the current one; returns the last
+    ``run_batch`` result (None if none ran), the prefill's result once all layers are issued.
 
     With no decode step waiting (``gate`` None) all its layers go at once. Otherwise they go
     :data:`LAYERS_PER_LAUNCH` at a time until ``gate`` (the event of the decode step whose end the
     CPU must answer: processing it and launching the next) has passed, at least one launch a turn:
     issuing a whole prefill (a thousand tokens, 32 layers, eager) holds the CPU for 10-25 ms on
-    the H200, which was measured as that much added to the decode step beside it."""
+    the H200, which was measured as that much added to the decode step beside it. A last run that
+    waits on the host for the lane (:func:`syncs_on_last_layers`) is issued only once the lane has
+    run everything before it, so that wait is for its own layers, not the whole prefill."""
     layers = s.model_config.num_hidden_layers
     result = None
     while batch.split_index < layers:
         upto = layers if gate is None else min(batch.split_index + LAYERS_PER_LAUNCH, layers)
+        if upto == layers and gate is not None and syncs_on_last_layers(batch) and not stream.query():
+            break
         batch.split_forward_count = upto - batch.split_index
         result = s.run_batch(batch)
         if upto == layers:
@@ -144,6 +168,7 @@ def run(s, lanes: Lanes) -> None:
     decode steps it ran and how many were overlapped in ``s.bullet_decode_steps`` and
     ``s.bullet_overlapped_steps`` (logged at group switches)."""
     s.bullet_decode_steps = s.bullet_overlapped_steps = 0
+    s.bullet_step_in_flight = False  # an unprocessed step: the scheduler is not idle (is_fully_idle)
     pending = None  # (snapshot, result) of the decode step launched last and not yet processed
     prefill_result = None
     prefill_enqueued = False  # all its layers and its result's copy are on the prefill lane
@@ -156,6 +181,7 @@ def run(s, lanes: Lanes) -> None:
             with lanes.on(decode_stream, False):
                 s.process_batch_result(*pending)  # waits for that step's copy only
             pending = None
+            s.bullet_step_in_flight = False
 
     while True:
         with lanes.on(decode_stream, False):
@@ -205,7 +231,7 @@ def run(s, lanes: Lanes) -> None:
         batch = s.split_prefill_batch
         if batch is not None and not batch.is_empty() and not prefill_enqueued:
             with lanes.on(prefill_stream, True):
-                prefill_result = launch_prefill(s, batch, gate)
+                prefill_result = launch_prefill(s, batch, gate, prefill_stream)
                 if batch.split_prefill_finished:  # its result to the host on this lane, behind its forward
                     prefill_result.copy_done = lanes.event()
                     prefill_result.copy_to_cpu(return_logprob=batch.return_logprob,
@@ -217,6 +243,7 @@ def run(s, lanes: Lanes) -> None:
                 if pending is not None:
                     s.process_batch_result(*pending)  # step k, while step k+1 runs
                 pending = launched
+                s.bullet_step_in_flight = pending is not None
             elif decode is not None:
                 decode_stream.synchronize()
                 s.process_batch_result(decode, decode_result)
@@ -227,6 +254,7 @@ def run(s, lanes: Lanes) -> None:
             decode_stream.wait_stream(prefill_stream)
             with lanes.on(decode_stream, True):
                 s.process_batch_result(batch, prefill_result)  # its copy has landed: no wait
+                batch.split_forward_batch = None  # its forward's activations, kept alive by the batch
                 if s.running_batch is not None and not s.running_batch.is_empty():
                     s.running_batch.merge_batch(batch)
                 else:

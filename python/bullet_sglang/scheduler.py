@@ -154,6 +154,12 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             with torch.inference_mode():
                 overlapped_loop(self, Lanes(set_pdmux_status))
 
+        def is_fully_idle(self, for_health_check=False) -> bool:
+            # SGLang's check sees neither a split prefill in flight nor the overlapped loop's
+            # unprocessed step (a /flush_cache then would reset the pools under them)
+            return (super().is_fully_idle(for_health_check) and self.split_prefill_batch is None
+                    and not getattr(self, "bullet_step_in_flight", False))
+
         def adjust_stream_groups(self):
             if steps is not None:
                 steps.interrupt()  # both lanes were waited for: the step in progress is no lane's

@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import inspect
 import re
+import sys
 from array import array
 from pathlib import Path
 from types import SimpleNamespace
@@ -483,6 +484,30 @@ def test_what_the_overlapped_loop_relies_on_holds_in_real_sglang(model_config):
     running.prepare_for_decode()  # step k+1 prepared while step k is unprocessed
     assert launched.seq_lens_cpu.tolist() == before and running.seq_lens_cpu.tolist() == [b + 1 for b in before]
     assert launched.reqs == running.reqs and launched.reqs is not running.reqs
+
+
+def test_a_prefills_last_run_waits_on_the_host_only_for_input_top_k_or_token_id_logprobs(model_config):
+    """overlap.syncs_on_last_layers on real batches, and the SGLang code that makes it true: the
+    logits processor asks for input top-k / token-id logprobs from the batch's lists and reads
+    them to the host (``.tolist()``) in the same forward."""
+    from sglang.srt.layers import logits_processor
+
+    from bullet_sglang.overlap import syncs_on_last_layers
+
+    source = inspect.getsource(logits_processor)
+    assert "x > 0 for x in forward_batch.top_logprobs_nums" in source
+    assert "x is not None for x in forward_batch.token_ids_logprobs" in source
+    assert re.search(r"def get_top_logprobs_prefill[\s\S]*?\.tolist\(\)", inspect.getsource(
+        sys.modules[logits_processor.get_top_logprobs_prefill.__module__]))
+    pools = Pools(model_config)
+    batch = pools.split_prefill([300, 500])
+    assert not syncs_on_last_layers(batch)
+    batch.return_logprob, batch.top_logprobs_nums, batch.token_ids_logprobs = True, [0, 0], [None, None]
+    assert not syncs_on_last_layers(batch)  # logprobs of the sampled tokens only: read from the copy
+    batch.top_logprobs_nums = [0, 5]
+    assert syncs_on_last_layers(batch)
+    batch.top_logprobs_nums, batch.token_ids_logprobs = [0, 0], [None, [11, 12]]
+    assert syncs_on_last_layers(batch)
 
 
 def test_the_overlap_option_runs_our_loop_with_sglangs_pdmux_flag(setup, monkeypatch):
