@@ -19,7 +19,8 @@
 #   sgpart:PART          install one part of the SGLang wheel set (.carry/sglang/PART) into /tmp/site
 #   sgstart:CHUNK        start SGLang 0.5.15 (chunked prefill CHUNK) in the background
 #   sgbullet:TPOT        start SGLang with bullet_sglang --enable-bullet instead (then sg:bullet:...)
-#   sgpolicy:TPOT        set the running bullet server's policy target (then sg:bullet:... again)
+#   sgpolicy:TPOT[:MODE] set the running bullet server's policy target, and its TPOT mode (step or
+#                        average) if given (then sg:bullet:... again)
 #   sg:CHUNK:TRACE:RATES[:sglang]  measure it (it stays up for the next trace), requests sent by
 #                        our load generator or by SGLang's own bench_serving; sgstop: stop it
 # export:VAR=VALUE sets an environment variable for the stages after it.

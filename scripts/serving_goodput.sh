@@ -9,7 +9,7 @@
 #   bash scripts/serving_goodput.sh sglang-bench [CHUNK]   # wait until it answers, measure, stop it
 #       (KEEP=1: leave it running, to measure another trace next)
 #   bash scripts/serving_goodput.sh sglang-bullet-start [TPOT]  # SGLang through bullet_sglang --enable-bullet
-#   bash scripts/serving_goodput.sh sglang-bullet-policy TPOT  # the running bullet server's policy target, set
+#   bash scripts/serving_goodput.sh sglang-bullet-policy TPOT[:MODE]  # the running bullet server's policy target (and TPOT mode), set
 #       through SGLang's /set_internal_state (no restart: a start captures every stream group's graphs)
 #   bash scripts/serving_goodput.sh sglang-stop                # stop it, until the port is free
 #   bash scripts/serving_goodput.sh sglang-bench bullet        # ... then measured as label bullet-in-sglang-tpotTPOT
@@ -145,18 +145,22 @@ PY
     echo $! > /tmp/sglang.pid; echo "bullet-in-sglang-tpot$tpot${BULLET_LABEL:-}" > /tmp/sglang.label
     echo "$OUT/sglang-bullet-tpot$tpot${BULLET_LABEL:-}.log" > /tmp/sglang.logpath
     echo "SGLang with --enable-bullet (policy $tpot ms${BULLET_ARGS:+, $BULLET_ARGS}${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes minutes" ;;
-  sglang-bullet-policy)
-    tpot=${2:?usage: sglang-bullet-policy TPOT}
+  sglang-bullet-policy)  # TPOT[:MODE], MODE step or average (the policy's TPOT mode)
+    arg=${2:?usage: sglang-bullet-policy TPOT[:step|average]}
+    tpot=${arg%%:*}; mode=""; [ "$arg" != "$tpot" ] && mode=${arg#*:}
     wait_up http://127.0.0.1:30000/health 540 "$(cat /tmp/sglang.pid 2>/dev/null)" || exit 1
-    python3 - "$tpot" <<'PY' || exit 1
+    python3 - "$tpot" "$mode" <<'PY' || exit 1
 import json, sys, urllib.request
-body = json.dumps({"server_args": {"bullet_tpot_slo_ms": float(sys.argv[1])}}).encode()
+targets = {"bullet_tpot_slo_ms": float(sys.argv[1])}
+if sys.argv[2]:
+    targets["bullet_tpot_mode"] = sys.argv[2]
+body = json.dumps({"server_args": targets}).encode()
 req = urllib.request.Request("http://127.0.0.1:30000/set_internal_state", body, {"Content-Type": "application/json"})
 answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
 print("set_internal_state:", answer)
 sys.exit(0 if answer and all(answer) else 1)
 PY
-    echo "bullet-in-sglang-tpot$tpot${BULLET_LABEL:-}" > /tmp/sglang.label ;;
+    echo "bullet-in-sglang-tpot$tpot${mode:+-$mode}${BULLET_LABEL:-}" > /tmp/sglang.label ;;
   sglang-bench)
     log=$(cat /tmp/sglang.logpath 2>/dev/null); label=$(cat /tmp/sglang.label 2>/dev/null)
     pid=$(cat /tmp/sglang.pid 2>/dev/null)

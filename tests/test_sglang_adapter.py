@@ -33,6 +33,16 @@ def test_our_options_are_split_from_sglangs():
     assert not off.step_feedback and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": off.to_env()}) == off
     assert not BulletOptions().overlap  # off until measured on the GPU
     assert split_argv(["--enable-bullet", "--bullet-overlap", "on"])[0].overlap
+    assert BulletOptions().tpot_mode == "step"  # until average is measured on the GPU
+    average, _ = split_argv(["--enable-bullet", "--bullet-tpot-mode", "average"])
+    assert average.tpot_mode == "average" and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": average.to_env()}) == average
+
+
+def test_the_launchers_tpot_modes_are_the_policys():
+    from bullet_kernels.orchestrate import TPOT_MODES
+    from bullet_sglang.options import TPOT_MODES as LAUNCHER_TPOT_MODES
+
+    assert LAUNCHER_TPOT_MODES == TPOT_MODES
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -41,6 +51,7 @@ def test_our_options_are_split_from_sglangs():
     (["--enable-bullet", "--bullet-ttft-slo-ms", "0"], "must be > 0"),
     (["--enable-bullet", "--bullet-step-feedback", "yes"], "must be on or off, got 'yes'"),
     (["--enable-bullet", "--bullet-overlap=1"], "--bullet-overlap must be on or off, got '1'"),
+    (["--enable-bullet", "--bullet-tpot-mode", "mean"], "--bullet-tpot-mode must be one of step, average, got 'mean'"),
 ])
 def test_bad_bullet_options_are_refused(argv, words):
     with pytest.raises(UnsupportedSetup, match=words):
@@ -273,6 +284,8 @@ def test_measured_decode_steps_correct_the_policy_inside_sglangs_loop():
     now[0] += 0.009
     s.run_batch(s.running_batch)
     assert set(estimator.feedback.summary()) == {decode_sms, 132}
+    # every decode step also counted for the average TPOT mode: 11 beside the prefill, 2 alone
+    assert policy.corun_share.counts() == (11, 13)
 
 
 def test_overlap_turns_on_the_result_processors_skip():
@@ -328,11 +341,15 @@ def test_set_internal_state_changes_the_policy_targets_and_leaves_sglangs_own_al
     assert s.set_internal_state(req(pp_max_micro_batch_size=8)) == ("sglang's own", {"pp_max_micro_batch_size": 8})
     assert policy.tpot_ms != 12
     done = s.set_internal_state(req(bullet_tpot_slo_ms=12))
-    assert done == {"updated": True, "server_args": {"bullet_tpot_slo_ms": 12.0}} and policy.tpot_ms == 12.0
+    now = {"bullet_tpot_slo_ms": 12.0, "bullet_tpot_mode": "step"}
+    assert done == {"updated": True, "server_args": now} and policy.tpot_ms == 12.0
     for bad in (req(bullet_tpot_slo_ms=0), req(bullet_tpot_slo_ms="fast"), req(bullet_tpot_slo_ms=True),
                 req(bullet_tpot_slo_ms=float("inf")), req(bullet_tpot_ms=12), req(bullet_ttft_slo_ms=800),
-                req(bullet_tpot_slo_ms=14, pp_max_micro_batch_size=8)):
-        assert s.set_internal_state(bad) == {"updated": False, "server_args": {"bullet_tpot_slo_ms": 12.0}}
+                req(bullet_tpot_slo_ms=14, pp_max_micro_batch_size=8), req(bullet_tpot_mode="mean"),
+                req(bullet_tpot_slo_ms=14, bullet_tpot_mode=3)):
+        assert s.set_internal_state(bad) == {"updated": False, "server_args": now}
+    both = s.set_internal_state(req(bullet_tpot_slo_ms=15, bullet_tpot_mode="average"))
+    assert both["updated"] and policy.tpot_ms == 15.0 and policy.tpot_mode == "average"
 
 
 def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
@@ -350,6 +367,8 @@ def test_launch_setup_finds_the_profile_of_this_gpu_and_model(tmp_path):
     assert isinstance(setup.policy.estimator, FeedbackEstimator) and setup.feedback is setup.policy.estimator.feedback
     plain = build(BulletOptions(enable=True, profile=opts.profile, step_feedback=False))
     assert plain.feedback is None and not isinstance(plain.policy.estimator, FeedbackEstimator)
+    assert setup.policy.tpot_mode == "step"
+    assert build(BulletOptions(enable=True, profile=opts.profile, tpot_mode="average")).policy.tpot_mode == "average"
     other = tmp_path / "shallower"
     other.mkdir()
     config = json.loads((model / "config.json").read_text())

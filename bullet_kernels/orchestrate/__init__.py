@@ -15,10 +15,11 @@ from .feedback import FeedbackEstimator, StepClock, StepFeedback
 from .planner import Launch, MixWork, makespan, plan_mix, sequential_ms, sm_time_bound
 from .policy import Decision, SLOPolicy, StaticPolicy, Work
 from .profile import MissingProfile, Profile, ProfileError, ProfileMismatch, find_profile, profile_path
+from .tpot_budget import TPOT_MODES, CorunShare, corun_step_bound_ms
 
 __all__ = [
-    "Decision", "Estimate", "EstimateError", "Estimator", "FeedbackEstimator", "find_profile",
+    "CorunShare", "corun_step_bound_ms", "Decision", "Estimate", "EstimateError", "Estimator", "FeedbackEstimator", "find_profile",
     "held_out_errors", "Launch", "makespan", "MissingProfile", "MixWork", "plan_mix", "Profile", "profile_path",
     "ProfileError", "ProfileMismatch", "sequential_ms", "SLOPolicy", "sm_time_bound", "StaticPolicy",
-    "StepClock", "StepFeedback", "Work",
+    "StepClock", "StepFeedback", "TPOT_MODES", "Work",
 ]

@@ -7,7 +7,9 @@ for one phase when the other is idle, otherwise one of the candidate splits.
 - :class:`SLOPolicy` (BulletServe's SLO-aware provisioning): decode gets the fewest SMs whose
   estimated co-running step time keeps within the TPOT target; prefill gets the rest, and its
   TTFT target is watched (the decision says when the estimate misses it). Where no split meets
-  the TPOT target, it falls back to the split with the fastest decode lane and says why.
+  the TPOT target, it falls back to the split with the fastest decode lane and says why. Its
+  ``tpot_mode`` "average" reads the target as a per-request mean and lets co-running steps use
+  the slack of the steps that run alone (:mod:`.tpot_budget`).
 - :class:`StaticPolicy`: one split whenever both phases have work (the comparison baseline).
 
 Both are pure functions of the work and an :class:`~.estimator.Estimator`: no GPU needed, so
@@ -22,6 +24,7 @@ from typing import Callable, Sequence
 
 from ..partition import SMSplit
 from .estimator import Estimator
+from .tpot_budget import TPOT_MODES, CorunShare, corun_step_bound_ms
 
 PREFILL, DECODE = "prefill", "decode"
 
@@ -107,29 +110,51 @@ class StaticPolicy(Policy):
 
 
 class SLOPolicy(Policy):
-    """Fewest decode SMs within the TPOT target; prefill takes the rest."""
+    """Fewest decode SMs within the TPOT target; prefill takes the rest.
 
-    def __init__(self, estimator: Estimator, splits: Sequence[SMSplit], tpot_ms: float, ttft_ms: float | None = None):
+    ``tpot_mode``: "step" (every co-running step within the target) or "average" (the target as
+    a per-request mean: a co-running step may take what the recent share of co-running steps in
+    ``corun_share``, fed by the caller, leaves; :mod:`.tpot_budget`). Both can change while the
+    policy is in use (:meth:`set_tpot_mode`)."""
+
+    def __init__(self, estimator: Estimator, splits: Sequence[SMSplit], tpot_ms: float, ttft_ms: float | None = None,
+                 tpot_mode: str = "step", corun_share: CorunShare | None = None):
         super().__init__(estimator, splits)
         if not tpot_ms > 0:
             raise ValueError(f"TPOT target must be > 0 ms, got {tpot_ms}")
         if ttft_ms is not None and not ttft_ms > 0:
             raise ValueError(f"TTFT target must be > 0 ms or None, got {ttft_ms}")
         self.tpot_ms, self.ttft_ms = tpot_ms, ttft_ms
+        self.corun_share = corun_share if corun_share is not None else CorunShare()
+        self.set_tpot_mode(tpot_mode)
         self.splits.sort(key=lambda s: s[DECODE])
 
+    def set_tpot_mode(self, mode: str) -> None:
+        if mode not in TPOT_MODES:
+            raise ValueError(f"TPOT mode must be one of {', '.join(TPOT_MODES)}, got {mode!r}")
+        self.tpot_mode = mode
+
+    def corun_bound_ms(self, work: Work) -> float:
+        """The longest co-running decode step the TPOT target allows for ``work`` now."""
+        if self.tpot_mode == "step":
+            return self.tpot_ms
+        b, c = work.decode
+        alone = self.estimator.decode_ms(b, c, self.sm_count).ms
+        return corun_step_bound_ms(self.tpot_ms, alone, self.corun_share.value())
+
     def decide_both(self, work: Work) -> Decision:
+        bound = self.corun_bound_ms(work)
         for split in self.splits:
             ms = self._decode_corun(work, split)
-            if ms <= self.tpot_ms:
-                return self._decision(work, split, True, f"fewest decode SMs with step {ms:.2f} <= {self.tpot_ms:.2f} ms")
+            if ms <= bound:
+                return self._decision(work, split, True, f"fewest decode SMs with step {ms:.2f} <= {bound:.2f} ms")
         best = min(self.splits, key=lambda s: self._decode_corun(work, s))
         b, c = work.decode
         return self._decision(
             work, best, False,
-            f"TPOT target {self.tpot_ms:.2f} ms is infeasible for decode batch {b} at context {c} beside a "
-            f"prefill on every candidate split (fastest: {best}, {self._decode_corun(work, best):.2f} ms); "
-            "using that split",
+            f"TPOT target {self.tpot_ms:.2f} ms ({bound:.2f} ms a co-running step, {self.tpot_mode} mode) is "
+            f"infeasible for decode batch {b} at context {c} beside a prefill on every candidate split "
+            f"(fastest: {best}, {self._decode_corun(work, best):.2f} ms); using that split",
         )
 
 
@@ -148,7 +173,12 @@ def split_chooser(policy: Policy, ttft_left_ms: float | None = None,
     """``choose(batch, context, prompt tokens or None, groups left)``: ``policy``'s split for the
     next step (None: the phase with work takes the whole GPU; batch 0: nothing to decode),
     decided once per work rounded up to :data:`WORK_QUANTUM` tokens and cached. The server and
-    the serving simulation both decide through it. ``choose.cache_info()`` reports the cache."""
+    the serving simulation both decide through it. ``choose.cache_info()`` reports the cache.
+    A policy whose decisions change with what it observes (``tpot_mode`` "average") is refused:
+    a cached decision would outlive what it was made from."""
+    if getattr(policy, "tpot_mode", "step") != "step":
+        raise ValueError(f"split_chooser caches decisions, which {policy.tpot_mode!r} TPOT mode changes from step "
+                         "to step; decide with policy.decide, or use tpot_mode='step'")
 
     @functools.lru_cache(maxsize=cache_size)
     def decide(batch: int, context: int, tokens: int | None, groups_left: int) -> SMSplit | None:

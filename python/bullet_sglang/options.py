@@ -17,6 +17,9 @@ from typing import Sequence
 
 ENV = "BULLET_SGLANG_CONFIG"
 PARTITIONS = ("green", "tpc")
+# bullet_kernels.orchestrate.TPOT_MODES, restated so this module imports nothing of ours before
+# SGLang starts (a test checks the two agree)
+TPOT_MODES = ("step", "average")
 
 
 class UnsupportedSetup(ValueError):
@@ -35,6 +38,10 @@ class BulletOptions:
     # Overlap the scheduler's CPU work with decode steps, prefills issued in its slack (overlap.py); off
     # until measured on the GPU.
     overlap: bool = False
+    # "step": every decode step beside a prefill within the TPOT target; "average": the target as
+    # a per-request mean, co-running steps using the slack of steps alone
+    # (bullet_kernels.orchestrate.tpot_budget). Step until average is measured on the GPU.
+    tpot_mode: str = "step"
     # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:
     profile: str = ""  # the latency profile the policy plans with
 
@@ -44,6 +51,8 @@ class BulletOptions:
                 raise UnsupportedSetup(f"--bullet-{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.partition not in PARTITIONS:
             raise UnsupportedSetup(f"--bullet-partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        if self.tpot_mode not in TPOT_MODES:
+            raise UnsupportedSetup(f"--bullet-tpot-mode must be one of {', '.join(TPOT_MODES)}, got {self.tpot_mode!r}")
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -62,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bullet-partition", default=BulletOptions.partition)
     p.add_argument("--bullet-step-feedback", default="on" if BulletOptions.step_feedback else "off")
     p.add_argument("--bullet-overlap", default="on" if BulletOptions.overlap else "off")
+    p.add_argument("--bullet-tpot-mode", default=BulletOptions.tpot_mode)
     return p
 
 
@@ -76,7 +86,7 @@ def split_argv(argv: Sequence[str]) -> tuple[BulletOptions, list[str]]:
         if value not in ("on", "off"):
             raise UnsupportedSetup(f"{flag} must be on or off, got {value!r}")
     opts = BulletOptions(ours.enable_bullet, ours.bullet_ttft_slo_ms, ours.bullet_tpot_slo_ms, ours.bullet_partition,
-                         ours.bullet_step_feedback == "on", ours.bullet_overlap == "on")
+                         ours.bullet_step_feedback == "on", ours.bullet_overlap == "on", ours.bullet_tpot_mode)
     return opts, rest
 
 

@@ -86,19 +86,28 @@ def _from_parallel_state(name: str) -> property:
 # every target on one server: each start captures every stream group's decode graphs, minutes).
 # TPOT only: the SLO policy picks splits by TPOT; its TTFT target only marks a decision at risk,
 # which SGLang's loop has no use for (it cannot hold a prefill back), so it is not offered here.
-POLICY_TARGETS = {"bullet_tpot_slo_ms": "tpot_ms"}
+POLICY_TARGETS = {"bullet_tpot_slo_ms": "tpot_ms", "bullet_tpot_mode": "tpot_mode"}
 
 
 def update_policy_targets(policy, changes: dict) -> str:
-    """Set ``policy``'s targets from ``{"bullet_tpot_slo_ms": ms, ...}``; "" when done, else why
-    nothing was changed (an unknown key or a value that is not a positive number)."""
+    """Set ``policy``'s targets from ``{"bullet_tpot_slo_ms": ms, "bullet_tpot_mode": "step" or
+    "average"}``; "" when done, else why nothing was changed (an unknown key, a value that is not
+    a positive number of milliseconds, an unknown mode)."""
+    from bullet_kernels.orchestrate import TPOT_MODES
+
     for key, value in changes.items():
         if key not in POLICY_TARGETS:
             return f"{key} is not one of {', '.join(POLICY_TARGETS)} (bullet's targets are set apart from SGLang's own state)"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        if key == "bullet_tpot_mode":
+            if value not in TPOT_MODES:
+                return f"{key} must be one of {', '.join(TPOT_MODES)}, got {value!r}"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             return f"{key} must be a positive number of milliseconds, got {value!r}"
     for key, value in changes.items():
-        setattr(policy, POLICY_TARGETS[key], float(value))
+        if key == "bullet_tpot_mode":
+            policy.set_tpot_mode(value)
+        else:
+            setattr(policy, POLICY_TARGETS[key], float(value))
     return ""
 
 
@@ -120,6 +129,7 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
     run :mod:`.overlap`'s loop instead of pdmux's."""
     steps = StepClock(feedback) if feedback is not None else None
     step_ms = profiled_step(policy) if feedback is not None else None
+    share = getattr(policy, "corun_share", None)  # what the policy's average TPOT mode plans from
 
     class BulletScheduler(base):
         gpu_id = _from_parallel_state("gpu_id")
@@ -183,17 +193,20 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
             return idx, self.stream_groups[idx]
 
         def run_batch(self, batch, *args, **kwargs):
-            if steps is not None and batch is self.running_batch:  # pdmux's loop: the decode step
-                self._bullet_time_decode_step()
+            if batch is self.running_batch:  # both loops: the decode step
+                corun = self.bullet_group not in (PREFILL_ALONE, plan.decode_alone)
+                if share is not None:
+                    share.observe(corun)
+                if steps is not None:
+                    self._bullet_time_decode_step(corun)
             return super().run_batch(batch, *args, **kwargs)
 
-        def _bullet_time_decode_step(self) -> None:
+        def _bullet_time_decode_step(self, corun: bool) -> None:
             sms = self.sm_counts[self.bullet_group][1]
             shape = decode_shape(self.running_batch)
             if shape is None or sms == 0:
                 steps.interrupt()
                 return
-            corun = self.bullet_group not in (PREFILL_ALONE, plan.decode_alone)
             steps.launched(clock(), sms, step_ms(shape[0], shape[1], sms, corun))
             if feedback.observed - self.__dict__.get("_bullet_logged_at", 0) >= FEEDBACK_LOG_EVERY:
                 self._bullet_logged_at = feedback.observed

@@ -130,7 +130,8 @@ def build(opts: BulletOptions) -> Setup:
     profile = Profile.load(opts.profile)
     estimator = FeedbackEstimator(profile) if opts.step_feedback else Estimator(profile)
     splits = candidate_splits(DEFAULT_SPLITS)
-    policy = SLOPolicy(estimator, list(splits), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms)
+    policy = SLOPolicy(estimator, list(splits), tpot_ms=opts.tpot_slo_ms, ttft_ms=opts.ttft_slo_ms,
+                       tpot_mode=opts.tpot_mode)
     if not estimator.groups:
         raise UnsupportedSetup(f"the latency profile {opts.profile} has no prefill layer groups; remeasure it with "
                                "`bullet profile`")

@@ -539,7 +539,9 @@ def test_set_internal_state_takes_real_requests_and_answers_with_sglangs_output(
     s.ps, s.model_config = parallel_state(gpu_id=0), model_config
     done = s.set_internal_state(SetInternalStateReq(server_args={"bullet_tpot_slo_ms": 12}))
     assert isinstance(done, SetInternalStateReqOutput) and done.updated
-    assert done.server_args == {"bullet_tpot_slo_ms": 12.0} and own.policy.tpot_ms == 12.0
+    assert done.server_args == {"bullet_tpot_slo_ms": 12.0, "bullet_tpot_mode": "step"} and own.policy.tpot_ms == 12.0
+    mode = s.set_internal_state(SetInternalStateReq(server_args={"bullet_tpot_mode": "average"}))
+    assert mode.updated and own.policy.tpot_mode == "average"
     ttft = s.set_internal_state(SetInternalStateReq(server_args={"bullet_ttft_slo_ms": 600}))
     assert not ttft.updated and own.policy.ttft_ms == opts.ttft_slo_ms  # not offered: it steers nothing here
     mixed = s.set_internal_state(SetInternalStateReq(server_args={"bullet_tpot_slo_ms": 9, "log_level": "debug"}))
