@@ -74,7 +74,12 @@ def test_bench_serving_simulate_writes_results_marked_simulated(tmp_path):
     (path,) = tmp_path.glob("serving-bullet-tpot15-simulated-*.json")
     doc = json.loads(path.read_text())
     assert doc["simulated"] is True and doc["policy_tpot_ms"] == 15 and doc["profile"].endswith("llama-3.1-8b.json")
+    assert doc["policy_tpot_mode"] == "step"
     assert doc["rows"][0]["simulated"] and len(doc["rows"][0]["results"]) == 20
+    refused = subprocess.run(cmd[:4] + ["--policy-tpot-mode", "average"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "give --simulate too" in refused.stderr
+    refused = subprocess.run(cmd + ["--policy-tpot-mode", "mean"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "invalid choice: 'mean'" in refused.stderr
     refused = subprocess.run(cmd[:5] + ["--driver", "sglang"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--simulate sends no requests" in refused.stderr
     refused = subprocess.run(cmd[:4] + ["--simulate-mode", "chunked"], capture_output=True, text=True, timeout=300)
@@ -185,3 +190,17 @@ def test_the_prefill_lane_runs_only_the_groups_queued_on_it_each_step(estimator)
     assert steps_to_first_token(2) >= groups // 2  # two groups a step
     assert steps_to_first_token(4) >= groups // 4
     assert steps_to_first_token(2) > steps_to_first_token(4) > steps_to_first_token(None)
+
+
+def test_average_tpot_mode_trades_tpot_for_ttft_in_the_simulation(estimator):
+    """Simulated, the standard random trace at 19 and 22 req/s, policy 10 ms: holding the mean
+    instead of every step gives prefill more SMs (lower TTFT) and lets TPOT rise toward the target
+    (its P90 above step mode's); the share of co-running steps is fed each step and reset each run."""
+    make = lambda rate: traces.sglang_random_trace(300, rate, seed=0)  # noqa: E731
+    step = simulate.simulate_rates(policy(estimator, 10), make, [19.0, 22.0], 1.0, 0.010)
+    average_policy = SLOPolicy(estimator, list(DEFAULT_SPLITS), tpot_ms=10, ttft_ms=1000, tpot_mode="average")
+    average = simulate.simulate_rates(average_policy, make, [19.0, 22.0], 1.0, 0.010)
+    for s, a in zip(step, average):
+        assert a["ttft_p90_ms"] < s["ttft_p90_ms"] and a["tpot_p90_ms"] > s["tpot_p90_ms"]
+    corun, steps = average_policy.corun_share.counts()
+    assert 0 < corun < steps  # fed from the last run only (a window of its last steps)

@@ -45,6 +45,11 @@ class CorunShare:
         self._steps.append(bool(corun))
         self._corun += bool(corun)
 
+    def clear(self) -> None:
+        """Forget every step (a new run)."""
+        self._steps.clear()
+        self._corun = 0
+
     def counts(self) -> tuple[int, int]:
         """(steps beside a prefill, steps) in the window."""
         return self._corun, len(self._steps)

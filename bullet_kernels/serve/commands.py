@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from ..orchestrate.tpot_budget import TPOT_MODES
 from .request import DEFAULT_CHUNK_SIZE, MODES, PREFILL_AHEAD
 
 TRACES = ("uniform", "sglang-random", "sharegpt", "azure-conversation")
@@ -165,6 +166,9 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
                    "(serve/simulate.py); results labelled simulated")
     p.add_argument("--policy-tpot-ms", type=positive_float, default=15.0,
                    help="with --simulate: the TPOT target the SLO policy chooses splits for (bullet serve --tpot-slo-ms)")
+    p.add_argument("--policy-tpot-mode", default="step", choices=TPOT_MODES,
+                   help="with --simulate: the policy's TPOT mode: every co-running step within the target (step), "
+                   "or the target as a per-request mean (average; orchestrate/tpot_budget.py)")
     p.add_argument("--simulate-mode", default="bullet", choices=("bullet", "chunked", "sequential"),
                    help="with --simulate: the scheduler mode simulated (chunked: fused steps costed from the "
                    "profile's prefill and decode times, serve/simulate.py)")
@@ -251,13 +255,14 @@ def run_simulation(args, rates: list[float], ttft_s: float, progress) -> tuple[l
 
     path = args.profile or local_profile(args.model)
     policy = SLOPolicy(Estimator(Profile.load(path)), list(DEFAULT_SPLITS), tpot_ms=args.policy_tpot_ms,
-                       ttft_ms=args.ttft_slo_ms)
+                       ttft_ms=args.ttft_slo_ms, tpot_mode=args.policy_tpot_mode)
     cfg = simulate.SimConfig(chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
                              fuse_prompt_tokens=args.fuse_prompt_tokens,
                              prefill_ahead=args.prefill_ahead or PREFILL_AHEAD)
     rows = simulate.simulate_rates(policy, make_trace_fn(args), rates, ttft_s, min(args.tpot_slo_ms) / 1e3,
                                    cfg=cfg, progress=progress, mode=args.simulate_mode)
     return rows, {"simulated": True, "profile": str(path), "policy_tpot_ms": args.policy_tpot_ms,
+                  "policy_tpot_mode": args.policy_tpot_mode,
                   "mode": args.simulate_mode, "chunk_size": cfg.chunk_size, "fuse_prompt_tokens": cfg.fuse_prompt_tokens,
                   "prefill_ahead": cfg.prefill_ahead}
 
@@ -282,9 +287,10 @@ def bench_serving_main(args) -> int:
 
     vocab = preset_config(args.model).vocab_size
     ttft_s = args.ttft_slo_ms / 1e3
-    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens
+    if not args.simulate and (args.simulate_mode != "bullet" or args.fuse_prompt_tokens or args.policy_tpot_mode != "step"
                               or args.prefill_ahead is not None or args.chunk_size is not None):
-        print("bullet bench-serving: error: --simulate-mode, --chunk-size, --fuse-prompt-tokens and --prefill-ahead "
+        print("bullet bench-serving: error: --simulate-mode, --chunk-size, --fuse-prompt-tokens, --policy-tpot-mode "
+              "and --prefill-ahead "
               "describe a simulated scheduler; give --simulate too (a measured server has its own, set by bullet "
               "serve)", file=sys.stderr)
         return 2
@@ -299,7 +305,8 @@ def bench_serving_main(args) -> int:
         print("bullet bench-serving: error: --driver sglang sends SGLang's own random-ids requests; give "
               "--trace sglang-random (the same lengths), not another trace or --trace-file", file=sys.stderr)
         return 2
-    target = (f"SIMULATED {args.simulate_mode} scheduler (policy TPOT {args.policy_tpot_ms:g} ms, no server)" if args.simulate
+    target = (f"SIMULATED {args.simulate_mode} scheduler (policy TPOT {args.policy_tpot_ms:g} ms, "
+              f"{args.policy_tpot_mode} mode, no server)" if args.simulate
               else args.url)
     print(f"bullet bench-serving: {target}, trace {args.trace_file or args.trace}, rates {args.rates} req/s, "
           f"{args.num_prompts} requests each{'' if args.simulate else f', sent by {args.driver}'}", flush=True)

@@ -45,7 +45,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
-from ..orchestrate.policy import DECODE, PREFILL, Policy, split_chooser
+from ..orchestrate.policy import DECODE, PREFILL, Policy, Work, round_up_work, split_chooser
 from ..orchestrate.profile import WHOLE_GPU
 from .app import GPU_PREFILL_BUCKETS
 from .metrics import RequestResult, summarize
@@ -179,9 +179,17 @@ class BulletSimulation:
         self.est = policy.estimator
         self.groups = len(self.est.groups)
         self.whole = self.est.sm_count
-        self._choose = split_chooser(policy)  # the server's decisions (serve/app.py), cached alike
+        # the server's decisions (serve/app.py), cached alike; a policy in average TPOT mode decides
+        # from the share of co-running steps it is fed (each step here), so not cached
+        self._share = getattr(policy, "corun_share", None)
+        self._choose = split_chooser(policy) if getattr(policy, "tpot_mode", "step") == "step" else self._decide
         self._decode_ms = functools.lru_cache(maxsize=None)(self._decode_ms_uncached)
         self._group_ms = functools.lru_cache(maxsize=None)(self._group_ms_uncached)
+
+    def _decide(self, batch: int, context: int, tokens: int | None, groups_left: int):
+        work = Work(decode=(batch, round_up_work(context)) if batch else None,
+                    prefill_tokens=tokens and round_up_work(tokens), prefill_groups_left=groups_left)
+        return self.policy.decide(work).split
 
     def _decode_ms_uncached(self, batch: int, context: int, split, corun: bool) -> float:
         sms = split[DECODE] if split is not None else self.whole
@@ -280,6 +288,8 @@ class BulletSimulation:
         prefill: _Prefill | None = None
         split = None
         t = 0.0  # ms
+        if self._share is not None:
+            self._share.clear()  # a run starts with no history
         while queue.more() or waiting or running or prefill or fusing:
             queue.arrive(t)
             if not running and not prefill and not waiting and not fusing:
@@ -303,6 +313,8 @@ class BulletSimulation:
                     and chosen[DECODE] <= split[DECODE]):  # mid-prefill, decode never gets fewer SMs
                 split = chosen
             step = self._decode_ms(*decode, split, corun=prefill is not None) + cfg.step_overhead_ms
+            if self._share is not None:
+                self._share.observe(prefill is not None)
             landed = prefill is not None and prefill.advance(
                 step, lambda g: self._group_ms(prefill.tokens, g, split, True), self.groups, cfg.prefill_ahead)
             t += step
