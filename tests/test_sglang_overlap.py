@@ -31,6 +31,17 @@ class Event:
         return self.passes_after is not None and self.queries >= self.passes_after
 
 
+class LaunchEvent:
+    """The event after the ``n``-th prefill launch: passes once the prefill lane has run ``n``
+    launches (it runs ``prefill_speed`` of them in the time of each decode step)."""
+
+    def __init__(self, sched, n):
+        self.sched, self.n = sched, n
+
+    def query(self):
+        return self.n <= self.sched.prefill_ran
+
+
 class Stream:
     def __init__(self, name, log, sched):
         self.name, self.log, self.sched = name, log, sched
@@ -42,8 +53,10 @@ class Stream:
         self.log.append(("wait", self.name, other.name))
 
     def record_event(self):
-        passes = 1 if self.name.startswith("P") else self.sched.step_ends_after  # prefills: done when asked
-        return Event(f"{self.name}-event", self.log, passes)
+        if self.name.startswith("P"):  # after a prefill launch: done once the lane has run that far
+            self.sched.prefill_launched += 1
+            return LaunchEvent(self.sched, self.sched.prefill_launched)
+        return Event(f"{self.name}-event", self.log, self.sched.step_ends_after)
 
     def query(self):  # everything issued on it has run (the prefill lane: after lane_idle_after asks)
         self.sched.lane_queries += 1
@@ -123,12 +136,14 @@ class Scheduler:
     """The SGLang Scheduler surface the loop uses, with SGLang's overlap-relevant behaviour."""
 
     def __init__(self, arrivals, iterations, grammar=False, penalties=False, custom=False, step_ends_after=1,
-                 input_top_logprobs=0, lane_idle_after=1):
+                 input_top_logprobs=0, lane_idle_after=1, prefill_speed=2):
         self.log, self.lanes = [], None
         self.arrivals, self.iterations, self.grammar, self.penalties = dict(arrivals), iterations, grammar, penalties
         self.custom, self.input_top_logprobs = custom, input_top_logprobs
         self.step_ends_after = step_ends_after  # queries until a decode step's event passes
         self.lane_idle_after, self.lane_queries = lane_idle_after, 0  # queries until the prefill lane is idle
+        # prefill launches the lane runs in a decode step's time; launched and run so far
+        self.prefill_speed, self.prefill_launched, self.prefill_ran = prefill_speed, 0, 0
         self.turn, self.steps = 0, 0
         self.groups = [(Stream(f"P{i}", self.log, self), Stream(f"D{i}", self.log, self)) for i in range(3)]
         self.stream_groups, self.bullet_group = self.groups, 0
@@ -178,6 +193,7 @@ class Scheduler:
             assert not batch.split_prefill_finished  # SGLang's contract: set after the last layers' run
             return PrefillResult(self, batch.split_index + batch.split_forward_count)
         self.steps += 1
+        self.prefill_ran = min(self.prefill_ran + self.prefill_speed, self.prefill_launched)
         self.log.append(("launch", self.steps, self.lanes.current, [r.rid for r in batch.reqs]))
         return Result(self.log, self.steps)
 
@@ -221,6 +237,12 @@ def prefill_launches(log):
     return [e[2:] for e in events(log, "prefill")]
 
 
+def launches_per_turn(log, start, end):
+    """Prefill launches after each decode launch in ``log[start:end]``."""
+    steps = [i for i, e in enumerate(log) if e[0] == "launch" and start < i < end]
+    return [len(events(log[a:b], "prefill")) for a, b in zip(steps, steps[1:] + [end])]
+
+
 def assert_overlapped(log, s, first_step=1):
     """From ``first_step`` on, step k is processed only after k+1 was launched (or k was the
     last), having waited on its copy's event, never on a lane."""
@@ -246,7 +268,7 @@ def test_decode_alone_launches_step_k_plus_1_before_processing_step_k():
 
 
 def test_group_switches_make_the_new_lanes_wait_for_both_old_ones_on_the_gpu():
-    s = Scheduler({1: [("a", 10)], 4: [("c", 3)]}, iterations=16)
+    s = Scheduler({1: [("a", 8)], 4: [("c", 3)]}, iterations=20)
     log = run(s)
     switches = [i for i, e in enumerate(log) if e[0] == "switch"]
     # a finishes during c's prefill: the policy is asked again and keeps group 1
@@ -275,35 +297,42 @@ def test_a_prefill_admitted_with_a_step_in_flight_runs_after_it_beside_overlappe
     # its result copied on its own lane behind its last layers; processed and merged on the decode
     # lane once that copy's event has passed, the decode lane waiting for the prefill lane first
     copied = log.index(("copy-prefill", "P1", 32), admit_c)
-    assert log[copied - 2] == ("prefill", "P1", 30, 2)
+    assert log[copied - 1] == ("prefill", "P1", 30, 2)
     assert ("wait", "D1", "P1") in log[copied:landed] and len(in_flight_at(log, landed)) == 1
     during = [e for e in events(log[admit_c:landed], "launch")]
     assert len(during) >= 5 and {e[2] for e in during} == {"D1"}
     assert_overlapped(log, s)
     assert not events(log, "sync")
-    # its layers in launches of LAYERS_PER_LAUNCH, 3 a turn (the step the CPU waits for ends at
-    # the 3rd query), in order, all 32 exactly once
+    # its layers in launches of LAYERS_PER_LAUNCH, in order, all 32 exactly once: 4 in the first
+    # turn (the awaited step ends at the 3rd query, the lane has two queued by then), then the
+    # two a turn the lane runs in a step's time
     launches = prefill_launches(log)[1:]
     assert [c for _, c in launches] == [overlap.LAYERS_PER_LAUNCH] * 16
     assert [i for i, _ in launches] == list(range(0, 32, 2))
-    turns = [[e for e in events(log[a:b], "prefill")] for a, b in zip(
-        [i for i, e in enumerate(log) if e[0] == "launch" and admit_c < i < landed],
-        [i for i, e in enumerate(log) if e[0] == "launch" and admit_c < i < landed][1:] + [landed])]
-    assert [len(t) for t in turns if t][:5] == [3] * 5
+    assert launches_per_turn(log, admit_c, landed) == [4, 2, 2, 2, 2, 2, 2]
     assert s.reqs["c"].got == 4  # its first token from the prefill, 3 decode steps (the 4th skipped)
     assert s.reqs["a"].got == 1 + len(events(log, "process")) < 20  # one per processed step, none lost
 
 
-@pytest.mark.parametrize("ends_after, per_turn", [(1, 1), (3, 3), (None, 16)])
-def test_prefill_layers_go_out_until_the_decode_step_the_cpu_waits_for_ends(ends_after, per_turn):
-    s = Scheduler({1: [("a", 30)], 3: [("c", 2)]}, iterations=40, step_ends_after=ends_after)
+@pytest.mark.parametrize("ends_after, speed, per_turn", [
+    (1, 2, [2] * 8),  # the awaited step ends at once: two queued on the lane, as many as it runs a step
+    (3, 2, [4, 2, 2, 2, 2, 2, 2]),  # it ends at the 3rd query: launches go on until then
+    (None, 2, [16]),  # it never ends (the CPU is free): the whole prefill at once
+    (1, 0, [2, 0, 0, 0]),  # the lane runs nothing: two queued, no more
+])
+def test_prefill_layers_go_out_while_the_awaited_step_runs_or_the_prefill_lane_runs_dry(ends_after, speed, per_turn):
+    s = Scheduler({1: [("a", 30)], 3: [("c", 2)]}, iterations=40, step_ends_after=ends_after, prefill_speed=speed)
     log = run(s)
     admit_c = log.index(("admit", ["c"], "D2"))
-    first = next(i for i, e in enumerate(log) if e[0] == "launch" and i > admit_c)
-    second = next(i for i, e in enumerate(log) if e[0] == "launch" and i > first)
-    assert len(events(log[first:second], "prefill")) == per_turn  # at least one launch a turn
-    assert [i for i, _ in prefill_launches(log)[1:]] == list(range(0, 32, 2))
+    landed = next((i for i, e in enumerate(log) if e[0] == "processed-prefill" and i > admit_c), len(log))
+    assert launches_per_turn(log, admit_c, landed)[:len(per_turn)] == per_turn
+    launched = prefill_launches(log)[1:]
     assert s.reqs["c"].got == 2
+    if speed:
+        assert launched == [(i, 2) for i in range(0, 32, 2)]  # in order, each once
+    else:  # the rest went out at once when a's decoding ended and no step was awaited any more
+        assert launched == [(0, 2), (2, 2), (4, 28)]
+        assert log.index(("prefill", "P1", 4, 28)) > log.index(("process", 30, "copy_done"))
 
 
 @pytest.mark.parametrize("kind", ["grammar", "penalties", "custom"])
@@ -315,10 +344,10 @@ def test_grammar_penalty_and_custom_logit_processor_batches_are_never_overlapped
         assert log[log.index(e) - 1][0] == "sync"
     assert not events(log, "copy") and s.reqs["a"].got == 5 and s.reqs["c"].got == 2
     assert s.bullet_overlapped_steps == 0 and s.bullet_decode_steps == 5
-    # c's layers still go out while a's step runs (its own event gates them), 2 launches a turn
+    # c's layers still go out while a's step runs (its own event gates them once two are queued)
     first = log.index(("prefill", "P1", 0, 2))
-    assert log[first - 1][0] == "launch" and log[first + 1:first + 4] == [
-        ("query", "D1-event"), ("prefill", "P1", 2, 2), ("query", "D1-event")]
+    assert log[first - 1][0] == "launch" and log[first + 1:first + 6] == [
+        ("prefill", "P1", 2, 2), ("query", "D1-event"), ("prefill", "P1", 4, 2), ("query", "D1-event"), ("sync", "D1")]
 
 
 def test_the_loop_counts_overlapped_steps():

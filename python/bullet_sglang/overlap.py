@@ -28,8 +28,9 @@ What this loop does instead, in SGLang 0.5.15's terms:
   ``enable_overlap`` so ``prepare_for_decode`` makes new sequence-length tensors instead of
   changing the ones an unprocessed step's snapshot holds.
 - A prefill's layers are issued between launching step k+1 and processing step k, a few at a
-  time until step k has ended (its event), at least a few each turn, so the CPU's slack feeds the
-  prefill lane and the decode lane never waits for a whole prefill's launch (:func:`launch_prefill`).
+  time until step k has ended (its event), and after that only while fewer than two launches are
+  still queued on the prefill lane: the CPU's slack feeds the prefill lane, the lane does not run
+  dry, and the decode lane never waits for a whole prefill's launch (:func:`launch_prefill`).
   With no decode running, the whole prefill goes at once.
 - All scheduler state is made (and freed) on the decode lane's stream: the admission, a landed
   prefill's result processing and its merge run there; the prefill lane allocates only what its
@@ -76,6 +77,7 @@ its event flag as pdmux's loop does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Callable
 
@@ -120,22 +122,34 @@ def syncs_on_last_layers(batch) -> bool:
 #: back to the decode lane within about one launch of the step it waits for (a layer's eager
 #: forward is some tens of kernels, well under a millisecond of CPU).
 LAYERS_PER_LAUNCH = 2
+#: Launches kept queued on the prefill lane even once the awaited decode step has ended: the
+#: prefill lane must not run dry while the CPU turns to decode (two launches, four layers, are
+#: some milliseconds of a thousand-token prefill on a split's prefill lane).
+LAUNCHES_AHEAD = 2
 
 
-def launch_prefill(s, batch, gate, stream) -> object:
+def launch_prefill(s, batch, gate, stream, queued: collections.deque) -> object:
     """Issue the split prefill's next layers on ``stream``, the current one; returns the last
     ``run_batch`` result (None if none ran), the prefill's result once all layers are issued.
+    ``queued`` holds the events of this prefill's launches that may still be running (kept by the
+    caller from turn to turn).
 
     With no decode step waiting (``gate`` None) all its layers go at once. Otherwise they go
-    :data:`LAYERS_PER_LAUNCH` at a time until ``gate`` (the event of the decode step whose end the
-    CPU must answer: processing it and launching the next) has passed, at least one launch a turn:
-    issuing a whole prefill (a thousand tokens, 32 layers, eager) holds the CPU for 10-25 ms on
-    the H200, which was measured as that much added to the decode step beside it. A last run that
-    waits on the host for the lane (:func:`syncs_on_last_layers`) is issued only once the lane has
-    run everything before it, so that wait is for its own layers, not the whole prefill."""
+    :data:`LAYERS_PER_LAUNCH` at a time while ``gate`` (the event of the decode step whose end the
+    CPU must answer: processing it and launching the next) has not passed, and after that only
+    while fewer than :data:`LAUNCHES_AHEAD` launches are still queued on the lane. Why: issuing a
+    whole prefill (a thousand tokens, 32 layers, eager) holds the CPU for 10-25 ms on the H200,
+    measured as that much added to the decode step beside it; issuing only in the CPU's slack could
+    leave the prefill lane idle. A last run that waits on the host for the lane
+    (:func:`syncs_on_last_layers`) is issued only once the lane has run everything before it, so
+    that wait is for its own layers, not the whole prefill."""
     layers = s.model_config.num_hidden_layers
     result = None
     while batch.split_index < layers:
+        while queued and queued[0].query():
+            queued.popleft()
+        if gate is not None and len(queued) >= LAUNCHES_AHEAD and gate.query():
+            break
         upto = layers if gate is None else min(batch.split_index + LAYERS_PER_LAUNCH, layers)
         if upto == layers and gate is not None and syncs_on_last_layers(batch) and not stream.query():
             break
@@ -144,8 +158,7 @@ def launch_prefill(s, batch, gate, stream) -> object:
         if upto == layers:
             batch.split_prefill_finished = True  # SGLang's contract: set after the last layers' run
         batch.split_index = upto
-        if gate is not None and gate.query():
-            break
+        queued.append(stream.record_event())
     return result
 
 
@@ -172,6 +185,7 @@ def run(s, lanes: Lanes) -> None:
     pending = None  # (snapshot, result) of the decode step launched last and not yet processed
     prefill_result = None
     prefill_enqueued = False  # all its layers and its result's copy are on the prefill lane
+    prefill_queued = collections.deque()  # events of its launches that may still be running
     adjust = False
     prefill_stream, decode_stream = s.stream_groups[s.bullet_group]
 
@@ -231,7 +245,7 @@ def run(s, lanes: Lanes) -> None:
         batch = s.split_prefill_batch
         if batch is not None and not batch.is_empty() and not prefill_enqueued:
             with lanes.on(prefill_stream, True):
-                prefill_result = launch_prefill(s, batch, gate, prefill_stream)
+                prefill_result = launch_prefill(s, batch, gate, prefill_stream, prefill_queued)
                 if batch.split_prefill_finished:  # its result to the host on this lane, behind its forward
                     prefill_result.copy_done = lanes.event()
                     prefill_result.copy_to_cpu(return_logprob=batch.return_logprob,
@@ -260,4 +274,5 @@ def run(s, lanes: Lanes) -> None:
                 else:
                     s.running_batch = batch
             s.split_prefill_batch, prefill_result, prefill_enqueued = None, None, False
+            prefill_queued.clear()
             adjust = True
