@@ -77,6 +77,9 @@ def test_the_mode_is_checked_and_a_cached_chooser_refuses_average_mode():
     policy.set_tpot_mode("average")
     with pytest.raises(ValueError, match="caches decisions"):
         split_chooser(policy)
+    uncached = split_chooser(policy, cached=False)  # the caller feeds the policy: every call decides
+    assert uncached.cache_info is None and uncached(32, 1000, 1000, 8) == policy.decide(
+        Work(decode=(32, 1024), prefill_tokens=1024, prefill_groups_left=8)).split
     with pytest.raises(ValueError, match="TPOT mode"):
         policy.set_tpot_mode("")
     assert policy.tpot_mode == "average"

@@ -168,27 +168,30 @@ def round_up_work(n: int) -> int:
     return -(-n // WORK_QUANTUM) * WORK_QUANTUM
 
 
-def split_chooser(policy: Policy, ttft_left_ms: float | None = None,
-                  cache_size: int = 8192) -> Callable[[int, int, int | None, int], SMSplit | None]:
+def split_chooser(policy: Policy, ttft_left_ms: float | None = None, cache_size: int = 8192,
+                  cached: bool = True) -> Callable[[int, int, int | None, int], SMSplit | None]:
     """``choose(batch, context, prompt tokens or None, groups left)``: ``policy``'s split for the
     next step (None: the phase with work takes the whole GPU; batch 0: nothing to decode),
-    decided once per work rounded up to :data:`WORK_QUANTUM` tokens and cached. The server and
-    the serving simulation both decide through it. ``choose.cache_info()`` reports the cache.
-    A policy whose decisions change with what it observes (``tpot_mode`` "average") is refused:
-    a cached decision would outlive what it was made from."""
-    if getattr(policy, "tpot_mode", "step") != "step":
+    decided on work rounded up to :data:`WORK_QUANTUM` tokens, once per work when ``cached``. The
+    server and the serving simulation both decide through it. ``choose.cache_info()`` reports the
+    cache (None uncached). A policy whose decisions change with what it observes (``tpot_mode``
+    "average") is refused a cache: a cached decision would outlive what it was made from; the
+    caller that feeds it what it observes asks with ``cached=False``."""
+    if cached and getattr(policy, "tpot_mode", "step") != "step":
         raise ValueError(f"split_chooser caches decisions, which {policy.tpot_mode!r} TPOT mode changes from step "
-                         "to step; decide with policy.decide, or use tpot_mode='step'")
+                         "to step; feed the policy and ask with cached=False, or use tpot_mode='step'")
 
-    @functools.lru_cache(maxsize=cache_size)
     def decide(batch: int, context: int, tokens: int | None, groups_left: int) -> SMSplit | None:
         work = Work(decode=(batch, context) if batch else None, prefill_tokens=tokens,
                     prefill_groups_left=groups_left, ttft_left_ms=ttft_left_ms)
         return policy.decide(work).split
 
+    if cached:
+        decide = functools.lru_cache(maxsize=cache_size)(decide)
+
     def choose(batch: int, context: int, tokens: int | None, groups_left: int) -> SMSplit | None:
         return decide(batch, round_up_work(context) if batch else 0, tokens and round_up_work(tokens), groups_left)
 
-    choose.cache_info = decide.cache_info
+    choose.cache_info = decide.cache_info if cached else None
     return choose
 

@@ -45,7 +45,7 @@ import dataclasses
 import functools
 from typing import Sequence
 
-from ..orchestrate.policy import DECODE, PREFILL, Policy, Work, round_up_work, split_chooser
+from ..orchestrate.policy import DECODE, PREFILL, Policy, split_chooser
 from ..orchestrate.profile import WHOLE_GPU
 from .app import GPU_PREFILL_BUCKETS
 from .metrics import RequestResult, summarize
@@ -182,14 +182,9 @@ class BulletSimulation:
         # the server's decisions (serve/app.py), cached alike; a policy in average TPOT mode decides
         # from the share of co-running steps it is fed (each step here), so not cached
         self._share = getattr(policy, "corun_share", None)
-        self._choose = split_chooser(policy) if getattr(policy, "tpot_mode", "step") == "step" else self._decide
+        self._choose = split_chooser(policy, cached=getattr(policy, "tpot_mode", "step") == "step")
         self._decode_ms = functools.lru_cache(maxsize=None)(self._decode_ms_uncached)
         self._group_ms = functools.lru_cache(maxsize=None)(self._group_ms_uncached)
-
-    def _decide(self, batch: int, context: int, tokens: int | None, groups_left: int):
-        work = Work(decode=(batch, round_up_work(context)) if batch else None,
-                    prefill_tokens=tokens and round_up_work(tokens), prefill_groups_left=groups_left)
-        return self.policy.decide(work).split
 
     def _decode_ms_uncached(self, batch: int, context: int, split, corun: bool) -> float:
         sms = split[DECODE] if split is not None else self.whole
