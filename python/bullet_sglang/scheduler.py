@@ -15,7 +15,8 @@ after its last layers has landed). What it lacks, we override:
   same group, against the profile's estimate for it, so the policy plans with SGLang's real step
   times (:mod:`bullet_kernels.orchestrate.feedback`);
 - ``event_loop_pdmux``: with ``--bullet-overlap on``, our version of pdmux's loop that overlaps
-  the CPU's work with decode steps while no prefill is in flight (:mod:`.overlap`);
+  the CPU's work with decode steps, beside prefills too, and switches groups with GPU waits
+  (:mod:`.overlap`);
 - ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
   in ``self.ps``; without them pdmux cannot start (its own launch fails that way).
 
@@ -172,7 +173,7 @@ def bullet_scheduler_class(base: type, plan: GroupPlan, policy, open_groups: Cal
 
         def adjust_stream_groups(self):
             if steps is not None:
-                steps.interrupt()  # both lanes were waited for: the step in progress is no lane's
+                steps.interrupt()  # the step in progress spans the switch: it is no lane's
             decode = decode_shape(self.running_batch)
             prefill, left = None, 0
             if self.split_prefill_batch is not None and not self.split_prefill_batch.is_empty():
