@@ -398,6 +398,37 @@ def test_a_goodput_at_the_top_rate_is_a_lower_bound(tmp_path, capsys):
     assert "--plot draws the runs given to --report" in capsys.readouterr().err
 
 
+def test_files_of_one_label_continue_one_sweep(tmp_path):
+    """A sweep's higher rates measured in the next device call (same label, same server) join
+    the first file's: goodput is recomputed over all rows; mismatched or overlapping files are
+    refused with what differs."""
+    from bullet_kernels.serve import report
+
+    slo = {"ttft_slo_s": 1.0, "tpot_slo_s": 0.01, "attainment": 0.9, "percentile": 90}
+
+    def doc(name, rates, passing, **meta):
+        rows = [{"rate": r, "ttft_p90_ms": 200.0, "tpot_p90_ms": 8.0 if r in passing else 12.0,
+                 "slo_attainment": 0.95 if r in passing else 0.5, "ttft_slo_s": 1.0, "tpot_slo_s": 0.01}
+                for r in rates]
+        best = max(passing & set(rates), default=None)
+        summary = {"goodput_tpot_10ms": {**slo, "by_attainment": best, "by_percentile": best}}
+        path = tmp_path / name
+        path.write_text(json.dumps({"benchmark": "serving-bullet", "device": "NVIDIA H200", "commit": "abc",
+                                    "trace": "sglang-random", "num_prompts": 200, "ttft_slo_ms": 1000.0,
+                                    "driver": "sglang", "summary": summary, "rows": rows, **meta}))
+        return path
+
+    first = doc("a.json", [10.0, 13.0], {10.0, 13.0, 16.0})
+    docs = report.load([first, doc("b.json", [16.0, 19.0], {10.0, 13.0, 16.0})])
+    assert [r["rate"] for r in docs["bullet"]["rows"]] == [10.0, 13.0, 16.0, 19.0]
+    (row,) = report.goodput_rows(docs)
+    assert row["bullet"] == 16.0 and row["at_top"] == set()  # 19 failed: an exact goodput, not 13+
+    with pytest.raises(ValueError, match="differs in commit"):
+        report.load([first, doc("c.json", [16.0], {16.0}, commit="def")])
+    with pytest.raises(ValueError, match=r"rate\(s\) \[13.0\]"):
+        report.load([first, doc("d.json", [13.0, 16.0], {16.0})])
+
+
 def test_gpu_samples_join_the_report(tmp_path):
     from bullet_kernels.serve import report
 

@@ -31,8 +31,8 @@ def test_our_options_are_split_from_sglangs():
     assert BulletOptions().step_feedback  # on unless asked otherwise
     off, _ = split_argv(["--enable-bullet", "--bullet-step-feedback", "off"])
     assert not off.step_feedback and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": off.to_env()}) == off
-    assert not BulletOptions().overlap  # off until measured on the GPU
-    assert split_argv(["--enable-bullet", "--bullet-overlap", "on"])[0].overlap
+    assert BulletOptions().overlap  # on since measured on the H200 (ea7b8de)
+    assert not split_argv(["--enable-bullet", "--bullet-overlap", "off"])[0].overlap
     assert BulletOptions().tpot_mode == "step"  # until average is measured on the GPU
     average, _ = split_argv(["--enable-bullet", "--bullet-tpot-mode", "average"])
     assert average.tpot_mode == "average" and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": average.to_env()}) == average

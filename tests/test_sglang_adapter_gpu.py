@@ -1,6 +1,6 @@
 """bullet_sglang on the GPU: SGLang 0.5.15 started through our launcher answers /generate with
-the same tokens as unmodified SGLang (greedy, and sampled with a seed per request), with --enable-bullet (pdmux's loop and our overlapped
-one, --bullet-overlap on) and without, while prefills run beside decodes on a split (the log must show a stream group of a split chosen by our policy).
+the same tokens as unmodified SGLang (greedy, and sampled with a seed per request), with --enable-bullet (pdmux's loop, --bullet-overlap off,
+and our overlapped one, the default) and without, while prefills run beside decodes on a split (the log must show a stream group of a split chosen by our policy).
 
 Needs SGLang 0.5.15 importable by the servers: on the offline GPU machine, after
 `.carry/sglang/install.sh` of each wheel part, `BULLET_SGLANG_PYTHONPATH=/tmp/site` (given to the
@@ -158,11 +158,11 @@ def test_enable_bullet_gives_unmodified_sglangs_tokens(tmp_path):
         answers.append(set_policy_target(url, bullet_tpot_slo_ms=10))
         answers.append(set_policy_target(url, bullet_tpot_slo_ms=-1))
 
-    bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], logs / "adapter-bullet.log",
-                                then=change_the_policy)
+    bullet = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15", "--bullet-overlap", "off"],
+                                logs / "adapter-bullet.log", then=change_the_policy)
     assert answers == [[True], [False]]
-    # the overlapped loop (--bullet-overlap on): requests finish while their next step is in flight
-    overlapped = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15", "--bullet-overlap", "on"],
+    # the overlapped loop (the default): requests finish while their next step is in flight
+    overlapped = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"],
                                     logs / "adapter-bullet-overlap.log")
     plain = serve_and_generate(model, [], logs / "adapter-sglang.log")
     assert all(len(o) == NEW_TOKENS for o in plain)
@@ -174,7 +174,7 @@ def test_enable_bullet_gives_unmodified_sglangs_tokens(tmp_path):
     counts = [tuple(map(int, m)) for m in re.findall(r"decode steps overlapped (\d+) of (\d+)", overlap_log)]
     # no grammar, no penalties: every decode step overlapped, beside prefills too
     assert counts and counts[-1][0] == counts[-1][1] > 0, f"not every decode step was overlapped ({counts})"
-    for name, outputs in (("--enable-bullet", bullet), ("--bullet-overlap on", overlapped)):
+    for name, outputs in (("--bullet-overlap off", bullet), ("--enable-bullet (overlapped)", overlapped)):
         mismatched = [(i, "greedy" if i % 2 == 0 else "sampled") for i, (a, b) in enumerate(zip(plain, outputs))
                       if a != b]
         assert not mismatched, f"{name}: outputs differ from unmodified SGLang's for prompts {mismatched}"

@@ -9,6 +9,9 @@ SLOs), the best of our chunked runs (``chunked<size>`` labels: the best chunk fo
 the best of our bullet runs (``bullet*`` labels, e.g. one per policy TPOT target), and bullet's
 ratio to the best baseline, SGLang included.
 
+Files with the same label continue one sweep (the same server measured again at higher rates
+in a later device call): their rows are joined and the goodputs recomputed.
+
 A goodput equal to the highest rate a run measured is a lower bound: the engine met the
 targets at every rate offered, so it might serve more. Such cells read ``22+``, and a ratio
 involving one reads as a bound (``>= 1.38``) or, when both sides are at their top, ``n/a``.
@@ -34,10 +37,37 @@ def load(paths: Sequence[str | Path]) -> dict[str, dict]:
         name = doc.get("benchmark", "")
         if not name.startswith("serving-"):
             raise ValueError(f"{p} is not a bench-serving result (benchmark {name!r})")
-        docs[name.removeprefix("serving-")] = doc
+        label = name.removeprefix("serving-")
+        docs[label] = _continue(docs[label], doc, p) if label in docs else doc
     if not docs:
         raise ValueError("no result files given")
     return docs
+
+
+# what must agree for two files of one label to be one sweep measured in two device calls
+_SAME_SWEEP = ("device", "commit", "trace", "num_prompts", "ttft_slo_ms", "driver")
+
+
+def _continue(first: dict, more: dict, path: str | Path) -> dict:
+    """One sweep from two files with the same label (a device call ends at ten minutes, so a
+    sweep's higher rates may come from the next call on the same running server): the rows
+    joined in rate order and each goodput recomputed from them with the SLOs it was made with.
+    Files that differ in device, commit, trace or SLOs, or that measured one rate twice, are
+    refused rather than silently mixed."""
+    from .metrics import goodput
+
+    differ = [k for k in _SAME_SWEEP if first.get(k) != more.get(k)]
+    if differ:
+        raise ValueError(f"{path} has the label of an earlier file but differs in {', '.join(differ)}: "
+                         "files of one label must continue one sweep (rename one to compare them)")
+    twice = {r.get("rate") for r in first.get("rows", [])} & {r.get("rate") for r in more.get("rows", [])}
+    if twice:
+        raise ValueError(f"{path} measured rate(s) {sorted(twice)} that an earlier file of its label "
+                         "measured too: keep one of them")
+    rows = sorted(first.get("rows", []) + more.get("rows", []), key=lambda r: r["rate"])
+    summary = {key: goodput(rows, g["ttft_slo_s"], g["tpot_slo_s"], g["attainment"], g["percentile"])
+               for key, g in first["summary"].items()}
+    return {**first, "rows": rows, "summary": summary, "rates": [r["rate"] for r in rows]}
 
 
 def _top_rate(doc: dict) -> float | None:

@@ -1,6 +1,6 @@
 """pdmux's loop with SGLang's CPU/GPU overlap for decode steps, a prefill's layers issued in the
-CPU's slack, and group switches as GPU waits (``--bullet-overlap on``; off by default until
-measured on the GPU).
+CPU's slack, and group switches as GPU waits (the default; ``--bullet-overlap off`` keeps pdmux's
+own loop).
 
 Why: SGLang's PD-multiplexing loop waits for every decode step before it processes the result
 and prepares the next, so the scheduler's CPU work per step (about 2 ms at batch 10-20 on the
