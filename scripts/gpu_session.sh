@@ -5,7 +5,8 @@
 #       "serve:bullet-tpot10:bullet:512:uniform:8,11,14:--tpot-slo-ms 10" sgstart:2048 sg:2048:uniform:8,11,14 sgstop
 # Stages: install, info, tests (pytest -m gpu), servetests (the server and kernel GPU tests only, or
 # the files in SERVETESTS),
-# adaptertest (the SGLang adapter's GPU test, SGLang from /tmp/site: run the sgpart stages first),
+# adaptertest (the SGLang adapter's GPU tests, SGLang from /tmp/site: run the sgpart stages first;
+# ADAPTERTEST_ARGS go to pytest, e.g. "-k retraction" for the retraction test alone),
 # bench (the whole benchmark suite, bench/), one benchmark file each (decode, breakdown, compile,
 # capture, smsweep, roofline, colocation, sglang), profile (`bullet profile --fresh`: this GPU's
 # shipped latency profile measured again, used by later stages and copied to bench/results), sweep (`bullet sweep`), the investigations (greendiag,
@@ -100,7 +101,7 @@ for s in "$@"; do
     tests)     stage tests python3 -m pytest -m gpu -q -p no:cacheprovider ;;
     servetests) stage servetests python3 -m pytest -m gpu -q -p no:cacheprovider ${SERVETESTS:-tests/test_serve_gpu.py tests/test_kernels_gpu.py} ;;
     adaptertest) stage adaptertest env BULLET_SGLANG_PYTHONPATH=/tmp/site BULLET_SGLANG_LOG_DIR="$OUT" \
-                   python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sglang_adapter_gpu.py ;;
+                   python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_sglang_adapter_gpu.py ${ADAPTERTEST_ARGS:-} ;;
     bench)     bench_stage bench ;;
     decode)    bench_stage decode bench/test_decode_partitions.py ;;
     breakdown) bench_stage breakdown bench/test_decode_breakdown.py ;;

@@ -119,11 +119,12 @@ def set_policy_target(url: str, **targets) -> list:
         return json.loads(r.read())
 
 
-def serve_and_generate(model_dir, extra: list[str], log_path: Path, then=None) -> list[list[int]]:
-    """The outputs of a server started with ``extra``; ``then(url)`` runs before it stops."""
+def serve_and_generate(model_dir, extra: list[str], log_path: Path, then=None, env_extra=None) -> list[list[int]]:
+    """The outputs of a server started with ``extra`` (and ``env_extra`` in its environment);
+    ``then(url)`` runs before it stops."""
     cmd = [sys.executable, "-m", "bullet_sglang.launch_server", "--model-path", str(model_dir),
            "--port", str(PORT), *COMMON, *extra]
-    env = server_env()
+    env = {**server_env(), **(env_extra or {})}
     url = f"http://127.0.0.1:{PORT}"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -178,3 +179,26 @@ def test_enable_bullet_gives_unmodified_sglangs_tokens(tmp_path):
         mismatched = [(i, "greedy" if i % 2 == 0 else "sampled") for i, (a, b) in enumerate(zip(plain, outputs))
                       if a != b]
         assert not mismatched, f"{name}: outputs differ from unmodified SGLang's for prompts {mismatched}"
+
+
+def test_the_overlapped_loop_survives_retraction(tmp_path):
+    """SGLang's test switch retracts running requests every third forward
+    (``SGLANG_TEST_RETRACT``): with the overlapped loop the retracted requests' next step is
+    already in flight when they are retracted, so the result processor must skip them and they
+    must be prefilled again and finish. Every request must come back with all its tokens. (Not
+    compared with unmodified SGLang's: a request prefilled again over its own output need not
+    round as its decode steps did.)"""
+    from bullet_kernels.models.presets import write_model_dir
+
+    model = write_model_dir("llama-3.1-8b", tmp_path / "model")
+    logs = Path(LOG_DIR) if LOG_DIR else tmp_path
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / "adapter-bullet-overlap-retract.log"
+    outputs = serve_and_generate(model, ["--enable-bullet", "--bullet-tpot-slo-ms", "15"], log,
+                                 env_extra={"SGLANG_TEST_RETRACT": "1"})
+    assert [len(o) for o in outputs] == [NEW_TOKENS] * len(PROMPTS)
+    text = log.read_text()
+    retracted = [int(n) for n in re.findall(r"Testing retraction\. #retracted_reqs: (\d+)", text)]
+    assert sum(retracted) > 0, "SGLANG_TEST_RETRACT retracted nothing: the test did not test retraction"
+    counts = [tuple(map(int, m)) for m in re.findall(r"decode steps overlapped (\d+) of (\d+)", text)]
+    assert counts and counts[-1][0] > 0, f"no decode step was overlapped ({counts})"
