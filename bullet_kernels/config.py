@@ -58,9 +58,9 @@ from typing import Any, Callable
 
 KERNEL_CHOICES = ("triton", "reference")
 LINEAR_CHOICES = ("cublas", "triton", "cublaslt-target")
-# Decode attention's split merge (kernels.decode_attention). Separate until the fused merge is
-# measured on the GPU (bench/investigations/decode_attention_merge.py on the H200's lanes): flip
-# the default once it is shown to win there.
+# Decode attention's split merge (kernels.decode_attention). Separate: measured on the H200's
+# 16/32/132-SM lanes (ea7b8de, docs/roofline.md), fused took 1.03x the time at the median (0.94-1.14x),
+# winning only with a per-lane counter buffer kept by the caller, and then by a few percent.
 DECODE_MERGES = ("separate", "fused")
 DEFAULT_DECODE_MERGE = "separate"
 
