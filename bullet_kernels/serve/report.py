@@ -65,7 +65,8 @@ def _continue(first: dict, more: dict, path: str | Path) -> dict:
         raise ValueError(f"{path} measured rate(s) {sorted(twice)} that an earlier file of its label "
                          "measured too: keep one of them")
     rows = sorted(first.get("rows", []) + more.get("rows", []), key=lambda r: r["rate"])
-    summary = {key: goodput(rows, g["ttft_slo_s"], g["tpot_slo_s"], g["attainment"], g["percentile"])
+    summary = {key: goodput(rows, g["ttft_slo_s"], g["tpot_slo_s"],
+                            **{k: g[k] for k in ("attainment", "percentile") if k in g})
                for key, g in first["summary"].items()}
     return {**first, "rows": rows, "summary": summary, "rates": [r["rate"] for r in rows]}
 
