@@ -47,14 +47,19 @@ new_results() { find bench/results -type f -newer "$STARTED" 2>/dev/null; }
 pack_all() {  # one archive (in 15 MiB pieces if larger: a file over 16 MiB does not come back)
   local archive
   archive="session-$(date -u +%H%M%S).tgz"
-  tar czf "/tmp/$archive" $(new_results) -C "$OUT" $(cd "$OUT" && ls | grep -v '^session-') 2>/dev/null
-  # a server still running keeps its log (packed whole again by the next call): removed, it would
-  # write on into an unlinked file and the next call would lose what it logs
-  local live=//none//
+  # SGLang servers log outside $OUT (serving_goodput.sh: they outlive the call, and each call's $OUT
+  # is new): a copy of each log comes back with every call; a stopped server's log only once
+  local live=//none// f
   if [ -e /tmp/sglang.pid ] && kill -0 "$(cat /tmp/sglang.pid)" 2>/dev/null; then
-    live=$(basename "$(cat /tmp/sglang.logpath 2>/dev/null)")
+    live=$(cat /tmp/sglang.logpath 2>/dev/null)
   fi
-  (cd "$OUT" && ls | grep -v '^session-' | grep -vxF "$live" | xargs -r rm -rf)
+  for f in "${SERVER_LOGS:-/tmp/sglang-logs}"/*.log; do
+    [ -e "$f" ] || continue
+    cp "$f" "$OUT/"
+    [ "$f" = "$live" ] || rm -f "$f"
+  done
+  tar czf "/tmp/$archive" $(new_results) -C "$OUT" $(cd "$OUT" && ls | grep -v '^session-') 2>/dev/null
+  (cd "$OUT" && ls | grep -v '^session-' | xargs -r rm -rf)
   if [ ! -e "/tmp/$archive" ]; then
     echo "nothing to pack"
   elif [ "$(stat -c %s "/tmp/$archive")" -gt $((15 << 20)) ]; then

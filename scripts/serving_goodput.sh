@@ -36,10 +36,16 @@
 # BULLET_LABEL (appended to its label, e.g. -nofeedback),
 # MODEL (ours; default llama-3.1-8b), DEVICE (ours; default cuda), SERVE_ARGS (more `bullet serve`
 # options, e.g. --tpot-slo-ms 10), LABEL (results name; a trace other than uniform is appended,
-# e.g. chunked512-sharegpt), OUT (default /tmp/bullet-out).
+# e.g. chunked512-sharegpt), OUT (default /tmp/bullet-out), SERVER_LOGS (the SGLang servers' logs,
+# default /tmp/sglang-logs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/bullet-out}
+# A server's log lives outside $OUT: the server outlives the call that started it, and each device
+# call gets a new, empty $OUT (a log written there was lost with its call's folder, 2026-12-02).
+# gpu_session.sh packs a copy of every log here at the end of each call.
+SERVER_LOGS=${SERVER_LOGS:-/tmp/sglang-logs}
+mkdir -p "$SERVER_LOGS"
 RATES=${RATES:-"10 13 16 19 22 28"}
 PROMPTS=${PROMPTS:-200}
 TRACE=${TRACE:-uniform}
@@ -131,8 +137,8 @@ PY
     python3 -c "from bullet_kernels.models.presets import write_model_dir; write_model_dir('llama-3.1-8b', '$SG/model')"
     PYTHONPATH=/tmp/site setsid python3 -m sglang.launch_server --model-path "$SG/model" --load-format dummy \
       --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache \
-      "${mode_args[@]}" --mem-fraction-static 0.80 --port 30000 ${SGLANG_ARGS:-} > "$OUT/sglang-$chunk.log" 2>&1 &
-    echo $! > /tmp/sglang.pid; echo "$label" > /tmp/sglang.label; echo "$OUT/sglang-$chunk.log" > /tmp/sglang.logpath
+      "${mode_args[@]}" --mem-fraction-static 0.80 --port 30000 ${SGLANG_ARGS:-} > "$SERVER_LOGS/sglang-$chunk.log" 2>&1 &
+    echo $! > /tmp/sglang.pid; echo "$label" > /tmp/sglang.label; echo "$SERVER_LOGS/sglang-$chunk.log" > /tmp/sglang.logpath
     echo "SGLang (chunk $chunk${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes about 4.5 minutes" ;;
   sglang-bullet-start)
     port_free || exit 1
@@ -141,9 +147,9 @@ PY
     PYTHONPATH=/tmp/site setsid python3 -m bullet_sglang.launch_server --model-path "$SG/model" --load-format dummy \
       --attention-backend flashinfer --sampling-backend pytorch --disable-radix-cache --mem-fraction-static 0.80 \
       --port 30000 --enable-bullet --bullet-tpot-slo-ms "$tpot" ${BULLET_ARGS:-} ${SGLANG_ARGS:-} \
-      > "$OUT/sglang-bullet-tpot$tpot${BULLET_LABEL:-}.log" 2>&1 &
+      > "$SERVER_LOGS/sglang-bullet-tpot$tpot${BULLET_LABEL:-}.log" 2>&1 &
     echo $! > /tmp/sglang.pid; echo "bullet-in-sglang-tpot$tpot${BULLET_LABEL:-}" > /tmp/sglang.label
-    echo "$OUT/sglang-bullet-tpot$tpot${BULLET_LABEL:-}.log" > /tmp/sglang.logpath
+    echo "$SERVER_LOGS/sglang-bullet-tpot$tpot${BULLET_LABEL:-}.log" > /tmp/sglang.logpath
     echo "SGLang with --enable-bullet (policy $tpot ms${BULLET_ARGS:+, $BULLET_ARGS}${SGLANG_ARGS:+, $SGLANG_ARGS}) starting; its first start takes minutes" ;;
   sglang-bullet-policy)  # TPOT[:MODE], MODE step or average (the policy's TPOT mode)
     arg=${2:?usage: sglang-bullet-policy TPOT[:step|average]}
