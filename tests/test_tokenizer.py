@@ -92,8 +92,35 @@ def test_write_model_dir_makes_a_complete_hf_directory(tmp_path):
     ]
     assert ModelConfig.from_hf(out) == preset_config("llama-3.1-8b")
     assert json.loads((out / "config.json").read_text()) == shipped_config("llama-3.1-8b")
-    assert (out / "tokenizer.json").read_text() == load_tokenizer().to_str(pretty=True) + "\n"
     write_model_dir("llama-3.1-8b", out)  # again: overwrites in place
+
+
+def test_the_model_dirs_tokenizer_decodes_every_id_the_model_can_emit(tmp_path):
+    """Padded to the model's vocabulary: ids past ours decode to " <id>" (SGLang's benchmark
+    client times a request from its first chunk with text), encoding and our ids' text unchanged."""
+    from tokenizers import Tokenizer
+
+    out = write_model_dir("llama-3.1-8b", tmp_path)
+    padded, ours = Tokenizer.from_file(str(out / "tokenizer.json")), load_tokenizer()
+    assert padded.get_vocab_size() == preset_config("llama-3.1-8b").vocab_size == 128256
+    for text in TEXTS + [" <4096>", "Ġ<4096>"]:
+        assert padded.encode(text).ids == ours.encode(text).ids
+    assert padded.decode(list(range(2, VOCAB_SIZE))) == ours.decode(list(range(2, VOCAB_SIZE)))
+    assert padded.decode([VOCAB_SIZE, 77777, 128255]) == f" <{VOCAB_SIZE}> <77777> <128255>"
+    assert all(padded.decode([i]) for i in range(VOCAB_SIZE, 128256, 997))
+
+
+def test_padding_a_vocabulary_refuses_what_it_cannot_do():
+    from bullet_kernels.models.tokenizer import ASSET, PAD_ENTRY, asset_text, padded_json
+
+    text = asset_text(ASSET)
+    assert padded_json(text, VOCAB_SIZE) == json.dumps(json.loads(text), ensure_ascii=False, indent=2) + "\n"
+    with pytest.raises(ValueError, match=f"cannot pad a {VOCAB_SIZE}-id vocabulary down to 100 ids"):
+        padded_json(text, 100)
+    doc = json.loads(text)
+    doc["model"]["vocab"][PAD_ENTRY.format(VOCAB_SIZE + 1)] = 7  # a (made-up) token spelled like a pad entry
+    with pytest.raises(ValueError, match="already a token"):
+        padded_json(json.dumps(doc), VOCAB_SIZE + 2)
 
 
 def test_transformers_reads_the_model_dir_like_we_do(tmp_path):

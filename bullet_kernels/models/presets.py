@@ -23,7 +23,7 @@ import torch
 from .config import ModelConfig, UnsupportedModelError
 from .llama import LlamaModel
 from .tokenizer import ASSET as TOKENIZER_ASSET
-from .tokenizer import asset_text, load_tokenizer
+from .tokenizer import asset_text, load_tokenizer, padded_json
 
 PRESETS: dict[str, dict] = {
     "llama-3.1-8b": {
@@ -113,6 +113,8 @@ def write_model_dir(name: str, path: str | Path) -> Path:
 
     ``config.json``, ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``
     (no weights: load them random, e.g. SGLang's ``--load-format dummy`` or :func:`random_model`).
+    The tokenizer is ours with its vocabulary padded to the model's (:func:`.tokenizer.padded_json`:
+    every id the model can emit decodes to text; encoding is unchanged).
     Creates ``path`` if needed and overwrites those four files; other files are left alone.
     """
     _check_model_dir_preset(name)
@@ -122,7 +124,8 @@ def write_model_dir(name: str, path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for file in MODEL_DIR_FILES:
         (out / file).write_text(asset_text(name, file), encoding="utf-8")
-    (out / "tokenizer.json").write_text(asset_text(TOKENIZER_ASSET), encoding="utf-8")
+    vocab_size = json.loads(asset_text(name, "config.json"))["vocab_size"]
+    (out / "tokenizer.json").write_text(padded_json(asset_text(TOKENIZER_ASSET), vocab_size), encoding="utf-8")
     return out
 
 

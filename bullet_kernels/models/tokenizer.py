@@ -12,6 +12,7 @@ with special tokens prepends ``<s>``, as Llama 3 tokenizers prepend their begin-
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from typing import TYPE_CHECKING, Iterable
 
@@ -30,6 +31,34 @@ def asset_text(*parts: str) -> str:
     if not node.is_file():
         raise FileNotFoundError(f"bullet_kernels ships no asset assets/{'/'.join(parts)}; reinstall the package")
     return node.read_text(encoding="utf-8")
+
+
+# What an id above the trained vocabulary decodes to in a model directory (:func:`padded_json`):
+# " <id>" in the byte-level alphabet ("Ġ" is the space byte), which no merge of ours produces.
+PAD_ENTRY = "Ġ<{}>"
+
+
+def padded_json(text: str, vocab_size: int) -> str:
+    """Tokenizer JSON ``text`` with its vocabulary padded to ``vocab_size`` ids by decode-only
+    entries: id i decodes to ``" <i>"``, and encoding is unchanged (no merge makes them).
+
+    Why: a random-weight model emits any id below its ``vocab_size`` (128,256 for Llama 3.1), and
+    an id the tokenizer lacks decodes to nothing. SGLang's ``bench_serving`` client starts a
+    request's clock at its first streamed chunk with text, so a request whose first tokens were
+    such ids had its TTFT taken late and, with no text at all, was never timed (43% of requests
+    on the H200, 2026-12-02). Padded, every token is text.
+    """
+    doc = json.loads(text)
+    vocab = doc["model"]["vocab"]
+    top = max(vocab.values()) + 1
+    if vocab_size < top:
+        raise ValueError(f"cannot pad a {top}-id vocabulary down to {vocab_size} ids")
+    for i in range(top, vocab_size):
+        entry = PAD_ENTRY.format(i)
+        if entry in vocab:
+            raise ValueError(f"the padding entry {entry!r} is already a token of this vocabulary")
+        vocab[entry] = i
+    return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 
 
 def load_tokenizer() -> "Tokenizer":

@@ -16,11 +16,12 @@ its TPOT is ``(latency - ttft) / (output_len - 1)``, as SGLang computes it. Star
 in the output, so send lag is unknown (None). Goodput, tables and plots are then ours.
 
 SGLang's client (``--backend sglang``) starts a request's clock only at a streamed chunk with
-non-empty text: a request whose tokens never decode to text (random weights and our byte-level
-tokenizer: 43 of 100 requests on the H200 at e48b00f, the same ones on every engine) comes back
-successful with TTFT 0 and no ITLs. SGLang's own summary averages those zeros in; we leave them
-out of every latency statistic and of goodput (:func:`is_untimed`), count them in the row's
-``untimed``, and keep them in the request and token throughput.
+non-empty text: a request whose tokens never decode to text comes back successful with TTFT 0
+and no ITLs (43% of requests on the H200 until 2026-12-02, when the model directory's tokenizer
+had 4,096 of the model's 128,256 ids; :func:`~bullet_kernels.models.tokenizer.padded_json` now
+gives every id text). SGLang's own summary averages such zeros in; we leave them out of every
+latency statistic and of goodput (:func:`is_untimed`), count them in the row's ``untimed``, and
+keep them in the request and token throughput.
 """
 
 from __future__ import annotations
