@@ -4,6 +4,8 @@ sglang 0.5.15 source (the wheel `scripts/install.sh` downloads)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import subprocess
 import sys
@@ -36,6 +38,9 @@ def test_our_options_are_split_from_sglangs():
     assert BulletOptions().tpot_mode == "step"  # until average is measured on the GPU
     average, _ = split_argv(["--enable-bullet", "--bullet-tpot-mode", "average"])
     assert average.tpot_mode == "average" and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": average.to_env()}) == average
+    assert BulletOptions().decode_linear == "cublas"  # SGLang's own GEMMs until the target is measured in SGLang
+    target, _ = split_argv(["--enable-bullet", "--bullet-decode-linear", "cublaslt-target"])
+    assert target.decode_linear == "cublaslt-target" and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": target.to_env()}) == target
 
 
 def test_the_launchers_tpot_modes_are_the_policys():
@@ -43,6 +48,10 @@ def test_the_launchers_tpot_modes_are_the_policys():
     from bullet_sglang.options import TPOT_MODES as LAUNCHER_TPOT_MODES
 
     assert LAUNCHER_TPOT_MODES == TPOT_MODES
+    from bullet_sglang.graph_runner import DECODE_LINEARS
+    from bullet_sglang.options import DECODE_LINEARS as LAUNCHER_DECODE_LINEARS
+
+    assert LAUNCHER_DECODE_LINEARS == DECODE_LINEARS
 
 
 @pytest.mark.parametrize("argv,words", [
@@ -52,6 +61,8 @@ def test_the_launchers_tpot_modes_are_the_policys():
     (["--enable-bullet", "--bullet-step-feedback", "yes"], "must be on or off, got 'yes'"),
     (["--enable-bullet", "--bullet-overlap=1"], "--bullet-overlap must be on or off, got '1'"),
     (["--enable-bullet", "--bullet-tpot-mode", "mean"], "--bullet-tpot-mode must be one of step, average, got 'mean'"),
+    (["--enable-bullet", "--bullet-decode-linear", "triton"],
+     "--bullet-decode-linear must be one of cublas, cublaslt-target, got 'triton'"),
 ])
 def test_bad_bullet_options_are_refused(argv, words):
     with pytest.raises(UnsupportedSetup, match=words):
@@ -496,3 +507,46 @@ def test_the_scheduler_is_not_idle_while_a_split_prefill_or_an_overlapped_step_i
     assert not s.is_fully_idle()
     s.split_prefill_batch, s.bullet_step_in_flight = None, True
     assert not s.is_fully_idle(for_health_check=True)
+
+
+def test_lane_targeted_decode_graphs_capture_each_split_inside_its_lanes_target(monkeypatch):
+    """--bullet-decode-linear cublaslt-target: SGLang's per-stream-group capture runs inside
+    cuBLASLt's SM-count target of that group's decode lane; whole-GPU groups as SGLang does."""
+    import types
+
+    from bullet_kernels.kernels import blas_target
+    from bullet_sglang import graph_runner
+    from bullet_sglang.stream_groups import GroupPlan
+
+    targets, active = [], [None]
+
+    @contextlib.contextmanager
+    def fake_target(sms):  # the real one sets torch's process-wide cuBLASLt carveout (CUDA)
+        targets.append(sms)
+        active[0] = sms
+        try:
+            yield
+        finally:
+            active[0] = None
+
+    monkeypatch.setattr(blas_target, "cublaslt_sm_target", fake_target)
+
+    class SGLangRunner:  # stands in for DecodeCudaGraphRunner: the capture loop calls this per group
+        def __init__(self):
+            self.captured = []
+
+        def _capture_one_stream(self, stream_idx=None):
+            self.captured.append((stream_idx, active[0]))
+
+    plan = GroupPlan(tuple(f"prefill={132 - d},decode={d}" for d in (32, 48)), 132)
+    module = types.SimpleNamespace(DecodeCudaGraphRunner=SGLangRunner)
+    cls = graph_runner.install(module, [d for _, d in plan.sm_counts()], plan.sm_count)
+    assert module.DecodeCudaGraphRunner is cls and issubclass(cls, SGLangRunner)
+    runner = cls()
+    for i in range(plan.size):
+        runner._capture_one_stream(i)
+    runner._capture_one_stream()  # no pdmux: one stream, as SGLang
+    assert targets == [32, 48]
+    assert runner.captured == [(0, None), (1, 32), (2, 48), (3, None), (None, None)]
+    with pytest.raises(ValueError, match="ints in 0..132"):
+        graph_runner.lane_targeted_runner_class(SGLangRunner, [0, 133], 132)

@@ -58,6 +58,12 @@ def run_scheduler_process(server_args, port_args, gpu_id, tp_rank, attn_cp_rank,
     if opts is None or not opts.enable:
         raise RuntimeError("bullet_sglang's scheduler entry ran without --enable-bullet options in BULLET_SGLANG_CONFIG")
     setup = build(opts)
+    if opts.decode_linear == "cublaslt-target":
+        from sglang.srt.model_executor.runner import decode_cuda_graph_runner
+
+        from . import graph_runner
+
+        graph_runner.install(decode_cuda_graph_runner, [d for _, d in setup.plan.sm_counts()], setup.plan.sm_count)
     server_args.enable_pdmux = True
     server_args.sm_group_num = setup.plan.size
     sglang_scheduler.Scheduler = bullet_scheduler_class(

@@ -23,7 +23,7 @@ import os
 import sys
 
 STARTING = ("--enable-bullet: SGLang {version} with bullet_sglang {ours} (profile {profile}, {partition} lanes, "
-            "TPOT target {tpot:g} ms, {tpot_mode} mode)")
+            "TPOT target {tpot:g} ms, {tpot_mode} mode, decode GEMMs {decode_linear})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[ENV] = opts.to_env()  # the spawned scheduler processes read it
     print("bullet_sglang: " + STARTING.format(version=version, ours=__version__, profile=opts.profile,
                                               partition=opts.partition, tpot=opts.tpot_slo_ms,
-                                              tpot_mode=opts.tpot_mode), file=sys.stderr)
+                                              tpot_mode=opts.tpot_mode, decode_linear=opts.decode_linear),
+          file=sys.stderr)
     from sglang.srt.entrypoints.http_server import launch_server
     from sglang.srt.utils import kill_process_tree
 

@@ -549,3 +549,29 @@ def test_set_internal_state_takes_real_requests_and_answers_with_sglangs_output(
     theirs = s.set_internal_state(SetInternalStateReq(server_args={"log_level": "debug"}))
     assert isinstance(theirs, SetInternalStateReqOutput) and not theirs.updated
     assert theirs.server_args["model_path"] == launch[2].model_path  # SGLang's own answer: its server args
+
+
+def test_lane_targeted_decode_graphs_reach_sglangs_capture_and_gemms():
+    """--bullet-decode-linear cublaslt-target relies on: the model runner importing
+    DecodeCudaGraphRunner from its module when it captures (so installing our subclass there is
+    what it builds), the pdmux capture calling _capture_one_stream once per stream group with the
+    group's index, and the unquantized linear method's default bf16 path being F.linear (torch's
+    matmul, which the cuBLASLt target reaches)."""
+    from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang.srt.model_executor.runner import decode_cuda_graph_runner
+
+    from bullet_sglang import graph_runner
+
+    init = inspect.getsource(ModelRunner.init_decode_cuda_graph)
+    assert re.search(r"from sglang\.srt\.model_executor\.runner\.decode_cuda_graph_runner import \(?\s*"
+                     r"DecodeCudaGraphRunner", init)
+    capture = inspect.getsource(decode_cuda_graph_runner.DecodeCudaGraphRunner.capture)
+    assert re.search(r"for i, sg in enumerate\(self\.stream_groups\):[\s\S]*?self\._capture_one_stream\(i\)", capture)
+    assert inspect.getsource(UnquantizedLinearMethod.apply).rstrip().endswith("return F.linear(x, layer.weight, bias)")
+    original = decode_cuda_graph_runner.DecodeCudaGraphRunner
+    try:
+        cls = graph_runner.install(decode_cuda_graph_runner, [0, 32, 48, 132], 132)
+        assert issubclass(cls, original) and decode_cuda_graph_runner.DecodeCudaGraphRunner is cls
+    finally:
+        decode_cuda_graph_runner.DecodeCudaGraphRunner = original
