@@ -90,7 +90,7 @@ trace_suffix() {  # runs on another trace than the standard one, or sent by SGLa
 bench() {  # bench URL LABEL
   bullet bench-serving --url "$1" --label "$2" --model "$MODEL" --trace "$TRACE" --rates $RATES --num-prompts "$PROMPTS" --out "$OUT" \
     ${EXTEND_TO:+--extend-to "$EXTEND_TO"} \
-    ${DRIVER:+--driver "$DRIVER" --sglang-pythonpath /tmp/site --model-dir "$SG/model"}
+    ${DRIVER:+--driver "$DRIVER" --sglang-pythonpath /tmp/site}
   local rc=$?
   (cd "$OUT" && tar czf "pack-$2.tgz" $(ls serving-"$2"-*.json serving-"$2"-*.png ./*.log metrics-*.txt 2>/dev/null) \
      && rm -f serving-"$2"-*.json serving-"$2"-*.png)

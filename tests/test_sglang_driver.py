@@ -127,6 +127,11 @@ for flag in ("--backend", "--base-url", "--dataset-name", "--random-input-len", 
 p.add_argument("--output-details", action="store_true")
 p.add_argument("--disable-tqdm", action="store_true")
 a = p.parse_args()
+if a.model != "/model":  # from the CLI: the client's tokenizer as trained, the model directory's padded
+    import os
+    sizes = [len(json.load(open(os.path.join(d, "tokenizer.json")))["model"]["vocab"]) for d in (a.tokenizer, a.model)]
+    if sizes != [4096, 128256]:
+        sys.exit("stand-in: tokenizer vocabularies %s" % sizes)
 if float(a.request_rate) > 50:
     sys.exit("stand-in: overloaded")
 n = int(a.num_prompts)

@@ -42,6 +42,7 @@ def test_llama_preset_tokenizer_fits_the_preset():
     assert tok.token_to_id("</s>") in config.eos_token_ids
     ids = [i for t in TEXTS for i in tok.encode(t).ids]
     assert max(ids) < config.vocab_size and min(ids) >= 0
+    assert tok.get_vocab_size() == config.vocab_size and tok.decode([config.vocab_size - 1]) == f" <{config.vocab_size - 1}>"
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -108,6 +109,8 @@ def test_the_model_dirs_tokenizer_decodes_every_id_the_model_can_emit(tmp_path):
     assert padded.decode(list(range(2, VOCAB_SIZE))) == ours.decode(list(range(2, VOCAB_SIZE)))
     assert padded.decode([VOCAB_SIZE, 77777, 128255]) == f" <{VOCAB_SIZE}> <77777> <128255>"
     assert all(padded.decode([i]) for i in range(VOCAB_SIZE, 128256, 997))
+    trained = write_model_dir("llama-3.1-8b", tmp_path / "client", pad_vocab=False)  # a benchmark client's
+    assert (trained / "tokenizer.json").read_text() == (REPO / "bullet_kernels/models/assets/tokenizer.json").read_text()
 
 
 def test_padding_a_vocabulary_refuses_what_it_cannot_do():

@@ -9,11 +9,15 @@ through deep stacks: std 0.02, output projections (``o_proj``, ``down_proj``) sh
 ``config.json`` with Llama-3.1-8B's published shapes and the bos/eos ids 0/1 of the project's
 own small tokenizer, ``models/tokenizer.py``):
 :func:`write_model_dir` writes it, so our engine and an SGLang baseline started with
-``--load-format dummy`` see the same shapes and count the same tokens.
+``--load-format dummy`` see the same shapes and count the same tokens. Its ``config.json`` keeps
+the published one's ``transformers_version`` (4.43.0.dev0): without it, transformers 5 suspects a
+local tokenizer (ours padded to 128,256 ids) of an old Mistral regex and warns that tokenization
+is wrong.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -23,7 +27,7 @@ import torch
 from .config import ModelConfig, UnsupportedModelError
 from .llama import LlamaModel
 from .tokenizer import ASSET as TOKENIZER_ASSET
-from .tokenizer import asset_text, load_tokenizer, padded_json
+from .tokenizer import asset_text, padded_json
 
 PRESETS: dict[str, dict] = {
     "llama-3.1-8b": {
@@ -100,21 +104,34 @@ def shipped_config(name: str) -> dict:
 
 
 def preset_tokenizer(name: str):
-    """The ``tokenizers.Tokenizer`` of preset ``name`` (the project's byte-level BPE).
+    """The ``tokenizers.Tokenizer`` of preset ``name``: the project's byte-level BPE padded to the
+    preset's vocabulary (:func:`.tokenizer.padded_json`), as a server of the preset uses it.
 
-    Its ids fit the preset's vocabulary and its ``<s>``/``</s>`` are the preset's bos/eos ids.
+    Its ``<s>``/``</s>`` are the preset's bos/eos ids, it encodes as the trained one does, and
+    every id the model can emit decodes to text, ours and SGLang's (its model directory) alike.
     """
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_padded_tokenizer_json(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _padded_tokenizer_json(name: str) -> str:
     _check_model_dir_preset(name)
-    return load_tokenizer()
+    vocab_size = json.loads(asset_text(name, "config.json"))["vocab_size"]
+    return padded_json(asset_text(TOKENIZER_ASSET), vocab_size)
 
 
-def write_model_dir(name: str, path: str | Path) -> Path:
+def write_model_dir(name: str, path: str | Path, pad_vocab: bool = True) -> Path:
     """Write preset ``name`` as a Hugging Face style model directory at ``path`` and return it.
 
     ``config.json``, ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json``
     (no weights: load them random, e.g. SGLang's ``--load-format dummy`` or :func:`random_model`).
     The tokenizer is ours with its vocabulary padded to the model's (:func:`.tokenizer.padded_json`:
-    every id the model can emit decodes to text; encoding is unchanged).
+    every id the model can emit decodes to text; encoding is unchanged), or as trained with
+    ``pad_vocab=False`` (what a benchmark client makes its prompts with: SGLang's random-ids
+    trace draws ids below the tokenizer's vocabulary size and sends their text, and most padding
+    entries would come back as about five tokens each).
     Creates ``path`` if needed and overwrites those four files; other files are left alone.
     """
     _check_model_dir_preset(name)
@@ -124,8 +141,8 @@ def write_model_dir(name: str, path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for file in MODEL_DIR_FILES:
         (out / file).write_text(asset_text(name, file), encoding="utf-8")
-    vocab_size = json.loads(asset_text(name, "config.json"))["vocab_size"]
-    (out / "tokenizer.json").write_text(padded_json(asset_text(TOKENIZER_ASSET), vocab_size), encoding="utf-8")
+    text = _padded_tokenizer_json(name) if pad_vocab else asset_text(TOKENIZER_ASSET)
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
     return out
 
 

@@ -160,7 +160,8 @@ def add_bench_serving_arguments(p: argparse.ArgumentParser, positive_int, out_di
                    help="with --driver sglang: where sglang imports (e.g. /tmp/site), for SGLang's process only")
     p.add_argument("--model-dir", default=None, metavar="DIR",
                    help="with --driver sglang: the model directory SGLang's benchmark reads the tokenizer from "
-                   "(default: the --model preset's, written to a temporary folder)")
+                   "(default: the --model preset's, written to a temporary folder, its prompts made with our "
+                   "tokenizer as trained)")
     p.add_argument("--simulate", action="store_true",
                    help="no server: the bullet scheduler's timeline estimated from the latency profile "
                    "(serve/simulate.py); results labelled simulated")
@@ -233,17 +234,23 @@ def next_rate(rows: list[dict], given: list[float], extend_to: float | None, ttf
 
 def run_sglang_driver(args, rates: list[float], ttft_s: float, progress) -> list[dict]:
     """Rows measured by SGLang's own benchmark (:mod:`.sglang_driver`), its files kept in a
-    temporary folder with the preset's model directory unless --model-dir names one."""
+    temporary folder with the preset's model directory unless --model-dir names one. With the
+    preset's, the client makes its prompts with our tokenizer as trained (the standard trace's
+    prompts; the server's padded one would turn most random ids into several tokens each)."""
     import tempfile
 
     from ..models.presets import write_model_dir
     from . import sglang_driver
 
     with tempfile.TemporaryDirectory(prefix="bullet-sglang-bench-") as tmp:
-        model_dir = args.model_dir or str(write_model_dir(args.model, Path(tmp) / "model"))
+        if args.model_dir:
+            model_dir = tokenizer_dir = args.model_dir
+        else:
+            model_dir = str(write_model_dir(args.model, Path(tmp) / "model"))
+            tokenizer_dir = str(write_model_dir(args.model, Path(tmp) / "client", pad_vocab=False))
         return sglang_driver.run(args.url, rates, args.num_prompts, args.seed, model_dir, tmp,
                                  ttft_s, min(args.tpot_slo_ms) / 1e3, pythonpath=args.sglang_pythonpath,
-                                 monitor=gpu_monitor(args.url), progress=progress)
+                                 monitor=gpu_monitor(args.url), progress=progress, tokenizer_dir=tokenizer_dir)
 
 
 def run_simulation(args, rates: list[float], ttft_s: float, progress) -> tuple[list[dict], dict]:

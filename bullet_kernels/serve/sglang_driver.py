@@ -44,12 +44,13 @@ MODULE = "sglang.bench_serving"
 
 
 def bench_serving_argv(url: str, rate: float, num_prompts: int, seed: int, model_dir: str, output_file: str,
-                       python: str = sys.executable) -> list[str]:
-    """One run of SGLang's benchmark at ``rate`` req/s (Poisson), its details appended to ``output_file``."""
+                       python: str = sys.executable, tokenizer_dir: str | None = None) -> list[str]:
+    """One run of SGLang's benchmark at ``rate`` req/s (Poisson), its details appended to
+    ``output_file``; its prompts made with the tokenizer of ``tokenizer_dir`` (default ``model_dir``)."""
     return [python, "-m", MODULE, "--backend", "sglang", "--base-url", url, *DATASET_ARGS,
             "--num-prompts", str(num_prompts), "--request-rate", f"{rate:g}", "--seed", str(seed),
-            "--model", model_dir, "--tokenizer", model_dir, "--output-file", output_file, "--output-details",
-            "--disable-tqdm"]
+            "--model", model_dir, "--tokenizer", tokenizer_dir or model_dir, "--output-file", output_file,
+            "--output-details", "--disable-tqdm"]
 
 
 def results_of(record: dict) -> list[RequestResult]:
@@ -111,10 +112,12 @@ def row_of(record: dict, ttft_slo_s: float | None, tpot_slo_s: float | None) -> 
 
 def run(url: str, rates: Sequence[float], num_prompts: int, seed: int, model_dir: str, workdir: str | Path,
         ttft_slo_s: float | None, tpot_slo_s: float | None, pythonpath: str | None = None,
-        monitor: Callable[[], Any] | None = None, progress: Callable[[dict], Any] | None = None) -> list[dict]:
+        monitor: Callable[[], Any] | None = None, progress: Callable[[dict], Any] | None = None,
+        tokenizer_dir: str | None = None) -> list[dict]:
     """SGLang's benchmark once per rate against ``url``, each row read back from its output file.
     ``pythonpath`` (where ``sglang`` imports, e.g. an offline wheel set) is given to the child
-    only, so SGLang's pinned packages never shadow ours. A run that fails raises with its output."""
+    only, so SGLang's pinned packages never shadow ours. ``tokenizer_dir``: where the client's
+    tokenizer is (default ``model_dir``). A run that fails raises with its output."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -124,7 +127,7 @@ def run(url: str, rates: Sequence[float], num_prompts: int, seed: int, model_dir
     for rate in rates:
         out_file = workdir / f"sglang-bench-serving-{rate:g}.jsonl"
         out_file.unlink(missing_ok=True)
-        argv = bench_serving_argv(url, rate, num_prompts, seed, model_dir, str(out_file))
+        argv = bench_serving_argv(url, rate, num_prompts, seed, model_dir, str(out_file), tokenizer_dir=tokenizer_dir)
         watch = monitor() if monitor is not None else contextlib.nullcontext()
         with watch:
             done = subprocess.run(argv, env=env, capture_output=True, text=True)
