@@ -425,6 +425,12 @@ def test_files_of_one_label_continue_one_sweep(tmp_path):
     assert row["bullet"] == 16.0 and row["at_top"] == set()  # 19 failed: an exact goodput, not 13+
     with pytest.raises(ValueError, match="differs in commit"):
         report.load([first, doc("c.json", [16.0], {16.0}, commit="def")])
+    other_slo = doc("e.json", [16.0], {16.0})
+    text = json.loads(other_slo.read_text())
+    text["summary"]["goodput_tpot_10ms"]["ttft_slo_s"] = 2.0
+    other_slo.write_text(json.dumps(text))
+    with pytest.raises(ValueError, match="differs in goodput targets"):
+        report.load([first, other_slo])
     with pytest.raises(ValueError, match=r"rate\(s\) \[13.0\]"):
         report.load([first, doc("d.json", [13.0, 16.0], {16.0})])
 

@@ -57,6 +57,8 @@ def _continue(first: dict, more: dict, path: str | Path) -> dict:
     from .metrics import goodput
 
     differ = [k for k in _SAME_SWEEP if first.get(k) != more.get(k)]
+    if _targets(first) != _targets(more):
+        differ.append("goodput targets")
     if differ:
         raise ValueError(f"{path} has the label of an earlier file but differs in {', '.join(differ)}: "
                          "files of one label must continue one sweep (rename one to compare them)")
@@ -69,6 +71,12 @@ def _continue(first: dict, more: dict, path: str | Path) -> dict:
                             **{k: g[k] for k in ("attainment", "percentile") if k in g})
                for key, g in first["summary"].items()}
     return {**first, "rows": rows, "summary": summary, "rates": [r["rate"] for r in rows]}
+
+
+def _targets(doc: dict) -> dict:
+    """Each goodput's SLOs and thresholds, by summary key."""
+    keys = ("ttft_slo_s", "tpot_slo_s", "attainment", "percentile")
+    return {name: tuple(g.get(k) for k in keys) for name, g in doc.get("summary", {}).items()}
 
 
 def _top_rate(doc: dict) -> float | None:
