@@ -117,9 +117,7 @@ def preset_tokenizer(name: str):
 
 @functools.lru_cache(maxsize=None)
 def _padded_tokenizer_json(name: str) -> str:
-    _check_model_dir_preset(name)
-    vocab_size = json.loads(asset_text(name, "config.json"))["vocab_size"]
-    return padded_json(asset_text(TOKENIZER_ASSET), vocab_size)
+    return padded_json(asset_text(TOKENIZER_ASSET), shipped_config(name)["vocab_size"])
 
 
 def write_model_dir(name: str, path: str | Path, pad_vocab: bool = True) -> Path:

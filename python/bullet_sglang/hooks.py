@@ -160,7 +160,7 @@ HOOK_POINTS = (
               "our answer to /set_internal_state: whether the targets changed"),
     HookPoint("sglang/srt/managers/io_struct.py", "SetInternalStateReqOutput.server_args", None,
               "our answer to /set_internal_state: the policy's targets now"),
-    # -- the overlapped loop (overlap.py, --bullet-overlap on) --
+    # -- the overlapped loop (overlap.py, the default; --bullet-overlap off keeps pdmux's) --
     HookPoint("sglang/srt/managers/scheduler.py", "Scheduler.is_fully_idle", ("self", "for_health_check"),
               "overridden: not idle while a split prefill or an overlapped step is in flight (flush_cache asks it)"),
     HookPoint("sglang/srt/managers/schedule_batch.py", "ScheduleBatch.split_forward_batch", None,

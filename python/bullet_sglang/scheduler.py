@@ -14,7 +14,7 @@ after its last layers has landed). What it lacks, we override:
 - ``run_batch``: with step feedback on, times each decode step, launch to the next launch on the
   same group, against the profile's estimate for it, so the policy plans with SGLang's real step
   times (:mod:`bullet_kernels.orchestrate.feedback`);
-- ``event_loop_pdmux``: with ``--bullet-overlap on``, our version of pdmux's loop that overlaps
+- ``event_loop_pdmux``: unless ``--bullet-overlap off``, our version of pdmux's loop that overlaps
   the CPU's work with decode steps, beside prefills too, and switches groups with GPU waits
   (:mod:`.overlap`);
 - ``gpu_id`` and ``tp_size``: 0.5.15's pdmux reads them from the scheduler, which keeps them only
