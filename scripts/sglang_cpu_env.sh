@@ -4,7 +4,8 @@
 #
 # - sglang 0.5.15's full dependencies are GPU-only (flashinfer, sglang-kernel, flash-attn-4, ...):
 #   it is installed with --no-deps, plus exactly what importing sglang.srt.server_args,
-#   sglang.srt.managers.{scheduler,schedule_batch} and sglang.srt.multiplex.pdmux_context needs.
+#   sglang.srt.managers.{scheduler,schedule_batch} and sglang.srt.multiplex.pdmux_context needs,
+#   and its benchmark client sglang.benchmark.serving (datasets and what it pulls in).
 # - torch is sglang's pin, 2.11.0. PyPI has no CPU build of it, and the PyTorch CPU index is not
 #   reachable here: the PyPI (CUDA 13) build with its nvidia-* wheels imports and runs on CPU
 #   (about 2.6 GB of the 2.7 GB download; the environment takes 5.1 GB). The main environment's CPU torch 2.13 is cp311
@@ -40,6 +41,7 @@ PINS=(
   partial-json-parser==0.2.1.1.post7 msgspec==0.23.0 sentencepiece==0.2.3 einops==0.8.2
   compressed-tensors==0.20.1 gguf==0.19.0 uvloop==0.23.0 jsonschema==4.26.0 soundfile==0.13.1
   python-multipart==0.0.34 nvidia-ml-py==13.615.71 pytest==9.0.3
+  datasets==5.2.0 pyarrow==26.0.1 pandas==3.1.1 fsspec==2026.9.0 multiprocess==0.70.19 xxhash==4.1.0
 )
 SGLANG=sglang==0.5.15
 STAMP="$VENV/.bullet-sglang-env"

@@ -117,45 +117,87 @@ def test_records_we_cannot_read_are_refused(change, message):
         sglang_driver.row_of(record, 1.0, 0.02)
 
 
+# A stand-in for sglang.benchmark.serving: cli_main() parses sys.argv as SGLang's does and appends
+# one record per run; IMPORTS counts how often the module was imported (once per client process).
 STAND_IN = '''
-import argparse, json, sys
-p = argparse.ArgumentParser()
-for flag in ("--backend", "--base-url", "--dataset-name", "--random-input-len", "--random-output-len",
-             "--random-range-ratio", "--num-prompts", "--request-rate", "--seed", "--model", "--tokenizer",
-             "--output-file"):
-    p.add_argument(flag)
-p.add_argument("--output-details", action="store_true")
-p.add_argument("--disable-tqdm", action="store_true")
-a = p.parse_args()
-if a.model != "/model":  # from the CLI: the client's tokenizer as trained, the model directory's padded
-    import os
-    sizes = [len(json.load(open(os.path.join(d, "tokenizer.json")))["model"]["vocab"]) for d in (a.tokenizer, a.model)]
-    if sizes != [4096, 128256]:
-        sys.exit("stand-in: tokenizer vocabularies %s" % sizes)
-if float(a.request_rate) > 50:
-    sys.exit("stand-in: overloaded")
-n = int(a.num_prompts)
-record = {{"request_rate": float(a.request_rate), "duration": 2.0, "input_lens": [700] * n, "output_lens": [5] * n,
-          "ttfts": [0.1] * n, "itls": [[0.01] * 4] * n, "errors": [""] * n, "generated_texts": [""] * n}}
-with open(a.output_file, "a") as f:
-    f.write(json.dumps(record) + "\\n")
+import argparse, json, os, sys
+IMPORTS = globals().get("IMPORTS", 0) + 1
+
+def cli_main():
+    p = argparse.ArgumentParser()
+    for flag in ("--backend", "--base-url", "--dataset-name", "--random-input-len", "--random-output-len",
+                 "--random-range-ratio", "--num-prompts", "--request-rate", "--seed", "--model", "--tokenizer",
+                 "--output-file"):
+        p.add_argument(flag)
+    p.add_argument("--output-details", action="store_true")
+    p.add_argument("--disable-tqdm", action="store_true")
+    a = p.parse_args()
+    if a.model != "/model":  # from the CLI: the client's tokenizer as trained, the model directory's padded
+        sizes = [len(json.load(open(os.path.join(d, "tokenizer.json")))["model"]["vocab"]) for d in (a.tokenizer, a.model)]
+        if sizes != [4096, 128256]:
+            sys.exit("stand-in: tokenizer vocabularies %s" % sizes)
+    if float(a.request_rate) > 50:
+        sys.exit("stand-in: overloaded")
+    if float(a.request_rate) == 13:
+        raise ZeroDivisionError("stand-in: a bug")
+    print("stand-in: running at", a.request_rate, flush=True)
+    n = int(a.num_prompts)
+    record = {"request_rate": float(a.request_rate), "duration": 2.0, "input_lens": [700] * n, "output_lens": [5] * n,
+              "ttfts": [0.1] * n, "itls": [[0.01] * 4] * n, "errors": [""] * n, "generated_texts": [""] * n,
+              "pid": os.getpid(), "imports": IMPORTS}
+    with open(a.output_file, "a") as f:
+        f.write(json.dumps(record) + "\\n")
 '''
 
 
-def test_a_run_goes_through_the_module_on_the_given_pythonpath(tmp_path):
+def stand_in_site(tmp_path: Path) -> Path:
+    """A PYTHONPATH folder whose ``sglang.benchmark.serving`` is the stand-in (0.5.15's layout)."""
     site = tmp_path / "site"
-    (site / "sglang").mkdir(parents=True)
+    (site / "sglang" / "benchmark").mkdir(parents=True)
     (site / "sglang" / "__init__.py").write_text("")
-    (site / "sglang" / "bench_serving.py").write_text(textwrap.dedent(STAND_IN).format())
+    (site / "sglang" / "benchmark" / "__init__.py").write_text("")
+    (site / "sglang" / "benchmark" / "serving.py").write_text(textwrap.dedent(STAND_IN))
+    return site
+
+
+def test_every_rate_runs_in_one_client_process_on_the_given_pythonpath(tmp_path):
+    site = stand_in_site(tmp_path)
     seen = []
-    rows = sglang_driver.run("http://127.0.0.1:1", [2.0, 4.0], 6, 0, "/model", tmp_path / "work", 1.0, 0.02,
+    rows = sglang_driver.run("http://127.0.0.1:1", [2.0, 4.0, 8.0], 6, 0, "/model", tmp_path / "work", 1.0, 0.02,
                              pythonpath=str(site), progress=seen.append)
-    assert [r["rate"] for r in rows] == [2.0, 4.0] == [r["rate"] for r in seen]
+    assert [r["rate"] for r in rows] == [2.0, 4.0, 8.0] == [r["rate"] for r in seen]
     assert all(r["n"] == 6 and r["slo_attainment"] == 1.0 for r in rows)
-    assert metrics.goodput(rows, 1.0, 0.02)["by_attainment"] == 4.0
-    with pytest.raises(RuntimeError, match="stand-in: overloaded"):
-        sglang_driver.run("http://127.0.0.1:1", [60.0], 6, 0, "/model", tmp_path / "work", 1.0, 0.02,
+    assert metrics.goodput(rows, 1.0, 0.02)["by_attainment"] == 8.0
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "work").glob("*.jsonl"))]
+    assert len({r["pid"] for r in records}) == 1 and {r["imports"] for r in records} == {1}
+
+
+@pytest.mark.parametrize("rate, words", [(60.0, "exited with 'stand-in: overloaded'"),
+                                         (13.0, "ZeroDivisionError: stand-in: a bug")])
+def test_a_run_that_fails_raises_with_its_output_and_the_command_that_repeats_it(tmp_path, rate, words):
+    site = stand_in_site(tmp_path)
+    with pytest.raises(RuntimeError) as e:
+        sglang_driver.run("http://127.0.0.1:1", [2.0, rate], 6, 0, "/model", tmp_path / "work", 1.0, 0.02,
                           pythonpath=str(site))
+    assert words in str(e.value) and f"-m sglang.bench_serving --backend sglang" in str(e.value)
+    assert f"--request-rate {rate:g}" in str(e.value)
+    assert "running at 2.0" not in str(e.value)  # the output shown is the failed run's alone
+
+
+def test_a_client_without_sglangs_benchmark_says_so_before_any_run(tmp_path):
+    (tmp_path / "site" / "sglang").mkdir(parents=True)  # an sglang without its benchmark, first on the path
+    (tmp_path / "site" / "sglang" / "__init__.py").write_text("")
+    with pytest.raises(RuntimeError, match="SGLang's benchmark did not start: .*sglang.benchmark.serving"):
+        sglang_driver.BenchServingClient(pythonpath=str(tmp_path / "site"))
+
+
+def test_the_client_process_ends_with_its_caller_and_rejects_malformed_lines(tmp_path):
+    with sglang_driver.BenchServingClient(pythonpath=str(stand_in_site(tmp_path))) as client:
+        client.proc.stdin.write("{not json}\n")
+        client.proc.stdin.flush()
+        assert "not a JSON list of strings" in client._status()["error"]
+        proc = client.proc
+    assert proc.poll() == 0
 
 
 def test_the_sglang_driver_needs_its_own_trace():
@@ -173,10 +215,7 @@ def test_sglang_random_trace_has_the_lengths_sglang_draws():
 
 
 def test_bench_serving_with_the_sglang_driver_writes_our_results(tmp_path):
-    site = tmp_path / "site"
-    (site / "sglang").mkdir(parents=True)
-    (site / "sglang" / "__init__.py").write_text("")
-    (site / "sglang" / "bench_serving.py").write_text(textwrap.dedent(STAND_IN).format())
+    site = stand_in_site(tmp_path)
     out = subprocess.run([sys.executable, "-m", "bullet_kernels.cli", "bench-serving", "--driver", "sglang",
                           "--trace", "sglang-random", "--rates", "3", "6", "--num-prompts", "5", "--label", "sg",
                           "--url", "http://127.0.0.1:9", "--sglang-pythonpath", str(site), "--out", str(tmp_path)],

@@ -32,7 +32,11 @@ from .scheduler import QueueFull
 from .tokenizer import TextTokenizer
 
 SAMPLING_FIELDS = {"max_new_tokens", "temperature", "top_p", "stop_token_ids", "ignore_eos", "seed"}
-GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "rid"}
+# SGLang /generate fields we do not implement, accepted at the value that turns them off: SGLang's
+# own benchmark client sends these on every request (0.5.15); any other value is refused.
+GENERATE_OFF_FIELDS = {"lora_path": None, "return_logprob": False, "return_routed_experts": False,
+                       "logprob_start_len": -1, "top_logprobs_num": 0, "token_ids_logprob": None}
+GENERATE_FIELDS = {"text", "input_ids", "sampling_params", "stream", "rid", *GENERATE_OFF_FIELDS}
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stream", "seed", "ignore_eos",
                      "stop_token_ids", "n", "user"}
 CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt"}) | {"messages"}
@@ -108,7 +112,7 @@ class Service:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
         app.add_routes([
-            web.get("/health", self.health), web.get("/metrics", self.prometheus),
+            web.get("/health", self.health), web.get("/metrics", self.prometheus), web.get("/v1/models", self.models),
             web.post("/generate", self.generate), web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat),
         ])
@@ -126,6 +130,12 @@ class Service:
                                   "kv_free_pages": s.runner.kv_cache.num_free_pages, "queue_depth": self.engine.queue_depth,
                                   "running": len(s.running)})
 
+    async def models(self, request: web.Request) -> web.Response:
+        """OpenAI's model list, of the one model served: OpenAI clients and SGLang's benchmark
+        client ask it before they send (the latter waits until it answers)."""
+        return web.json_response({"object": "list", "data": [
+            {"id": self.model, "object": "model", "created": 0, "owned_by": "bullet_kernels"}]})
+
     async def prometheus(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -134,6 +144,10 @@ class Service:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         async def parse():
             body = await read_json(request, GENERATE_FIELDS)
+            for field, off in GENERATE_OFF_FIELDS.items():
+                if field in body and body[field] != off:
+                    raise BadRequest(f"{field}={body[field]!r} is not supported by this server; "
+                                     f"leave it out or give {json.dumps(off)}")
             if ("text" in body) == ("input_ids" in body):
                 raise BadRequest("give exactly one of text and input_ids")
             ids = body["input_ids"] if "input_ids" in body else self.tokenizer.encode(body["text"])

@@ -2,7 +2,7 @@
 
 The SGLang adapter issue asks for SGLang's numbers as SGLang's own benchmark reports them:
 ``python -m sglang.bench_serving`` (0.5.15; the module lives in ``sglang.benchmark.serving``),
-one run per offered rate, on the offline SGLang README's trace (``--dataset-name random-ids
+one run per offered rate (all in one client process, :class:`BenchServingClient`), on the offline SGLang README's trace (``--dataset-name random-ids
 --random-input-len 1024 --random-output-len 256 --random-range-ratio 0.5``: inputs 512-1024,
 outputs 128-256 tokens, the lengths of our ``sglang-random`` trace, :mod:`.traces`).
 Every engine driven this way with the same ``--seed`` gets the same requests.
@@ -26,6 +26,7 @@ keep them in the request and token throughput.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .metrics import RequestResult, summarize
+from .sglang_bench_runner import MARK as RUNNER_MARK
 
 DATASET_ARGS = ("--dataset-name", "random-ids", "--random-input-len", "1024", "--random-output-len", "256",
                 "--random-range-ratio", "0.5")
@@ -43,14 +45,23 @@ DETAIL_KEYS = ("input_lens", "output_lens", "ttfts", "itls", "errors")
 MODULE = "sglang.bench_serving"
 
 
-def bench_serving_argv(url: str, rate: float, num_prompts: int, seed: int, model_dir: str, output_file: str,
-                       python: str = sys.executable, tokenizer_dir: str | None = None) -> list[str]:
-    """One run of SGLang's benchmark at ``rate`` req/s (Poisson), its details appended to
-    ``output_file``; its prompts made with the tokenizer of ``tokenizer_dir`` (default ``model_dir``)."""
-    return [python, "-m", MODULE, "--backend", "sglang", "--base-url", url, *DATASET_ARGS,
+def bench_serving_args(url: str, rate: float, num_prompts: int, seed: int, model_dir: str, output_file: str,
+                       tokenizer_dir: str | None = None) -> list[str]:
+    """The arguments of one run of SGLang's benchmark at ``rate`` req/s (Poisson), its details
+    appended to ``output_file``; its prompts made with the tokenizer of ``tokenizer_dir`` (default
+    ``model_dir``)."""
+    return ["--backend", "sglang", "--base-url", url, *DATASET_ARGS,
             "--num-prompts", str(num_prompts), "--request-rate", f"{rate:g}", "--seed", str(seed),
             "--model", model_dir, "--tokenizer", tokenizer_dir or model_dir, "--output-file", output_file,
             "--output-details", "--disable-tqdm"]
+
+
+def bench_serving_argv(url: str, rate: float, num_prompts: int, seed: int, model_dir: str, output_file: str,
+                       python: str = sys.executable, tokenizer_dir: str | None = None) -> list[str]:
+    """The same run as one command line (``python -m sglang.bench_serving ...``): what a user types
+    to repeat it, and what an error names."""
+    return [python, "-m", MODULE, *bench_serving_args(url, rate, num_prompts, seed, model_dir, output_file,
+                                                      tokenizer_dir)]
 
 
 def results_of(record: dict) -> list[RequestResult]:
@@ -110,35 +121,100 @@ def row_of(record: dict, ttft_slo_s: float | None, tpot_slo_s: float | None) -> 
     return row
 
 
+class BenchServingClient:
+    """SGLang's benchmark in one long-lived child process (:mod:`.sglang_bench_runner`): imported
+    once, then run once per :meth:`run` call. ``pythonpath`` (where ``sglang`` imports, e.g. an
+    offline wheel set) is given to the child only, so SGLang's pinned packages never shadow ours."""
+
+    RUNNER = Path(__file__).with_name("sglang_bench_runner.py")
+
+    def __init__(self, pythonpath: str | None = None, python: str = sys.executable):
+        env = dict(os.environ)
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.output: collections.deque[str] = collections.deque(maxlen=200)  # the child's last lines, for errors
+        # stderr joins stdout: one pipe, read to the end of each run, can never fill and block the child
+        self.proc = subprocess.Popen([python, str(self.RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
+        status = self._status()
+        if not status.get("ready"):
+            self.close()
+            raise RuntimeError(f"SGLang's benchmark did not start: {status.get('error')}\n{self.tail()}")
+        self.module = status.get("module")
+
+    def _status(self) -> dict:
+        """The child's next status line; its other lines are kept for error messages."""
+        for line in self.proc.stdout:
+            if line.startswith(RUNNER_MARK):
+                return json.loads(line[len(RUNNER_MARK):])
+            self.output.append(line.rstrip("\n"))
+        return {"ready": False, "ok": False, "error": f"the benchmark process exited ({self.proc.wait()})"}
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(list(self.output)[-n:])
+
+    def run(self, args: Sequence[str]) -> None:
+        """One run with these arguments (those of ``python -m sglang.bench_serving``); raises
+        with the child's output if it failed."""
+        self.output.clear()
+        try:
+            self.proc.stdin.write(json.dumps(list(args)) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as e:
+            raise RuntimeError(f"SGLang's benchmark process is gone ({e}):\n{self.tail()}") from e
+        status = self._status()
+        if not status.get("ok"):
+            raise RuntimeError(f"{status.get('error')}\n{self.tail()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> "BenchServingClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run(url: str, rates: Sequence[float], num_prompts: int, seed: int, model_dir: str, workdir: str | Path,
         ttft_slo_s: float | None, tpot_slo_s: float | None, pythonpath: str | None = None,
         monitor: Callable[[], Any] | None = None, progress: Callable[[dict], Any] | None = None,
         tokenizer_dir: str | None = None) -> list[dict]:
-    """SGLang's benchmark once per rate against ``url``, each row read back from its output file.
-    ``pythonpath`` (where ``sglang`` imports, e.g. an offline wheel set) is given to the child
-    only, so SGLang's pinned packages never shadow ours. ``tokenizer_dir``: where the client's
-    tokenizer is (default ``model_dir``). A run that fails raises with its output."""
+    """SGLang's benchmark once per rate against ``url`` (one client process for all of them,
+    :class:`BenchServingClient`), each row read back from its output file. ``tokenizer_dir``: where
+    the client's tokenizer is (default ``model_dir``). A run that fails raises with its output and
+    the command line that repeats it; the GPU ``monitor`` covers each run alone, not the import."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     rows = []
-    for rate in rates:
-        out_file = workdir / f"sglang-bench-serving-{rate:g}.jsonl"
-        out_file.unlink(missing_ok=True)
-        argv = bench_serving_argv(url, rate, num_prompts, seed, model_dir, str(out_file), tokenizer_dir=tokenizer_dir)
-        watch = monitor() if monitor is not None else contextlib.nullcontext()
-        with watch:
-            done = subprocess.run(argv, env=env, capture_output=True, text=True)
-        if done.returncode != 0 or not out_file.exists():
-            raise RuntimeError(f"{' '.join(argv)} failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-        lines = [ln for ln in out_file.read_text().splitlines() if ln.strip()]
-        row = row_of(json.loads(lines[-1]), ttft_slo_s, tpot_slo_s)
-        row["rate"] = float(rate)  # the rate asked for (SGLang echoes it; keep ours exact)
-        if monitor is not None:
-            row["gpu"] = watch.summary()
-        rows.append(row)
-        if progress is not None:
-            progress(row)
+    with BenchServingClient(pythonpath) as client:
+        for rate in rates:
+            out_file = workdir / f"sglang-bench-serving-{rate:g}.jsonl"
+            out_file.unlink(missing_ok=True)
+            args = bench_serving_args(url, rate, num_prompts, seed, model_dir, str(out_file), tokenizer_dir)
+            watch = monitor() if monitor is not None else contextlib.nullcontext()
+            try:
+                with watch:
+                    client.run(args)
+                if not out_file.exists():
+                    raise RuntimeError(f"it wrote no {out_file}\n{client.tail()}")
+            except RuntimeError as e:
+                argv = bench_serving_argv(url, rate, num_prompts, seed, model_dir, str(out_file),
+                                          tokenizer_dir=tokenizer_dir)
+                raise RuntimeError(f"{' '.join(argv)} failed: {e}") from None
+            lines = [ln for ln in out_file.read_text().splitlines() if ln.strip()]
+            row = row_of(json.loads(lines[-1]), ttft_slo_s, tpot_slo_s)
+            row["rate"] = float(rate)  # the rate asked for (SGLang echoes it; keep ours exact)
+            if monitor is not None:
+                row["gpu"] = watch.summary()
+            rows.append(row)
+            if progress is not None:
+                progress(row)
     return rows
