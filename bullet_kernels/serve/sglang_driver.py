@@ -167,14 +167,15 @@ class BenchServingClient:
             raise RuntimeError(f"{status.get('error')}\n{self.tail()}")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """End the child: its stdin closed, what it still prints read to the end (a child blocked
+        on a full pipe would never exit), killed after 30 s."""
+        try:
+            self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+        except (BrokenPipeError, ValueError):  # stdin already gone with the child
+            self.proc.wait()
 
     def __enter__(self) -> "BenchServingClient":
         return self
