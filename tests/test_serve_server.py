@@ -68,7 +68,8 @@ def test_openai_completions_and_chat():
     async def run(s, url, svc):
         r = await s.post(f"{url}/generate", json={"text": "abc", "sampling_params": {"max_new_tokens": 2},
                                                  "lora_path": None, "return_logprob": False, "logprob_start_len": -1,
-                                                 "return_routed_experts": False})  # SGLang's client sends these
+                                                 "return_routed_experts": False, "top_logprobs_num": 0,
+                                                 "token_ids_logprob": None})  # SGLang's client sends these
         assert r.status == 200 and len((await r.json())["output_ids"]) == 2
         r = await s.get(f"{url}/v1/models")  # OpenAI clients and SGLang's benchmark ask it first
         assert r.status == 200 and [m["id"] for m in (await r.json())["data"]] == ["tiny-llama3"]
@@ -100,6 +101,8 @@ def test_openai_completions_and_chat():
     ("/generate", json.dumps({"text": "a", "color": 1}).encode(), 400, "unknown field"),
     ("/generate", json.dumps({"text": "a", "return_logprob": True}).encode(), 400,
      "return_logprob=True is not supported by this server; leave it out or give false"),
+    ("/generate", json.dumps({"text": "a", "logprob_start_len": 0}).encode(), 400, "give -1"),
+    ("/generate", json.dumps({"text": "a", "return_logprob": 0}).encode(), 400, "give false"),
     ("/generate", json.dumps({"text": "a", "sampling_params": {"beam": 2}}).encode(), 400, "unknown sampling_params"),
     ("/generate", json.dumps({"text": "a", "sampling_params": {"max_new_tokens": 0}}).encode(), 400, "max_new_tokens"),
     ("/generate", json.dumps({"input_ids": [3] * 250, "sampling_params": {"max_new_tokens": 10}}).encode(), 400,

@@ -140,6 +140,12 @@ def cli_main():
         sys.exit("stand-in: overloaded")
     if float(a.request_rate) == 13:
         raise ZeroDivisionError("stand-in: a bug")
+    if float(a.request_rate) == 5:  # output that could confuse the protocol: no newline, a look-alike marker
+        print("@@bullet-sglang-bench not json")
+        sys.stderr.write(" 50%|###")
+    if float(a.request_rate) == 7:
+        import time
+        time.sleep(60)
     print("stand-in: running at", a.request_rate, flush=True)
     n = int(a.num_prompts)
     record = {"request_rate": float(a.request_rate), "duration": 2.0, "input_lens": [700] * n, "output_lens": [5] * n,
@@ -184,6 +190,21 @@ def test_a_run_that_fails_raises_with_its_output_and_the_command_that_repeats_it
     assert "running at 2.0" not in str(e.value)  # the output shown is the failed run's alone
 
 
+def test_output_without_a_final_newline_or_like_a_status_line_does_not_confuse_the_protocol(tmp_path):
+    rows = sglang_driver.run("http://127.0.0.1:1", [5.0, 6.0], 6, 0, "/model", tmp_path / "work", 1.0, 0.02,
+                             pythonpath=str(stand_in_site(tmp_path)))
+    assert [r["rate"] for r in rows] == [5.0, 6.0]
+
+
+def test_a_run_that_never_answers_is_ended_after_its_timeout(tmp_path):
+    with sglang_driver.BenchServingClient(pythonpath=str(stand_in_site(tmp_path)), run_timeout_s=3) as client:
+        args = sglang_driver.bench_serving_args("http://127.0.0.1:1", 7.0, 6, 0, "/model", str(tmp_path / "o.jsonl"))
+        with pytest.raises(RuntimeError, match="no answer from SGLang's benchmark within 3 s"):
+            client.run(args)
+        with pytest.raises(RuntimeError, match="gone|exited"):  # and it does not take another run
+            client.run(args)
+
+
 def test_a_client_without_sglangs_benchmark_says_so_before_any_run(tmp_path):
     (tmp_path / "site" / "sglang").mkdir(parents=True)  # an sglang without its benchmark, first on the path
     (tmp_path / "site" / "sglang" / "__init__.py").write_text("")
@@ -195,7 +216,7 @@ def test_the_client_process_ends_with_its_caller_and_rejects_malformed_lines(tmp
     with sglang_driver.BenchServingClient(pythonpath=str(stand_in_site(tmp_path))) as client:
         client.proc.stdin.write("{not json}\n")
         client.proc.stdin.flush()
-        assert "not a JSON list of strings" in client._status()["error"]
+        assert "not a JSON list of strings" in client._status(30)["error"]
         proc = client.proc
     assert proc.poll() == 0
 

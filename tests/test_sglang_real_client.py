@@ -54,7 +54,8 @@ def test_sglangs_client_runs_twice_in_one_process_and_reads_back_as_our_rows(tmp
 
     pid = asyncio.run(main())
     records = [json.loads(f.read_text().splitlines()[-1]) for f in files]
-    assert records[0]["input_lens"] == records[1]["input_lens"]  # reseeded per run: the same requests
+    for key in ("input_lens", "output_lens"):  # reseeded per run: the same requests
+        assert records[0][key] == records[1][key], key
     assert all(12 <= n <= 32 for n in records[0]["input_lens"]), records[0]["input_lens"]  # 16-32, less special tokens
     rows = [sglang_driver.row_of(r, ttft_slo_s=5.0, tpot_slo_s=1.0) for r in records]
     assert [r["rate"] for r in rows] == [4.0, 8.0]

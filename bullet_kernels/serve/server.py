@@ -145,7 +145,7 @@ class Service:
         async def parse():
             body = await read_json(request, GENERATE_FIELDS)
             for field, off in GENERATE_OFF_FIELDS.items():
-                if field in body and body[field] != off:
+                if field in body and (body[field] != off or type(body[field]) is not type(off)):  # 0 is not false
                     raise BadRequest(f"{field}={body[field]!r} is not supported by this server; "
                                      f"leave it out or give {json.dumps(off)}")
             if ("text" in body) == ("input_ids" in body):

@@ -13,9 +13,11 @@ It runs under the Python that has SGLang (``PYTHONPATH`` set by the caller) and 
 ours, so SGLang's pinned packages never meet our package. Protocol, one line each:
 - stdin: a JSON list of strings, the arguments of one run (what follows ``-m sglang.bench_serving``);
 - stdout: SGLang's own output passes through; after the import, a status line
-  ``@@bullet-sglang-bench {"ready": true, "module": ...}`` (or ``"ready": false`` with the error,
-  then exit 1), and after each run ``@@bullet-sglang-bench {"ok": true}`` or
-  ``{"ok": false, "error": ...}``. End of stdin ends the process.
+  ``<marker>{"ready": true, "module": ...}`` (or ``"ready": false`` with the error, then exit 1),
+  and after each run ``<marker>{"ok": true}`` or ``{"ok": false, "error": ...}``, each on a line
+  of its own. The marker is ``$BULLET_SGLANG_BENCH_MARK`` (the caller makes it unique), else
+  ``@@bullet-sglang-bench ``. End of stdin ends the process. Run it with ``python -u``: unbuffered,
+  SGLang's stdout and stderr lines keep their order in the caller's error messages.
 """
 
 from __future__ import annotations
@@ -25,18 +27,22 @@ import os
 import sys
 import traceback
 
-# Run as a script, Python puts this folder first on sys.path, where our serve modules (metrics,
-# server, traces, ...) would shadow any top-level module of those names that SGLang imports.
-if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
-    del sys.path[0]
-
 MARK = "@@bullet-sglang-bench "
+MARK_ENV = "BULLET_SGLANG_BENCH_MARK"  # the caller's own marker (it adds a nonce), else MARK
 MODULES = ("sglang.benchmark.serving", "sglang.bench_serving")
 
 
 def say(**status) -> None:
-    sys.stdout.write(MARK + json.dumps(status) + "\n")
+    # on a line of its own even after output that did not end one (a progress bar, print(end=""))
+    sys.stdout.write("\n" + os.environ.get(MARK_ENV, MARK) + json.dumps(status) + "\n")
     sys.stdout.flush()
+
+
+def drop_own_folder_from_path() -> None:
+    """Run as a script, Python puts this folder first on sys.path, where our serve modules
+    (metrics, server, traces, ...) would shadow any top-level module of those names SGLang imports."""
+    if sys.path and os.path.realpath(sys.path[0] or ".") == os.path.dirname(os.path.realpath(__file__)):
+        del sys.path[0]
 
 
 def load():
@@ -67,6 +73,7 @@ def run_one(cli_main, args: list[str]) -> dict:
 
 
 def main() -> int:
+    drop_own_folder_from_path()
     try:
         cli_main, name = load()
     except ImportError as e:
@@ -83,7 +90,6 @@ def main() -> int:
         except ValueError as e:
             say(ok=False, error=f"a request line that is not a JSON list of strings: {e}")
             continue
-        sys.stdout.flush()
         say(**run_one(cli_main, args))
     return 0
 

@@ -31,13 +31,18 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
+import secrets
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .metrics import RequestResult, summarize
 from .sglang_bench_runner import MARK as RUNNER_MARK
+from .sglang_bench_runner import MARK_ENV as RUNNER_MARK_ENV
 
 DATASET_ARGS = ("--dataset-name", "random-ids", "--random-input-len", "1024", "--random-output-len", "256",
                 "--random-range-ratio", "0.5")
@@ -124,31 +129,59 @@ def row_of(record: dict, ttft_slo_s: float | None, tpot_slo_s: float | None) -> 
 class BenchServingClient:
     """SGLang's benchmark in one long-lived child process (:mod:`.sglang_bench_runner`): imported
     once, then run once per :meth:`run` call. ``pythonpath`` (where ``sglang`` imports, e.g. an
-    offline wheel set) is given to the child only, so SGLang's pinned packages never shadow ours."""
+    offline wheel set) is given to the child only, so SGLang's pinned packages never shadow ours;
+    a ``python`` other than ours (SGLang's own environment) gets none of our PYTHONPATH,
+    VIRTUAL_ENV or PYTHONHOME either. A run that says nothing for ``run_timeout_s`` (a server that
+    hangs) is an error and ends the child."""
 
     RUNNER = Path(__file__).with_name("sglang_bench_runner.py")
+    IMPORT_TIMEOUT_S = 600.0
 
-    def __init__(self, pythonpath: str | None = None, python: str = sys.executable):
+    def __init__(self, pythonpath: str | None = None, python: str = sys.executable, run_timeout_s: float = 1800.0):
         env = dict(os.environ)
+        if os.path.realpath(python) != os.path.realpath(sys.executable):
+            for key in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"):
+                env.pop(key, None)
         if pythonpath:
             env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.mark = env[RUNNER_MARK_ENV] = f"{RUNNER_MARK.rstrip()}-{secrets.token_hex(6)} "  # no collision with output
+        self.run_timeout_s = run_timeout_s
         self.output: collections.deque[str] = collections.deque(maxlen=200)  # the child's last lines, for errors
-        # stderr joins stdout: one pipe, read to the end of each run, can never fill and block the child
-        self.proc = subprocess.Popen([python, str(self.RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        # stderr joins stdout: one pipe, drained by a thread, so the child never blocks on it
+        self.proc = subprocess.Popen([python, "-u", str(self.RUNNER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
-        status = self._status()
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="sglang-bench-output", daemon=True)
+        self._reader.start()
+        status = self._status(self.IMPORT_TIMEOUT_S)
         if not status.get("ready"):
             self.close()
             raise RuntimeError(f"SGLang's benchmark did not start: {status.get('error')}\n{self.tail()}")
         self.module = status.get("module")
 
-    def _status(self) -> dict:
-        """The child's next status line; its other lines are kept for error messages."""
+    def _read(self) -> None:
         for line in self.proc.stdout:
-            if line.startswith(RUNNER_MARK):
-                return json.loads(line[len(RUNNER_MARK):])
-            self.output.append(line.rstrip("\n"))
-        return {"ready": False, "ok": False, "error": f"the benchmark process exited ({self.proc.wait()})"}
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _status(self, timeout_s: float) -> dict:
+        """The child's next status line; its other lines are kept for error messages."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                return {"error": f"no answer from SGLang's benchmark within {timeout_s:g} s (its process was ended)"}
+            if line is None:
+                return {"error": f"the benchmark process exited ({self.proc.wait()})"}
+            if line.startswith(self.mark):
+                try:
+                    return json.loads(line[len(self.mark):])
+                except ValueError:
+                    pass  # not ours after all: kept as output
+            if line.strip():
+                self.output.append(line.rstrip("\n"))
 
     def tail(self, n: int = 40) -> str:
         return "\n".join(list(self.output)[-n:])
@@ -160,22 +193,22 @@ class BenchServingClient:
         try:
             self.proc.stdin.write(json.dumps(list(args)) + "\n")
             self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as e:
+        except (BrokenPipeError, OSError, ValueError) as e:
             raise RuntimeError(f"SGLang's benchmark process is gone ({e}):\n{self.tail()}") from e
-        status = self._status()
+        status = self._status(self.run_timeout_s)
         if not status.get("ok"):
             raise RuntimeError(f"{status.get('error')}\n{self.tail()}")
 
     def close(self) -> None:
-        """End the child: its stdin closed, what it still prints read to the end (a child blocked
-        on a full pipe would never exit), killed after 30 s."""
+        """End the child: its stdin closed (its loop ends), waited for, killed after 30 s."""
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.close()
         try:
-            self.proc.communicate(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.communicate()
-        except (BrokenPipeError, ValueError):  # stdin already gone with the child
             self.proc.wait()
+        self._reader.join(timeout=5)
 
     def __enter__(self) -> "BenchServingClient":
         return self
