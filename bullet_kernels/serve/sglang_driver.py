@@ -2,9 +2,10 @@
 
 The SGLang adapter issue asks for SGLang's numbers as SGLang's own benchmark reports them:
 ``python -m sglang.bench_serving`` (0.5.15; the module lives in ``sglang.benchmark.serving``),
-one run per offered rate (all in one client process, :class:`BenchServingClient`), on the offline SGLang README's trace (``--dataset-name random-ids
---random-input-len 1024 --random-output-len 256 --random-range-ratio 0.5``: inputs 512-1024,
-outputs 128-256 tokens, the lengths of our ``sglang-random`` trace, :mod:`.traces`).
+one run per offered rate (all in one client process, :class:`BenchServingClient`), on the
+offline SGLang README's trace (``--dataset-name random-ids --random-input-len 1024
+--random-output-len 256 --random-range-ratio 0.5``: inputs 512-1024, outputs 128-256 tokens, the
+lengths of our ``sglang-random`` trace, :mod:`.traces`).
 Every engine driven this way with the same ``--seed`` gets the same requests.
 
 With ``--output-details`` each run appends one JSON line holding, besides its aggregates, one
