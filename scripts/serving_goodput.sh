@@ -19,7 +19,10 @@
 #   bash scripts/serving_goodput.sh ours MODE [CHUNK]      # bullet serve MODE, measure, stop it
 #   bash scripts/serving_goodput.sh split-bins [MB]        # (here, not on the GPU machine) regroup
 #       the wheel bins into .carry/sglang/part*/ of at most MB each (default 50): a device call
-#       carries at most 64 MiB with the working tree, and the tree alone is ~10 MB
+#       carries at most 64 MiB with the working tree, and the largest wheel (xgrammar) is 43 MB
+#   bash scripts/serving_goodput.sh results-aside | results-back  # (here) move the committed
+#       results (bench/results/*.xz, .png, .log: 22 MB at 962cddb) out of the working tree for a
+#       lease, so the tree and a 43 MB part fit one call, and bring them back (git checkout)
 #
 # Both engines get the llama-3.1-8b preset (config and shipped tokenizer; SGLang loads it with
 # --load-format dummy, random weights) and the same trace, prompts and rates from
@@ -123,6 +126,13 @@ for i, (size, *members) in enumerate(parts, 1):
     print(f"{d}: {len(members)} files, {size / 2**20:.0f} MB")
 PY
     ;;
+  results-aside)  # nothing on the GPU machine reads old results; new ones come back in the session archive
+    aside=${RESULTS_ASIDE:-/tmp/bullet-results-aside}
+    mkdir -p "$aside"
+    git ls-files -z bench/results | grep -zE '\.(xz|png|log)$' | xargs -0 -r mv -t "$aside"
+    echo "committed results moved to $aside; bring them back with: bash scripts/serving_goodput.sh results-back" ;;
+  results-back)
+    git checkout -- bench/results && echo "committed results restored" ;;
   install)
     BULLET_OFFLINE=1 bash scripts/install.sh
     for b in "$SG"/bin*; do [ -d "$b" ] && bash "$SG/install.sh" "$b"; done ;;

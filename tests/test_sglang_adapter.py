@@ -38,9 +38,9 @@ def test_our_options_are_split_from_sglangs():
     assert BulletOptions().tpot_mode == "step"  # until average is measured on the GPU
     average, _ = split_argv(["--enable-bullet", "--bullet-tpot-mode", "average"])
     assert average.tpot_mode == "average" and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": average.to_env()}) == average
-    assert BulletOptions().decode_linear == "cublas"  # SGLang's own GEMMs until the target is measured in SGLang
-    target, _ = split_argv(["--enable-bullet", "--bullet-decode-linear", "cublaslt-target"])
-    assert target.decode_linear == "cublaslt-target" and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": target.to_env()}) == target
+    assert BulletOptions().decode_linear == "cublaslt-target"  # the default since measured in SGLang (962cddb)
+    plain, _ = split_argv(["--enable-bullet", "--bullet-decode-linear", "cublas"])
+    assert plain.decode_linear == "cublas" and BulletOptions.from_env({"BULLET_SGLANG_CONFIG": plain.to_env()}) == plain
 
 
 def test_the_launchers_tpot_modes_are_the_policys():

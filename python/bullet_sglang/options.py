@@ -47,9 +47,11 @@ class BulletOptions:
     # (bullet_kernels.orchestrate.tpot_budget). Step until average is measured on the GPU.
     tpot_mode: str = "step"
     # "cublaslt-target": each split's decode graphs captured with cuBLASLt told the decode lane's SM
-    # count (graph_runner.py; 8-10% faster decode steps on lanes in our engine). SGLang's cuBLAS
-    # ("cublas") until measured inside SGLang.
-    decode_linear: str = "cublas"
+    # count (graph_runner.py); "cublas" keeps SGLang's own choice. The default since measured inside
+    # SGLang on the H200 (962cddb, one lease, same trace): policy 10 ms served 25 req/s at P90 TPOT
+    # <= 10 ms against 22 with cublas, and steps on the 32-SM lane came within 0.4 ms of the profile
+    # against 1.7 ms (docs/sglang-adapter.md).
+    decode_linear: str = "cublaslt-target"
     # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:
     profile: str = ""  # the latency profile the policy plans with
 
