@@ -19,8 +19,8 @@ the option changes nothing.
 
 The default since measured inside SGLang on the H200 (962cddb, one lease, SGLang's own benchmark
 client on the standard trace): the 10 ms policy served 25 req/s within P90 TPOT 10 ms against 22
-with SGLang's cuBLAS choice, and its steps on the 32-SM lane came within 0.4 ms of the latency
-profile against 1.7 ms. ``--bullet-decode-linear cublas`` keeps SGLang's choice.
+with SGLang's cuBLAS choice, and in those sweeps its steps on the 32-SM lane came 0.3-0.5 ms over
+the latency profile against 0.6-1.1 ms. ``--bullet-decode-linear cublas`` keeps SGLang's choice.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ class BulletOptions:
     # "cublaslt-target": each split's decode graphs captured with cuBLASLt told the decode lane's SM
     # count (graph_runner.py); "cublas" keeps SGLang's own choice. The default since measured inside
     # SGLang on the H200 (962cddb, one lease, same trace): policy 10 ms served 25 req/s at P90 TPOT
-    # <= 10 ms against 22 with cublas, and steps on the 32-SM lane came within 0.4 ms of the profile
-    # against 1.7 ms (docs/sglang-adapter.md).
+    # <= 10 ms against 22 with cublas, its steps on the 32-SM lane 0.3-0.5 ms over the profile
+    # against 0.6-1.1 ms (docs/sglang-adapter.md).
     decode_linear: str = "cublaslt-target"
     # Resolved by the launcher before SGLang starts (bullet_sglang.setup), not given by users:
     profile: str = ""  # the latency profile the policy plans with
