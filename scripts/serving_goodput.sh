@@ -22,7 +22,8 @@
 #       carries at most 64 MiB with the working tree, and the largest wheel (xgrammar) is 43 MB
 #   bash scripts/serving_goodput.sh results-aside | results-back  # (here) move the committed
 #       results (bench/results/*.xz, .png, .log: 22 MB at 962cddb) out of the working tree for a
-#       lease, so the tree and a 43 MB part fit one call, and bring them back (git checkout)
+#       lease, so the tree and a 43 MB part fit one call, and move them back (RESULTS_ASIDE: the
+#       folder, default /tmp/bullet-results-aside; back never overwrites a file in bench/results)
 #
 # Both engines get the llama-3.1-8b preset (config and shipped tokenizer; SGLang loads it with
 # --load-format dummy, random weights) and the same trace, prompts and rates from
@@ -54,6 +55,7 @@ PROMPTS=${PROMPTS:-200}
 TRACE=${TRACE:-uniform}
 MODEL=${MODEL:-llama-3.1-8b}
 SG=.carry/sglang
+ASIDE=${RESULTS_ASIDE:-/tmp/bullet-results-aside}  # results-aside / results-back
 mkdir -p "$OUT"
 
 answers() {  # answers URL: whether it answers within 2 s
@@ -127,12 +129,15 @@ for i, (size, *members) in enumerate(parts, 1):
 PY
     ;;
   results-aside)  # nothing on the GPU machine reads old results; new ones come back in the session archive
-    aside=${RESULTS_ASIDE:-/tmp/bullet-results-aside}
-    mkdir -p "$aside"
-    git ls-files -z bench/results | grep -zE '\.(xz|png|log)$' | xargs -0 -r mv -t "$aside"
-    echo "committed results moved to $aside; bring them back with: bash scripts/serving_goodput.sh results-back" ;;
-  results-back)
-    git checkout -- bench/results && echo "committed results restored" ;;
+    mkdir -p "$ASIDE"
+    git ls-files -z bench/results | grep -zE '\.(xz|png|log)$' | xargs -0 -r mv -n -t "$ASIDE"
+    echo "committed results moved to $ASIDE; bring them back with: bash scripts/serving_goodput.sh results-back" ;;
+  results-back)  # moved back as they were (a checkout would also undo edits made to them before)
+    [ -d "$ASIDE" ] || { echo "no results set aside in $ASIDE"; exit 1; }
+    find "$ASIDE" -maxdepth 1 -type f -exec mv -n -t bench/results {} +
+    left=$(find "$ASIDE" -maxdepth 1 -type f | wc -l)
+    [ "$left" = 0 ] || { echo "$left files left in $ASIDE: bench/results has files of those names"; exit 1; }
+    rmdir "$ASIDE" && echo "committed results moved back" ;;
   install)
     BULLET_OFFLINE=1 bash scripts/install.sh
     for b in "$SG"/bin*; do [ -d "$b" ] && bash "$SG/install.sh" "$b"; done ;;
